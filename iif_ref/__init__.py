@@ -1,0 +1,10 @@
+"""iif_ref: Integrated Influence data attribution, exact where it can be.
+
+The closed-form linear reference (:mod:`iif_ref.linear`) and the metrics
+(:mod:`iif_ref.metrics`) need only NumPy and SciPy. The projection kernels
+(:mod:`iif_ref.kernels`) load Numba or CuPy lazily, and the torch side loads torch
+lazily, so ``import iif_ref`` needs neither numba, cupy, torch nor a GPU.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]
