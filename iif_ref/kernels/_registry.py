@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["BACKENDS", "backend_names", "available_backends", "get_backend"]
+__all__ = ["BACKENDS", "backend_names", "backend_status", "available_backends", "get_backend"]
 
 #: Registry name -> module path. Order is the order of preference for listings.
 BACKENDS = {
@@ -81,6 +81,13 @@ def _import(name):
         except ImportError as exc:  # module itself absent or its import failed
             _loaded[name] = exc
     return _loaded[name]
+
+
+def backend_status(name):
+    """``(True, "")`` if backend ``name`` can run here, else ``(False, reason)``."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; registered: {', '.join(BACKENDS)}")
+    return _status(name)
 
 
 def _status(name):
