@@ -1,0 +1,235 @@
+"""Public entry points of the distributed engine.
+
+:func:`attribute_features`
+    Scores from any feature function (the protocol in
+    :mod:`iif_ref.distributed.featurize`) and projected test gradients: featurise into
+    the store (resuming), reduce the Fishers, factor, score blockwise, top-k.
+:func:`connect`
+    A running ``distributed.Client`` from a client or a scheduler address, with a clear
+    error when the cluster cannot be reached.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from iif_ref._validation import as_float_array, check_positive_int, check_positive_real
+from iif_ref.distributed import _executor
+from iif_ref.distributed.featurize import featurize, open_store
+from iif_ref.distributed.reduce import factor_fishers, fisher_grams, score_blocks
+from iif_ref.distributed.store import ChunkCorruptError
+
+__all__ = ["DistributedScores", "connect", "attribute_features"]
+
+
+@dataclass(frozen=True)
+class DistributedScores:
+    """Scores and diagnostics of a distributed run.
+
+    Attributes
+    ----------
+    scores : ndarray, shape (n_test, n_train), or None
+        ``I[t, i]`` (docs/conventions.md); None when ``return_scores=False``.
+    score_sums : ndarray, shape (n_test,)
+        ``Σ_i I[t, i]`` — compare with ``Δ_t`` for the completeness residual.
+    proponents, opponents : ndarray, shape (n_test, k), int64
+        Training indices of the ``k`` most negative / most positive scores per test
+        point (ties broken by lower index).
+    proponent_scores, opponent_scores : ndarray, shape (n_test, k)
+    steps : tuple
+        Path-step keys, in the order of ``damping`` and ``condition``.
+    damping : ndarray, shape (n_steps,)
+        Absolute damping used per step.
+    condition : ndarray, shape (n_steps,)
+        2-norm condition number of each damped projected Fisher.
+    store : str or None
+        Feature store directory (None when a temporary store was removed).
+    fingerprint : str
+        SHA-256 fingerprint of the store's configuration.
+    computed_chunks, reused_chunks, corrupt_chunks : tuple of int
+        What featurisation did (see :class:`~iif_ref.distributed.featurize.FeaturizeReport`).
+    options : dict
+        Options of the run (chunk sizes, top_k, damping request).
+    """
+
+    scores: np.ndarray | None
+    score_sums: np.ndarray
+    proponents: np.ndarray
+    proponent_scores: np.ndarray
+    opponents: np.ndarray
+    opponent_scores: np.ndarray
+    steps: tuple
+    damping: np.ndarray
+    condition: np.ndarray
+    store: str | None
+    fingerprint: str
+    computed_chunks: tuple
+    reused_chunks: tuple
+    corrupt_chunks: tuple
+    options: dict = field(default_factory=dict)
+
+
+def connect(client, *, timeout=10.0):
+    """Return a running ``distributed.Client``.
+
+    Parameters
+    ----------
+    client : distributed.Client or str
+        A client, or a scheduler address such as ``"tcp://host:8786"``.
+    timeout : float
+        Seconds to wait for the scheduler.
+
+    Returns
+    -------
+    client : distributed.Client
+    owned : bool
+        True when this function created the client (the caller closes it).
+
+    Raises
+    ------
+    ConnectionError
+        The scheduler cannot be reached, or the client is closed.
+    TypeError
+        ``client`` is neither.
+    """
+    timeout = check_positive_real(timeout, "timeout")
+    if isinstance(client, str):
+        from distributed import Client
+        try:
+            return Client(client, timeout=timeout, set_as_default=False), True
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(
+                f"could not reach a Dask scheduler at {client!r} within {timeout:g} s "
+                f"({type(exc).__name__}: {exc}); start one (dask scheduler / "
+                f"LocalCluster) or pass a running distributed.Client") from exc
+    return _executor.check_client(client), False
+
+
+def _as_data(X, y):
+    X = as_float_array(X, "X_train", ndim=(2, 3, 4, 5))
+    y = as_float_array(y, "y_train", ndim=(1, 2))
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(f"X_train and y_train must have the same number of rows, got "
+                         f"{X.shape[0]} and {y.shape[0]}")
+    return X, y
+
+
+def attribute_features(feature_fn, X_train, y_train, Gamma, *, client, store=None,
+                       chunk_rows=4096, test_block=256, damping=None, top_k=10,
+                       return_scores=True, fan_in=4):
+    """Integrated-influence scores from a feature function, on a Dask cluster.
+
+    Parameters
+    ----------
+    feature_fn : feature function
+        See :mod:`iif_ref.distributed.featurize` (``steps``, ``proj_dim``,
+        ``fingerprint()``, ``__call__(shard_id, X, y)``).
+    X_train : ndarray, shape (n_train, ...)
+    y_train : ndarray, shape (n_train,) or (n_train, n_out)
+    Gamma : ndarray, shape (n_steps, n_test, proj_dim)
+        Projected test gradients per step, in ``feature_fn.steps`` order.
+    client : distributed.Client, str or None
+        Cluster (or scheduler address); None runs every task in this process.
+    store : str or path-like, optional
+        Feature store directory, reused across runs with the same fingerprint (a
+        rerun after a failure computes only missing chunks). Must be reachable by
+        every worker. Default: a temporary directory, removed afterwards.
+    chunk_rows : int
+        Training samples per chunk (the unit of featurisation, storage and scoring).
+    test_block : int
+        Test points per score block.
+    damping : float or None
+        Absolute ``lam_d``, or None for the kernels' relative default per step.
+    top_k : int
+        Proponents and opponents kept per test point.
+    return_scores : bool
+        Return the full score matrix (needs ``n_test × n_train`` floats on the driver).
+    fan_in : int
+        Partial results combined per reduction task.
+
+    Returns
+    -------
+    DistributedScores
+
+    Raises
+    ------
+    ConnectionError
+        Unreachable cluster or closed client.
+    iif_ref.distributed.store.StoreMismatchError
+        ``store`` holds features of another configuration.
+    iif_ref.distributed.store.StoreWriteError
+        Disk full or other write failure (stored chunks are kept).
+    iif_ref.distributed.featurize.FeaturizationError
+        The feature function failed on some chunks (stored chunks are kept).
+    iif_ref.errors.NotPositiveDefiniteError
+        A damped projected Fisher is not positive definite.
+
+    Notes
+    -----
+    Implements Eq. (10) with the projected Fisher of Eq. (17) and (31):
+    ``I[t, i] = −Σ_k Gamma_k[t] (Phi_kᵀ Phi_k + lam_d I)⁻¹ Psi_k[i]ᵀ``; equal, up to
+    summation order, to :func:`iif_ref.kernels.projected_scores` on the same features.
+    """
+    X_train, y_train = _as_data(X_train, y_train)
+    chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
+    test_block = check_positive_int(test_block, "test_block")
+    top_k = check_positive_int(top_k, "top_k")
+    fan_in = check_positive_int(fan_in, "fan_in")
+    if fan_in < 2:
+        raise ValueError(f"fan_in must be >= 2, got {fan_in}")
+    if not isinstance(return_scores, (bool, np.bool_)):
+        raise TypeError(f"return_scores must be a bool, got {type(return_scores).__name__}")
+    Gamma = as_float_array(Gamma, "Gamma", ndim=3)
+    owned = False
+    if client is not None:
+        client, owned = connect(client)
+    tmp = None
+    try:
+        if store is None:
+            tmp = tempfile.mkdtemp(prefix="iif_ref_store_")
+            store_path = tmp
+        else:
+            store_path = store
+        fstore = open_store(store_path, feature_fn, X_train, y_train, chunk_rows=chunk_rows)
+        if Gamma.shape[0] != len(fstore.steps) or Gamma.shape[2] != fstore.proj_dim:
+            raise ValueError(f"Gamma must have shape (n_steps={len(fstore.steps)}, n_test, "
+                             f"proj_dim={fstore.proj_dim}), got {Gamma.shape}")
+        report = featurize(client, fstore, feature_fn, X_train, y_train)
+        computed, corrupt = set(report.computed), set(report.corrupt)
+        for attempt in range(2):
+            try:
+                grams = fisher_grams(client, fstore, fan_in=fan_in)
+                factors = factor_fishers(grams, damping=damping)
+                out = score_blocks(client, fstore, factors, Gamma, top_k=top_k,
+                                   test_block=test_block, return_scores=return_scores,
+                                   fan_in=fan_in)
+                break
+            except ChunkCorruptError as exc:
+                # A chunk went bad after verification (disk error, concurrent writer):
+                # recompute what is bad and reduce again, once.
+                if attempt == 1:
+                    raise
+                again = featurize(client, fstore, feature_fn, X_train, y_train)
+                computed |= set(again.computed)
+                corrupt |= set(again.corrupt) | {exc.chunk}
+        reused = tuple(sorted(set(range(fstore.n_chunks)) - computed))
+        return DistributedScores(
+            scores=out["scores"], score_sums=out["score_sums"],
+            proponents=out["proponents"], proponent_scores=out["proponent_scores"],
+            opponents=out["opponents"], opponent_scores=out["opponent_scores"],
+            steps=fstore.steps, damping=factors.damping, condition=factors.condition,
+            store=None if tmp is not None else str(store_path),
+            fingerprint=fstore.fingerprint, computed_chunks=tuple(sorted(computed)),
+            reused_chunks=reused, corrupt_chunks=tuple(sorted(corrupt)),
+            options={"chunk_rows": chunk_rows, "test_block": test_block, "top_k": top_k,
+                     "damping": damping, "fan_in": fan_in,
+                     "n_workers": (len(client.scheduler_info()["workers"])
+                                   if client is not None else 0)})
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if owned:
+            client.close()
