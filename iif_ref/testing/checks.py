@@ -1,0 +1,709 @@
+"""Conformance checks of attribution methods against exact least-squares answers.
+
+Each check calls a declared :class:`~iif_ref.testing.protocol.Attributor` on one or more
+:class:`~iif_ref.testing.protocol.AttributionProblem`s, converts its scores to this
+package's convention (sign, normalisation) and compares them with the exact answer from
+:mod:`iif_ref.linear` — or, for invariances, with the method's own scores on a transformed
+problem. A result says whether the check passed, the measured error, the tolerance and
+why that tolerance, and, on failure, where the largest discrepancy is and what the
+discrepancy looks like (a sign flip, a constant factor, a permutation).
+
+The checks
+----------
+``if_exact``
+    IF equals ``−∇L_test(θ*) H⁻¹ ∇l_i(θ*)`` (:func:`iif_ref.linear.influence_function`).
+``tracin_exact``
+    TracIn equals ``−Σ_c lr ∇L_test(θ_c)·∇l_i(θ_c)`` over the problem's checkpoints
+    (:func:`iif_ref.linear.tracin`).
+``iif_exact``
+    IIF equals the exact Euler sum of Eq. (10) with the unlearning baseline of
+    Eq. (12)–(13) (:func:`iif_ref.linear.integrated_influence`); ``K = problem.K`` for
+    an attributor with exact path models, ``K = 1`` otherwise (θ_1 = θ* needs none).
+``iif_k1_equals_if``
+    Lemma 2.5 / Corollary 2.6: IIF with ``K = 1`` and baseline ``f(x; θ*)`` equals IF.
+``iif_completeness``
+    ``Σ_i I[t, i] − Δ_t`` equals the Euler bias ``c_t² / K`` with
+    ``c_t = f(x̂_t; θ*) − f(x̂_t; θ'_t)`` (0 for the exact integral): the test residual
+    is affine along the path, so the right-endpoint sum over-counts by exactly that.
+``permutation``
+    Permuting the training samples permutes the score columns the same way.
+``duplicate``
+    Appending a copy of training sample ``j``: the two copies get identical scores, and
+    the scores equal the exact answer on the enlarged problem (θ*, H and the GD
+    trajectory all change; no method may keep the old scores).
+``target_scaling``
+    Multiplying every target by ``s`` multiplies every loss by ``s²`` (θ*, θ', the GD
+    iterates and all residuals scale by ``s``), hence every exact score by ``s²``.
+``loo_sign``
+    IF only: on well-conditioned problems with low leverage, IF ranks training samples
+    like the exact leave-one-out change of the test loss (Spearman ρ > 0.5 for every
+    test point). TracIn and IIF estimate other quantities and are not held to it.
+``projector_deterministic``, ``projector_batch_split``, ``projector_linear``, ``projector_jl``
+    A projector is a pure function of the seed, independent of how rows are batched,
+    linear in ``G``, and preserves squared norms in expectation (Johnson–Lindenstrauss).
+"""
+from __future__ import annotations
+
+import math
+import unittest
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from iif_ref.testing.problems import default_problems, hessian_condition, max_test_leverage
+from iif_ref.testing.protocol import AttributionProblem, Attributor, as_attributor
+
+__all__ = ["CheckResult", "ConformanceReport", "ConformanceError", "CHECKS",
+           "check_attributor", "parametrize_with_checks", "exact_scores"]
+
+# Factor between the rounding-error bound and the tolerance. The forward error of a
+# backward-stable least-squares/Hessian solve is ≤ κ(H)·eps times a low-degree polynomial
+# in the sizes; forming the n_train gradients and their dot products adds ~(n_train + d)
+# roundings. We allow 10× that bound, times the amplification γ with which relative
+# error grows when residuals y − Xθ* are formed by cancellation (γ = ‖y‖/‖y − Xθ*‖).
+_SAFETY = 10.0
+# Scale factor used by ``target_scaling`` (not a power of two, so scaling is not exact
+# in floating point and a correct method must still agree only to rounding).
+_TARGET_SCALE = 3.0
+# Threshold of ``loo_sign``. For linear least squares the exact LOO change is
+# IF_i/(1 − h_i) minus a second-order term, so with leverages ≤ 0.5 the ranking is
+# preserved up to those factors; measured ρ on the default problems is ≥ 0.8.
+_LOO_MIN_SPEARMAN = 0.5
+# Problems on which ``loo_sign`` applies.
+_LOO_MAX_COND_H = 100.0
+_LOO_MAX_LEVERAGE = 0.5
+# Projector check sizes: n vectors of n_params entries projected to dim coordinates.
+_PROJ_N, _PROJ_M, _PROJ_DIM, _PROJ_SEED = 48, 300, 512, 12345
+# Standard deviations allowed in the JL check: the seed is fixed, so the check is
+# deterministic; 6σ keeps a correct projector from failing on an unlucky seed.
+_JL_SIGMAS = 6.0
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of one check on one problem.
+
+    Attributes
+    ----------
+    check : str
+    problem : str or None
+        ``None`` for projector checks (they use their own inputs).
+    status : {"passed", "failed", "skipped", "error"}
+        ``"error"``: the attributor raised; counts as a failure.
+    error : float or None
+        The measured error (meaning given in ``message``).
+    tolerance : float or None
+    tolerance_reason : str
+        Why that tolerance.
+    message : str
+        What was compared; on failure where and how it differs.
+    worst_index : tuple or None
+        (test, train) index of the largest discrepancy, where one applies.
+    """
+
+    check: str
+    problem: str | None
+    status: str
+    error: float | None = None
+    tolerance: float | None = None
+    tolerance_reason: str = ""
+    message: str = ""
+    worst_index: tuple | None = None
+
+    @property
+    def passed(self):
+        return self.status == "passed"
+
+    @property
+    def failed(self):
+        return self.status in ("failed", "error")
+
+    def as_dict(self):
+        return {"check": self.check, "problem": self.problem, "status": self.status,
+                "error": self.error, "tolerance": self.tolerance,
+                "tolerance_reason": self.tolerance_reason, "message": self.message,
+                "worst_index": list(self.worst_index) if self.worst_index else None}
+
+
+class ConformanceError(AssertionError):
+    """Raised by :meth:`ConformanceReport.raise_if_failed`; carries the report."""
+
+    def __init__(self, message, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class ConformanceReport:
+    """Results of :func:`check_attributor` for one attributor.
+
+    ``str(report)`` is a table; :meth:`raise_if_failed` raises :class:`ConformanceError`
+    listing every failure.
+    """
+
+    attributor: str
+    declaration: dict
+    results: list = field(default_factory=list)
+
+    @property
+    def passed(self):
+        """True when no check failed or errored (skipped checks are not failures)."""
+        return not any(r.failed for r in self.results)
+
+    @property
+    def failures(self):
+        return [r for r in self.results if r.failed]
+
+    def counts(self):
+        out = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+        for r in self.results:
+            out[r.status] += 1
+        return out
+
+    def as_dict(self):
+        return {"attributor": self.attributor, "declaration": self.declaration,
+                "counts": self.counts(), "results": [r.as_dict() for r in self.results]}
+
+    def table(self, *, width=70):
+        """Plain-text table, one row per result (messages cut to ``width``)."""
+        head = f"{'check':<26} {'problem':<18} {'status':<8} {'error':>10} {'tol':>10}  message"
+        lines = [f"conformance of {self.attributor} ({_fmt_decl(self.declaration)})", head,
+                 "-" * len(head)]
+        for r in self.results:
+            msg = r.message if len(r.message) <= width else r.message[:width - 1] + "…"
+            lines.append(f"{r.check:<26} {str(r.problem or '-'):<18} {r.status:<8} "
+                         f"{_fmt(r.error):>10} {_fmt(r.tolerance):>10}  {msg}")
+        c = self.counts()
+        lines.append(f"{c['passed']} passed, {c['failed']} failed, {c['error']} error(s), "
+                     f"{c['skipped']} skipped")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.table()
+
+    def raise_if_failed(self):
+        """Raise :class:`ConformanceError` naming every failed check; return self otherwise."""
+        if self.passed:
+            return self
+        lines = [f"{self.attributor}: {len(self.failures)} conformance check(s) failed"]
+        for r in self.failures:
+            lines.append(f"- {r.check} on {r.problem or '-'} [{r.status}]: {r.message} "
+                         f"(error {_fmt(r.error)}, tolerance {_fmt(r.tolerance)}: "
+                         f"{r.tolerance_reason})")
+        raise ConformanceError("\n".join(lines), report=self)
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _fmt_decl(decl):
+    return ", ".join(f"{k}={v}" for k, v in decl.items())
+
+
+# --------------------------------------------------------------------------- helpers
+def exact_scores(kind, problem):
+    """The exact scores of ``kind`` on ``problem`` in this package's convention.
+
+    Parameters
+    ----------
+    kind : {"if", "tracin", "iif"}
+    problem : AttributionProblem
+        For IIF, ``problem.K``, ``problem.baseline`` and ``problem.lam`` are used.
+
+    Returns
+    -------
+    ndarray, shape (n_test, n_train)
+    """
+    from iif_ref import linear
+    args = (problem.X, problem.y, problem.X_test, problem.y_test)
+    if kind == "if":
+        return linear.influence_function(*args)
+    if kind == "tracin":
+        return linear.tracin(*args, lr=problem.lr, checkpoints=list(problem.checkpoints))
+    if kind == "iif":
+        baseline = problem.baseline_targets if problem.baseline == "prediction" else None
+        return linear.integrated_influence(*args, lam=problem.lam, K=problem.K,
+                                           baseline_targets=baseline)
+    raise ValueError(f"no exact scores for kind {kind!r}")
+
+
+def _rounding_tolerance(attributor, problem):
+    """Relative tolerance from κ(H), sizes, residual amplification and precision."""
+    if attributor.rtol is not None:
+        return attributor.rtol, f"rtol={attributor.rtol:g} declared by the attributor"
+    kappa_h = hessian_condition(problem)
+    theta = np.linalg.lstsq(problem.X, problem.y, rcond=None)[0]
+    resid = np.linalg.norm(problem.y - problem.X @ theta)
+    gamma = max(1.0, float(np.linalg.norm(problem.y) / max(resid, 1e-300)))
+    size = problem.n_train + problem.d
+    tol = _SAFETY * size * kappa_h * gamma * attributor.eps
+    return tol, (f"{_SAFETY:g}·(n+d)·κ(H)·γ·eps = {_SAFETY:g}·{size}·{kappa_h:.3g}·"
+                 f"{gamma:.3g}·{attributor.eps:.2g} ({attributor.precision})")
+
+
+def _diagnose(got, ref, n_train):
+    """Words for what a discrepancy looks like (constant factor, sign, permutation)."""
+    ref_sq = float(np.sum(ref * ref))
+    if ref_sq == 0.0:
+        return ""
+    alpha = float(np.sum(got * ref) / ref_sq)       # least-squares factor got ≈ α·ref
+    fit_err = np.linalg.norm(got - alpha * ref) / math.sqrt(ref_sq)
+    hints = []
+    if fit_err < 1e-6:
+        for value, words in ((-1.0, "the opposite sign convention (declare sign='loss_down'"
+                                    " if that is the method's convention)"),
+                             (float(n_train), "the mean-loss normalisation "
+                                              "(declare normalisation='mean')"),
+                             (1.0 / n_train, "a 1/n_train factor"),
+                             (0.5, "a missing factor 2 (½ in the squared error?)"),
+                             (2.0, "an extra factor 2"),
+                             (-0.5, "a sign flip and a missing factor 2"),
+                             (-float(n_train), "a sign flip and the mean normalisation")):
+            if abs(alpha - value) <= 1e-6 * max(1.0, abs(value)):
+                hints.append(f"scores are {alpha:.6g} × exact: {words}")
+                break
+        else:
+            hints.append(f"scores are a constant {alpha:.6g} × exact")
+    elif np.allclose(np.sort(got, axis=1), np.sort(ref, axis=1), rtol=1e-6,
+                     atol=1e-12 * math.sqrt(ref_sq)):
+        hints.append("each row holds the exact values in another order: the training "
+                     "samples are permuted")
+    else:
+        hints.append(f"best constant factor {alpha:.4g} leaves relative error {fit_err:.3g}")
+    return "; ".join(hints)
+
+
+def _compare(check, problem, got, ref, tol, reason, what):
+    """CheckResult for relative Frobenius error ‖got − ref‖/‖ref‖ ≤ tol."""
+    diff = got - ref
+    ref_norm = float(np.linalg.norm(ref))
+    err = float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(diff))
+    worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.abs(diff))), diff.shape))
+    if err <= tol:
+        return CheckResult(check, problem.name, "passed", err, tol, reason,
+                           f"{what}: relative error {err:.3g}", worst)
+    msg = (f"{what}: relative error {err:.3g} > {tol:.3g}; worst at (test, train) = {worst}: "
+           f"got {got[worst]:.6g}, expected {ref[worst]:.6g}")
+    hint = _diagnose(got, ref, problem.n_train)
+    if hint:
+        msg += f"; {hint}"
+    return CheckResult(check, problem.name, "failed", err, tol, reason, msg, worst)
+
+
+def _skip(check, problem, why):
+    return CheckResult(check, getattr(problem, "name", None), "skipped", message=why)
+
+
+# --------------------------------------------------------------------------- score checks
+def _check_if_exact(att, problem):
+    tol, reason = _rounding_tolerance(att, problem)
+    return _compare("if_exact", problem, att.scores(problem), exact_scores("if", problem),
+                    tol, reason, "IF vs −∇L_test H⁻¹ ∇l_i")
+
+
+def _check_tracin_exact(att, problem):
+    tol, reason = _rounding_tolerance(att, problem)
+    return _compare("tracin_exact", problem, att.scores(problem),
+                    exact_scores("tracin", problem), tol, reason,
+                    f"TracIn vs exact sum over checkpoints {list(problem.checkpoints)}")
+
+
+def _iif_problem(att, problem):
+    """The IIF problem this attributor can be held to exactly (unlearning baseline)."""
+    K = problem.K if "exact_path" in att.capabilities else 1
+    return problem.replace(K=K, baseline="unlearn")
+
+
+def _check_iif_exact(att, problem):
+    p = _iif_problem(att, problem)
+    tol, reason = _rounding_tolerance(att, p)
+    return _compare("iif_exact", p, att.scores(p), exact_scores("iif", p), tol, reason,
+                    f"IIF (K={p.K}, unlearning baseline, lam={p.lam:g}) vs exact Eq. (10)")
+
+
+def _check_iif_k1_equals_if(att, problem):
+    if "prediction_baseline" not in att.capabilities:
+        return _skip("iif_k1_equals_if", problem,
+                     "attributor does not declare 'prediction_baseline' (baseline f(x; θ*))")
+    p = problem.replace(K=1, baseline="prediction")
+    tol, reason = _rounding_tolerance(att, p)
+    return _compare("iif_k1_equals_if", p, att.scores(p), exact_scores("if", p), tol, reason,
+                    "IIF (K=1, baseline f(x; θ*)) vs IF (Corollary 2.6)")
+
+
+def _check_iif_completeness(att, problem):
+    from iif_ref import linear
+    if "exact_integral" in att.capabilities:
+        K = None
+    elif "exact_path" in att.capabilities:
+        K = problem.K
+    else:
+        K = 1                                   # θ_1 = θ*: no path model needed
+    p = problem.replace(K=K, baseline="unlearn")
+    S = att.scores(p)
+    args = (p.X, p.y, p.X_test, p.y_test)
+    delta = linear.delta(*args, lam=p.lam)
+    theta_prime = linear.unlearned_params(*args, lam=p.lam)
+    c = p.X_test @ p.theta_star - np.einsum("td,td->t", p.X_test, theta_prime)
+    bias = np.zeros_like(delta) if K is None else c ** 2 / K
+    resid = S.sum(axis=1) - delta
+    scale = np.maximum(np.abs(delta) + bias, np.finfo(float).tiny)
+    rel = np.abs(resid - bias) / scale
+    t = int(np.argmax(rel))
+    tol, reason = _rounding_tolerance(att, p)
+    what = (f"Σ_i I − Δ vs Euler bias c²/K (K={K})" if K is not None
+            else "Σ_i I − Δ vs 0 (exact integral)")
+    status = "passed" if rel[t] <= tol else "failed"
+    msg = (f"{what}: worst test point {t}: Σ_i I − Δ = {resid[t]:.6g}, expected "
+           f"{bias[t]:.6g} (Δ = {delta[t]:.6g}); relative error {rel[t]:.3g}")
+    return CheckResult("iif_completeness", p.name, status, float(rel[t]), tol, reason, msg,
+                       (t,))
+
+
+def _permutation(problem):
+    rng = np.random.default_rng(987654321 + (problem.seed or 0))
+    return rng.permutation(problem.n_train)
+
+
+def _check_permutation(att, problem):
+    p = _scoring_problem(att, problem)
+    perm = _permutation(p)
+    S = att.scores(p)
+    q = p.replace(X=p.X[perm], y=p.y[perm], name=f"{p.name}[permuted]")
+    tol, reason = _rounding_tolerance(att, p)
+    return _compare("permutation", p, att.scores(q), S[:, perm], tol, reason,
+                    "scores on permuted data vs permuted scores")
+
+
+def _scoring_problem(att, problem):
+    """The problem version the attributor is exact on (IIF: see :func:`_iif_problem`)."""
+    return _iif_problem(att, problem) if att.kind == "iif" else problem
+
+
+def _check_duplicate(att, problem):
+    p = _scoring_problem(att, problem)
+    j = 0
+    q = p.replace(X=np.vstack([p.X, p.X[j:j + 1]]), y=np.append(p.y, p.y[j]),
+                  name=f"{p.name}[dup {j}]")
+    S = att.scores(q)
+    tol, reason = _rounding_tolerance(att, q)
+    n = p.n_train
+    copies = float(np.linalg.norm(S[:, j] - S[:, n]) / max(np.linalg.norm(S), 1e-300))
+    if copies > tol:
+        t = int(np.argmax(np.abs(S[:, j] - S[:, n])))
+        return CheckResult("duplicate", p.name, "failed", copies, tol, reason,
+                           f"the two copies of sample {j} get different scores: relative "
+                           f"difference {copies:.3g}; test {t}: {S[t, j]:.6g} vs {S[t, n]:.6g}",
+                           (t, n))
+    res = _compare("duplicate", p, S, exact_scores(att.kind, q), tol, reason,
+                   f"scores with sample {j} duplicated vs exact answer on the enlarged data "
+                   f"(copies agree to {copies:.2g})")
+    return res
+
+
+def _check_target_scaling(att, problem):
+    p = _scoring_problem(att, problem)
+    s = _TARGET_SCALE
+    S = att.scores(p)
+    q = p.replace(y=s * p.y, y_test=s * p.y_test, name=f"{p.name}[y×{s:g}]")
+    tol, reason = _rounding_tolerance(att, p)
+    return _compare("target_scaling", p, att.scores(q), s * s * S, tol, reason,
+                    f"scores with targets ×{s:g} vs {s * s:g} × scores")
+
+
+def _check_loo_sign(att, problem):
+    from scipy.stats import spearmanr
+
+    from iif_ref import linear
+    kappa_h = hessian_condition(problem)
+    Q, _ = np.linalg.qr(problem.X)
+    max_lev = float(np.max(np.sum(Q * Q, axis=1)))
+    if kappa_h > _LOO_MAX_COND_H or max_lev > _LOO_MAX_LEVERAGE:
+        return _skip("loo_sign", problem,
+                     f"applies to κ(H) ≤ {_LOO_MAX_COND_H:g} and leverage ≤ "
+                     f"{_LOO_MAX_LEVERAGE:g}; this problem has κ(H) = {kappa_h:.3g}, "
+                     f"max leverage {max_lev:.2f}")
+    S = att.scores(problem)
+    loo = linear.leave_one_out(problem.X, problem.y, problem.X_test, problem.y_test)
+    rhos = np.array([spearmanr(S[t], loo[t]).statistic for t in range(problem.n_test)])
+    rhos = np.where(np.isfinite(rhos), rhos, -1.0)     # constant scores rank nothing
+    t = int(np.argmin(rhos))
+    status = "passed" if rhos[t] > _LOO_MIN_SPEARMAN else "failed"
+    msg = (f"Spearman ρ(scores, exact LOO change of the test loss): min {rhos[t]:.3f} at "
+           f"test point {t}, median {np.median(rhos):.3f}")
+    if status == "failed" and np.median(rhos) < -_LOO_MIN_SPEARMAN:
+        msg += "; anti-correlated: the sign convention looks reversed"
+    return CheckResult("loo_sign", problem.name, status, float(rhos[t]), _LOO_MIN_SPEARMAN,
+                       f"ρ must exceed {_LOO_MIN_SPEARMAN} (LOO = IF/(1 − h) − second-order "
+                       f"term for least squares)", msg, (t,))
+
+
+# --------------------------------------------------------------------------- projectors
+def _proj_inputs():
+    rng = np.random.default_rng(_PROJ_SEED)
+    return rng.standard_normal((_PROJ_N, _PROJ_M))
+
+
+def _proj_tol(att):
+    # Each output entry is a length-m dot product: rounding ≤ m·eps relative to
+    # Σ|g_p||a_pq| ≤ √m‖g‖‖a‖; 10× that bound.
+    return 10.0 * _PROJ_M * att.eps, f"10·n_params·eps = 10·{_PROJ_M}·{att.eps:.2g}"
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def _check_projector_deterministic(att, problem=None):
+    G = _proj_inputs()
+    a = att.project(G, _PROJ_DIM, 7)
+    b = att.project(G, _PROJ_DIM, 7)
+    c = att.project(G, _PROJ_DIM, 8)
+    same = float(np.max(np.abs(a - b)))
+    other = _rel(c, a)
+    if same != 0.0:
+        return CheckResult("projector_deterministic", None, "failed", same, 0.0,
+                           "same seed must give the same bits",
+                           f"two calls with seed 7 differ by up to {same:.3g}")
+    if other < 0.1:
+        return CheckResult("projector_deterministic", None, "failed", other, 0.1,
+                           "independent seeds give projections differing by O(1)",
+                           f"seeds 7 and 8 give nearly the same projection "
+                           f"(relative difference {other:.3g}): the seed is ignored?")
+    return CheckResult("projector_deterministic", None, "passed", same, 0.0,
+                       "same seed must give the same bits",
+                       f"seed 7 twice: identical; seed 8 differs by {other:.3g} (relative)")
+
+
+def _check_projector_batch_split(att, problem=None):
+    G = _proj_inputs()
+    whole = att.project(G, _PROJ_DIM, 7)
+    k = _PROJ_N // 3
+    parts = np.vstack([att.project(G[:k], _PROJ_DIM, 7), att.project(G[k:], _PROJ_DIM, 7),
+                       ])
+    tol, reason = _proj_tol(att)
+    err = _rel(parts, whole)
+    status = "passed" if err <= tol else "failed"
+    return CheckResult("projector_batch_split", None, status, err, tol, reason,
+                       f"rows [0,{k}) and [{k},{_PROJ_N}) projected separately vs together: "
+                       f"relative difference {err:.3g}")
+
+
+def _check_projector_linear(att, problem=None):
+    G = _proj_inputs()
+    G1, G2 = G[: _PROJ_N // 2], G[_PROJ_N // 2:]
+    a, b = 0.75, -1.5
+    lhs = att.project(a * G1 + b * G2, _PROJ_DIM, 7)
+    rhs = a * att.project(G1, _PROJ_DIM, 7) + b * att.project(G2, _PROJ_DIM, 7)
+    tol, reason = _proj_tol(att)
+    err = _rel(lhs, rhs)
+    status = "passed" if err <= tol else "failed"
+    return CheckResult("projector_linear", None, status, err, tol, reason,
+                       f"project(aG1 + bG2) vs a·project(G1) + b·project(G2): relative "
+                       f"difference {err:.3g}")
+
+
+def _check_projector_jl(att, problem=None):
+    G = _proj_inputs()
+    Phi = att.project(G, _PROJ_DIM, 7)
+    ratio = np.sum(Phi ** 2, axis=1) / np.sum(G ** 2, axis=1)
+    # For ±1/√P or N(0, 1/P) entries, ‖gA‖²/‖g‖² has mean 1 and variance ≤ 2/P.
+    sd_one = math.sqrt(2.0 / _PROJ_DIM)
+    mean_tol = _JL_SIGMAS * sd_one / math.sqrt(_PROJ_N)
+    max_tol = _JL_SIGMAS * sd_one
+    mean_err = abs(float(np.mean(ratio)) - 1.0)
+    j = int(np.argmax(np.abs(ratio - 1.0)))
+    max_err = abs(float(ratio[j]) - 1.0)
+    ok = mean_err <= mean_tol and max_err <= max_tol
+    msg = (f"‖gA‖²/‖g‖² over {_PROJ_N} vectors, dim {_PROJ_DIM}: mean {np.mean(ratio):.4f} "
+           f"(|mean − 1| ≤ {mean_tol:.3g}), worst {ratio[j]:.4f} at row {j} "
+           f"(|· − 1| ≤ {max_tol:.3g})")
+    if not ok and np.mean(ratio) > 0:
+        m = float(np.mean(ratio))
+        if abs(m - _PROJ_DIM) / _PROJ_DIM < 0.2:
+            msg += "; norms grow by dim: entries ±1 instead of ±1/√dim?"
+        elif abs(m * _PROJ_DIM - 1) < 0.2:
+            msg += "; norms shrink by dim: entries ±1/dim instead of ±1/√dim?"
+    return CheckResult("projector_jl", None, "passed" if ok else "failed",
+                       max(mean_err / mean_tol, max_err / max_tol), 1.0,
+                       f"{_JL_SIGMAS:g} standard deviations (var ≤ 2/dim); error is the "
+                       f"larger deviation in units of its tolerance", msg, (j,))
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class _Check:
+    name: str
+    kinds: tuple
+    func: object
+    uses_problems: bool = True
+
+    def run(self, att, problem):
+        try:
+            return self.func(att, problem)
+        except Exception as exc:  # the attributor (or its inputs) raised: report, not crash
+            return CheckResult(self.name, getattr(problem, "name", None), "error",
+                               message=f"{type(exc).__name__}: {exc}")
+
+
+_SCORING = ("if", "tracin", "iif")
+CHECKS = {c.name: c for c in (
+    _Check("if_exact", ("if",), _check_if_exact),
+    _Check("tracin_exact", ("tracin",), _check_tracin_exact),
+    _Check("iif_exact", ("iif",), _check_iif_exact),
+    _Check("iif_k1_equals_if", ("iif",), _check_iif_k1_equals_if),
+    _Check("iif_completeness", ("iif",), _check_iif_completeness),
+    _Check("permutation", _SCORING, _check_permutation),
+    _Check("duplicate", _SCORING, _check_duplicate),
+    _Check("target_scaling", _SCORING, _check_target_scaling),
+    _Check("loo_sign", ("if",), _check_loo_sign),
+    _Check("projector_deterministic", ("projector",), _check_projector_deterministic, False),
+    _Check("projector_batch_split", ("projector",), _check_projector_batch_split, False),
+    _Check("projector_linear", ("projector",), _check_projector_linear, False),
+    _Check("projector_jl", ("projector",), _check_projector_jl, False),
+)}
+"""Every check by name, with the kinds it applies to."""
+
+
+def _select(att, checks):
+    applicable = [c for c in CHECKS.values() if att.kind in c.kinds]
+    if checks is None:
+        return applicable
+    names = [checks] if isinstance(checks, str) else list(checks)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown check(s) {unknown}; known: {sorted(CHECKS)}")
+    return [c for c in applicable if c.name in names]
+
+
+def _problems(problems):
+    if problems is None:
+        return default_problems()
+    problems = [problems] if isinstance(problems, AttributionProblem) else list(problems)
+    for i, p in enumerate(problems):
+        if not isinstance(p, AttributionProblem):
+            raise TypeError(f"problems[{i}] must be an AttributionProblem, "
+                            f"got {type(p).__name__}")
+    if not problems:
+        raise ValueError("problems is empty")
+    return problems
+
+
+def check_attributor(fn, *, kind=None, sign=None, normalisation=None, problems=None,
+                     checks=None, **declaration):
+    """Run every check that applies to an attribution method.
+
+    Parameters
+    ----------
+    fn : callable or Attributor
+        ``fn(problem) -> scores (n_test, n_train)`` (``kind="projector"``:
+        ``fn(G, dim, seed) -> (n, dim)``), or an :class:`Attributor`.
+    kind : {"if", "tracin", "iif", "projector"}
+        Required for a plain callable.
+    sign : {"loss_up", "loss_down"}, optional
+        Default ``"loss_up"`` (this package's).
+    normalisation : {"sum", "mean"} or float, optional
+        Default ``"sum"``.
+    problems : AttributionProblem or list of them, optional
+        Default :func:`~iif_ref.testing.problems.default_problems`.
+    checks : str or list of str, optional
+        Restrict to these check names (default: all that apply to ``kind``).
+    **declaration
+        Further :class:`Attributor` fields: ``name``, ``precision``, ``capabilities``,
+        ``rtol``.
+
+    Returns
+    -------
+    ConformanceReport
+
+    Examples
+    --------
+    >>> from iif_ref import linear
+    >>> def my_if(p):
+    ...     return linear.influence_function(p.X, p.y, p.X_test, p.y_test)
+    >>> report = check_attributor(my_if, kind="if")
+    >>> report.passed
+    True
+    """
+    decl = {k: v for k, v in (("kind", kind), ("sign", sign),
+                              ("normalisation", normalisation)) if v is not None}
+    decl.update(declaration)
+    att = as_attributor(fn, **decl)
+    selected = _select(att, checks)
+    problem_list = _problems(problems) if any(c.uses_problems for c in selected) else []
+    decl = {"kind": att.kind, "precision": att.precision}
+    if att.kind != "projector":           # sign and normalisation mean nothing for A
+        decl.update(sign=att.sign, normalisation=att.normalisation,
+                    capabilities=sorted(att.capabilities), rtol=att.rtol)
+    report = ConformanceReport(att.name, decl)
+    for c in selected:
+        if c.uses_problems:
+            report.results.extend(c.run(att, p) for p in problem_list)
+        else:
+            report.results.append(c.run(att, None))
+    return report
+
+
+class _BoundCheck:
+    """One check, callable on an attributor: raises on failure, SkipTest when skipped."""
+
+    def __init__(self, check, problems):
+        self.check = check
+        self.problems = problems
+        self.__name__ = check.name
+
+    def __call__(self, attributor):
+        att = as_attributor(attributor)
+        if not self.check.uses_problems:
+            results = [self.check.run(att, None)]
+        else:
+            results = [self.check.run(att, p) for p in _problems(self.problems)]
+        report = ConformanceReport(att.name, {"kind": att.kind}, results)
+        report.raise_if_failed()
+        if all(r.status == "skipped" for r in results):
+            raise unittest.SkipTest("; ".join(sorted({r.message for r in results})))
+        return report
+
+    def __repr__(self):
+        return self.check.name
+
+
+def parametrize_with_checks(attributors, *, problems=None):
+    """A ``pytest.mark.parametrize`` over (attributor, check) pairs, like scikit-learn's.
+
+    Parameters
+    ----------
+    attributors : list of Attributor
+    problems : list of AttributionProblem, optional
+        Default :func:`~iif_ref.testing.problems.default_problems`.
+
+    Returns
+    -------
+    pytest.MarkDecorator
+        Parametrises the arguments ``attributor`` and ``check``; test ids are
+        ``"<attributor name>-<check name>"``. Call ``check(attributor)`` in the test: it
+        raises :class:`ConformanceError` (an ``AssertionError``) on failure and
+        ``unittest.SkipTest`` when the check does not apply (pytest reports a skip with
+        the reason).
+
+    Examples
+    --------
+    ::
+
+        @parametrize_with_checks([Attributor(my_if, kind="if")])
+        def test_conformance(attributor, check):
+            check(attributor)
+    """
+    import pytest
+    attributors = list(attributors)
+    params, ids = [], []
+    for att in attributors:
+        if not isinstance(att, Attributor):
+            raise TypeError(f"attributors must be Attributor instances (they carry the "
+                            f"declared conventions), got {type(att).__name__}")
+        for c in _select(att, None):
+            params.append((att, _BoundCheck(c, problems)))
+            ids.append(f"{att.name}-{c.name}")
+    return pytest.mark.parametrize("attributor, check", params, ids=ids)
