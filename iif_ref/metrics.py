@@ -17,7 +17,8 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import ConstantInputWarning, rankdata
+from scipy.linalg import cho_factor, cho_solve
+from scipy.stats import ConstantInputWarning
 
 from iif_ref._validation import as_float_array, check_nonnegative_real, check_positive_int
 
@@ -135,16 +136,16 @@ def _check_masks(masks, name="masks"):
 def _check_lds_inputs(scores, masks, subset_losses):
     masks = _check_masks(masks)
     n_subsets, n_train = masks.shape
-    scores = as_float_array(scores, "scores", ndim=2)
+    scores = as_float_array(scores, "scores", ndim=(2, 3))
     subset_losses = as_float_array(subset_losses, "subset_losses", ndim=2)
-    if scores.shape[1] != n_train:
+    if scores.shape[-1] != n_train:
         raise ValueError(f"scores has shape {scores.shape} but masks has {n_train} training "
-                         f"columns; scores must be (n_test, {n_train})")
+                         f"columns; scores must be ([n_methods,] n_test, {n_train})")
     if subset_losses.shape[0] != n_subsets:
         raise ValueError(f"subset_losses has shape {subset_losses.shape} but masks has "
                          f"{n_subsets} subsets; subset_losses must be ({n_subsets}, n_test)")
-    if subset_losses.shape[1] != scores.shape[0]:
-        raise ValueError(f"scores has {scores.shape[0]} test rows but subset_losses has "
+    if subset_losses.shape[1] != scores.shape[-2]:
+        raise ValueError(f"scores has {scores.shape[-2]} test rows but subset_losses has "
                          f"{subset_losses.shape[1]} test columns")
     return scores, masks, subset_losses
 
@@ -167,25 +168,56 @@ def _check_subset_index(subset_index, n_subsets):
     return idx
 
 
-def _columnwise_spearman(a, b, *, what):
-    """Spearman correlation of matching columns of ``a`` and ``b`` (both (n, m)).
+def _average_ranks(a):
+    """Ranks (1-based, ties get their average rank) along the last axis of ``a``.
 
-    Ranks with average ties, then Pearson of the ranks — the definition
-    ``scipy.stats.spearmanr`` uses. A column that is constant in ``a`` or ``b`` has no
-    rank correlation: its entry is NaN and a ``ConstantInputWarning`` names it.
+    Equal to ``scipy.stats.rankdata(a, method="average", axis=-1)`` (tested), about twice
+    as fast on (n_test, n_subsets) blocks: one argsort per row, tie groups found on the
+    sorted values, and a flat scatter back. LDS ranks thousands of such blocks.
     """
-    ra = rankdata(a, axis=0)
-    rb = rankdata(b, axis=0)
-    ra -= ra.mean(axis=0)
-    rb -= rb.mean(axis=0)
-    num = np.einsum("ij,ij->j", ra, rb)
-    den = np.sqrt(np.einsum("ij,ij->j", ra, ra) * np.einsum("ij,ij->j", rb, rb))
+    n = a.shape[-1]
+    flat = a.reshape(-1, n)
+    order = np.argsort(flat, axis=-1)
+    sorted_vals = np.take_along_axis(flat, order, axis=-1)
+    new_group = sorted_vals[:, 1:] != sorted_vals[:, :-1]
+    if new_group.all():
+        ranks_sorted = np.broadcast_to(np.arange(1.0, n + 1.0), flat.shape)
+    else:
+        pos = np.arange(n)
+        starts = np.ones(flat.shape, dtype=bool)
+        starts[:, 1:] = new_group
+        ends = np.ones(flat.shape, dtype=bool)
+        ends[:, :-1] = new_group
+        first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
+        last = np.minimum.accumulate(np.where(ends, pos, n)[:, ::-1], axis=-1)[:, ::-1]
+        ranks_sorted = (first + last) / 2.0 + 1.0
+    out = np.empty(flat.shape)
+    # Scatter through flat indices: cheaper than fancy 2-D indexing or put_along_axis.
+    out.ravel()[(order + n * np.arange(flat.shape[0])[:, None]).ravel()] = ranks_sorted.ravel()
+    return out.reshape(a.shape)
+
+
+def _centred(r):
+    r = r - r.mean(axis=-1, keepdims=True)
+    return r, np.einsum("...i,...i->...", r, r)
+
+
+def _rank_correlation(target, predicted, *, what):
+    """Spearman correlation along the last axis of ``target`` (n_test, n) and
+    ``predicted`` (..., n_test, n).
+
+    Pearson of average ranks — the definition ``scipy.stats.spearmanr`` uses. The target
+    is ranked once for every stack of predictions. A row that is constant in either has
+    no rank correlation: its entry is NaN and a ``ConstantInputWarning`` names it.
+    """
+    rt, st = _centred(_average_ranks(target))
+    rp, sp = _centred(_average_ranks(predicted))
+    num = np.einsum("...ti,ti->...t", rp, rt)
+    den = np.sqrt(sp * st)
     constant = den == 0.0
-    out = np.empty(a.shape[1])
-    out[~constant] = num[~constant] / den[~constant]
-    out[constant] = np.nan
+    out = np.divide(num, den, out=np.full(num.shape, np.nan), where=~constant)
     if constant.any():
-        bad = np.flatnonzero(constant)
+        bad = np.unique(np.nonzero(constant)[-1])
         shown = ", ".join(map(str, bad[:20])) + (" ..." if bad.size > 20 else "")
         warnings.warn(
             f"{what}: {bad.size} test point(s) have constant subset losses or constant "
@@ -201,9 +233,10 @@ def lds(scores, masks, subset_losses, *, subset_index=None):
 
     Parameters
     ----------
-    scores : array_like, shape (n_test, n_train)
+    scores : array_like, shape (n_test, n_train) or (n_methods, n_test, n_train)
         Attribution scores ``I[t, j]`` (``docs/conventions.md`` sign: positive pushes the
-        test loss up).
+        test loss up). A stack of several methods' scores is scored against the same
+        subsets, ranking the subset losses once.
     masks : array_like of bool, shape (n_subsets, n_train)
         Training subsets, e.g. from :func:`random_subset_masks`.
     subset_losses : array_like, shape (n_subsets, n_test)
@@ -214,7 +247,7 @@ def lds(scores, masks, subset_losses, *, subset_index=None):
 
     Returns
     -------
-    lds : ndarray, shape (n_test,)
+    lds : ndarray, shape (n_test,) or (n_methods, n_test)
         ``lds[t] = spearman_s( subset_losses[s, t], Σ_{j∈S_s} scores[t, j] )``.
         Where the subset losses or the predictions are constant over the subsets the
         correlation is undefined: that entry is NaN *and* a
@@ -226,7 +259,7 @@ def lds(scores, masks, subset_losses, *, subset_index=None):
     Implements the LDS of the paper's Sec. 3 ("Evaluation Metric"): the Spearman rank
     correlation between ``p_s = L_test(z, θ_{S_s})`` and ``q_s = Σ_{j∈S_s} I(j)``. Ranks use
     average ties, as ``scipy.stats.spearmanr`` does; the computation is vectorised over
-    test points.
+    test points (and methods).
 
     Examples
     --------
@@ -239,9 +272,11 @@ def lds(scores, masks, subset_losses, *, subset_index=None):
     """
     scores, masks, subset_losses = _check_lds_inputs(scores, masks, subset_losses)
     idx = _check_subset_index(subset_index, masks.shape[0])
-    m = masks[idx]
-    predicted = m.astype(np.float64) @ scores.T          # (n_subsets, n_test)
-    return _columnwise_spearman(subset_losses[idx], predicted, what="lds")
+    m = masks[idx].astype(np.float64)
+    # (..., n_test, n_subsets): subsets on the contiguous axis, where the ranking runs.
+    predicted = scores @ m.T
+    target = np.ascontiguousarray(subset_losses[idx].T)
+    return _rank_correlation(target, predicted, what="lds")
 
 
 @dataclass(frozen=True)
@@ -336,12 +371,16 @@ def lds_ceiling(masks, subset_losses, *, fit_fraction=0.5, ridge=1e-3, seed):
     m_mean = M.mean(axis=0)
     l_mean = L.mean(axis=0)
     Mc = M - m_mean
-    # Centring removes the intercept from the penalised problem; the augmented least
-    # squares [Mc; √ridge·I] w = [Lc; 0] is the ridge solution and stays well defined
-    # (minimum norm) for ridge = 0 with fewer fitted subsets than samples.
-    A = np.vstack([Mc, np.sqrt(ridge) * np.eye(n_train)]) if ridge > 0 else Mc
-    B = np.vstack([L - l_mean, np.zeros((n_train, L.shape[1]))]) if ridge > 0 else L - l_mean
-    W, *_ = np.linalg.lstsq(A, B, rcond=None)         # (n_train, n_test)
+    # Centring removes the intercept from the penalised problem. With fixed-size subsets
+    # the centred masks are exactly rank deficient along the all-ones direction, where
+    # the normal matrix has eigenvalue `ridge`: its condition number is ≈ n_fit/(4 ridge)
+    # (≈ 6e5 at the defaults and 2500 fitted subsets), harmless for a float64 Cholesky.
+    if ridge > 0:
+        gram = Mc.T @ Mc
+        gram[np.diag_indices_from(gram)] += ridge
+        W = cho_solve(cho_factor(gram), Mc.T @ (L - l_mean))        # (n_train, n_test)
+    else:
+        W, *_ = np.linalg.lstsq(Mc, L - l_mean, rcond=None)         # minimum norm
     intercept = l_mean - m_mean @ W
     ceiling = lds(W.T, masks, subset_losses, subset_index=eval_index)
     return DatamodelCeiling(ceiling=ceiling, eval_index=eval_index, fit_index=fit_index,

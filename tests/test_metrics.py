@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import ConstantInputWarning, spearmanr
+from scipy.stats import ConstantInputWarning, rankdata, spearmanr
 
-from iif_ref.metrics import auc, lds, lds_ceiling, random_subset_masks, subset_size
+from iif_ref.metrics import _average_ranks, auc, lds, lds_ceiling, random_subset_masks, subset_size
 from iif_ref.synthetic import make_linear_problem
 
 # Spearman correlations are ratios of sums of O(n_subsets³) integer-valued rank
@@ -93,6 +93,25 @@ def test_lds_handles_ties_like_spearmanr():
     predicted = masks @ scores.T
     want = [spearmanr(losses[:, t], predicted[:, t]).statistic for t in range(3)]
     np.testing.assert_allclose(got, want, rtol=0, atol=CORR_TOL)
+
+
+@settings(max_examples=30)
+@given(shape=st.tuples(st.integers(1, 4), st.integers(1, 40)), levels=st.integers(1, 50),
+       seed=st.integers(0, 2**32 - 1))
+def test_fast_average_ranks_equal_scipy_rankdata(shape, levels, seed):
+    # Few distinct levels force many ties (levels=1: one constant row); exact equality
+    # because average ranks are halves of small integers, exact in float64.
+    a = np.random.default_rng(seed).integers(0, levels, size=shape).astype(float)
+    np.testing.assert_array_equal(_average_ranks(a), rankdata(a, axis=-1))
+
+
+def test_lds_stacked_scores_equal_separate_calls():
+    scores, masks, losses = _toy()
+    stack = np.stack([scores, -2 * scores, np.cos(scores)])
+    got = lds(stack, masks, losses)
+    assert got.shape == (3, scores.shape[0])
+    for k in range(3):
+        np.testing.assert_array_equal(got[k], lds(stack[k], masks, losses))
 
 
 def test_lds_on_subset_index_equals_lds_on_those_rows():
