@@ -1,0 +1,187 @@
+"""The validated, serialisable configuration of one attribution run.
+
+Every option of Algorithm 1 lives in :class:`IIFConfig`; the result of a run carries
+``config.to_dict()`` (with the damping actually used and the dtypes filled in), which is
+enough to repeat the run. Defaults follow the paper (Sec. 2.3–2.5, appendix E, Table 6)
+where it is specific, and ``docs/algorithm1.md`` where it is not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+
+from iif_ref._validation import check_nonnegative_real, check_positive_int, check_positive_real
+
+__all__ = ["IIFConfig"]
+
+_CHOICES = {
+    "baseline": ("joint", "per_test", "prediction", "given"),
+    "unlearn_optimizer": ("sgd", "adam", "lbfgs"),
+    "train_reduction": ("sum", "mean"),
+    "path_models": ("one_step", "sgd_epoch", "refit"),
+    "curvature": ("fisher", "gauss_newton", "hessian"),
+    "kind": ("rademacher", "gaussian"),
+}
+
+
+@dataclass
+class IIFConfig:
+    """Options of Algorithm 1 (Integrated Influence for a torch model).
+
+    Parameters
+    ----------
+    K : int
+        Number of path steps (Eq. 10); ``t_k = k/K``, right-endpoint Euler sum.
+    lam : float
+        λ of the unlearning objective ``−L_test + λ L_train`` (Eq. 12), λ multiplying the
+        training loss in the normalisation ``train_reduction``.
+    baseline : {"joint", "per_test", "prediction", "given"}
+        ``"joint"``: one unlearned θ' for the whole test batch (``L_test`` summed over it);
+        ``"per_test"``: one θ'_t per test point; ``"prediction"``: θ' = θ*, i.e. baseline
+        targets ``f(x; θ*)`` (the influence-function setting, Lemma 2.5);
+        ``"given"``: the caller passes θ' (used by self-influence and proponents).
+    unlearn_epochs : int
+        Passes over the training data of the unlearning optimiser (paper: "a few").
+    unlearn_optimizer : {"sgd", "adam", "lbfgs"}
+        ``"lbfgs"`` (full batch, strong-Wolfe line search) solves Eq. (12) to convergence.
+    unlearn_lr : float
+    unlearn_batch_size : int or None
+        Mini-batch size of the unlearning passes; ``None`` = full batch (one step per epoch).
+        A mini-batch term is scaled so that its expectation is the full objective.
+    unlearn_sign : {+1, −1}
+        ``+1``: unlearn (raise the test loss, Eq. 12). ``−1``: the opposite baseline of
+        Sec. 3.2 (lower the test loss), used to find opponents.
+    train_reduction : {"sum", "mean"}
+        Normalisation of ``L_train`` in the *optimisation* objectives (unlearning, path
+        models). Curvature and scores always use the summed loss (docs/conventions.md).
+    divergence_factor : float
+        Unlearning is declared divergent when the objective falls below
+        ``obj₀ − divergence_factor · (|obj₀| + 1)`` or becomes non-finite.
+    mask_path : bool or None
+        Apply the appendix E mask ``ρ_i(t) ⊙ y_i``. ``None``: True for classification
+        losses, False otherwise.
+    path_models : {"one_step", "sgd_epoch", "refit"}
+        How θ_k (k < K) is obtained from θ_{k+1} (Eq. 16): one full-batch gradient step
+        (the paper's formula), one epoch of mini-batch SGD, or a refit to convergence
+        (full-batch L-BFGS).
+    path_lr : float
+        η of Eq. (16).
+    path_batch_size : int
+        Mini-batch size for ``path_models="sgd_epoch"``.
+    refit_max_iter : int
+        Iteration cap of the L-BFGS refit (``path_models="refit"``, ``"lbfgs"`` unlearning).
+    refit_tol : float
+        Gradient tolerance (infinity norm, relative to the gradient at the start) of the refit.
+    curvature : {"fisher", "gauss_newton", "hessian"}
+        ``"fisher"``: empirical Fisher ``Σ u_i u_iᵀ`` (Eq. 31, the paper's);
+        ``"gauss_newton"``: ``Σ J_iᵀ ∇²_f l J_i`` (exact Hessian for MSE with a linear
+        model); ``"hessian"``: exact ``∇²L_train`` (small models, unprojected only).
+    damping : float or "auto"
+        λ_d in ``F = C + λ_d I``. ``"auto"``: ``1e-6 ·`` the largest mean diagonal of ``C``
+        over the steps (recorded in the result). A non-positive-definite ``F`` is an error.
+    proj_dim : int or None
+        P of Eq. (17). ``None``: no projection, dense float64 solve in parameter space.
+    kind : {"rademacher", "gaussian"}
+        Distribution of the projection entries (docs/rng.md).
+    seed : int
+        Seed of the projection matrix (and of mini-batch order in the optimisers).
+    backend : str or None
+        Kernel backend name passed through to :mod:`iif_ref.kernels` (``None``: its default).
+    chunk_size : int
+        Training samples per streamed chunk of per-sample gradients.
+    dtype : {"float64", "float32"} or None
+        Compute dtype of the torch side; ``None`` uses the model's parameter dtype.
+    progress : bool
+        Show tqdm progress bars.
+    cache_dir : str or None
+        Directory for per-step results; a rerun with the same fingerprint resumes.
+    """
+
+    K: int = 5
+    lam: float = 1.0
+    baseline: str = "joint"
+    unlearn_epochs: int = 5
+    unlearn_optimizer: str = "sgd"
+    unlearn_lr: float = 1e-3
+    unlearn_batch_size: int | None = None
+    unlearn_sign: int = 1
+    train_reduction: str = "sum"
+    divergence_factor: float = 1e6
+    mask_path: bool | None = None
+    path_models: str = "one_step"
+    path_lr: float = 1e-3
+    path_batch_size: int = 64
+    refit_max_iter: int = 500
+    refit_tol: float = 1e-10
+    curvature: str = "fisher"
+    damping: object = "auto"
+    proj_dim: int | None = 256
+    kind: str = "rademacher"
+    seed: int = 0
+    backend: str | None = None
+    chunk_size: int = 256
+    dtype: str | None = None
+    progress: bool = True
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise ``ValueError``/``TypeError`` naming the first bad option."""
+        self.K = check_positive_int(self.K, "K")
+        self.lam = check_nonnegative_real(self.lam, "lam")
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        self.unlearn_epochs = check_positive_int(self.unlearn_epochs, "unlearn_epochs")
+        self.unlearn_lr = check_positive_real(self.unlearn_lr, "unlearn_lr")
+        self.unlearn_batch_size = check_positive_int(self.unlearn_batch_size,
+                                                     "unlearn_batch_size", allow_none=True)
+        if self.unlearn_sign not in (1, -1):
+            raise ValueError(f"unlearn_sign must be +1 or -1, got {self.unlearn_sign!r}")
+        self.divergence_factor = check_positive_real(self.divergence_factor,
+                                                     "divergence_factor")
+        if self.mask_path is not None and not isinstance(self.mask_path, bool):
+            raise TypeError(f"mask_path must be True, False or None, got {self.mask_path!r}")
+        self.path_lr = check_positive_real(self.path_lr, "path_lr")
+        self.path_batch_size = check_positive_int(self.path_batch_size, "path_batch_size")
+        self.refit_max_iter = check_positive_int(self.refit_max_iter, "refit_max_iter")
+        self.refit_tol = check_positive_real(self.refit_tol, "refit_tol")
+        if not (isinstance(self.damping, str) and self.damping == "auto"):
+            self.damping = check_nonnegative_real(self.damping, "damping")
+        self.proj_dim = check_positive_int(self.proj_dim, "proj_dim", allow_none=True)
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                or not 0 <= self.seed < 2 ** 64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        self.seed = int(self.seed)
+        if self.backend is not None and not isinstance(self.backend, str):
+            raise TypeError(f"backend must be a string or None, got {type(self.backend).__name__}")
+        self.chunk_size = check_positive_int(self.chunk_size, "chunk_size")
+        if self.dtype not in (None, "float32", "float64"):
+            raise ValueError(f"dtype must be 'float32', 'float64' or None, got {self.dtype!r}")
+        if self.proj_dim is not None and self.curvature != "fisher":
+            raise ValueError(
+                f"curvature={self.curvature!r} is available only unprojected (proj_dim=None); "
+                "the projected path uses the empirical Fisher ΦᵀΦ (Eq. 31)")
+        return self
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self):
+        """Plain-Python dict of every option (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_options(cls, options):
+        """Build from keyword options, naming any unknown one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**options)

@@ -1,0 +1,237 @@
+"""Per-step featurisation: per-sample gradients, directions and test gradients, projected.
+
+For one path step ``k`` (parameters θ_k, targets ``ρ(t_{k−1}) → ρ(t_k)``):
+
+* ``Phi = U A``, ``u_i = ∇θ l(f(x_i; θ_k), ρ_i(t_k))`` (the Fisher factor, Eq. 31);
+* ``Psi = D A``, ``d_i = ∇θ l(f(x_i; θ_k), ρ_i(t_k)) − ∇θ l(f(x_i; θ_k), ρ_i(t_{k−1}))``
+  — ``J_i(t_k) Δy^(k)`` exactly for a target-linear loss (Eq. 23–24);
+* ``Gamma = G A``, ``g_t = ∇θ l(f(x̂_t; θ_k), ŷ_t)`` (Eq. 7).
+
+All are per-sample VJPs of the network output with an output-space weight, computed
+with ``torch.func`` one chunk of samples at a time and handed to
+:func:`iif_ref.kernels.project` as NumPy arrays, so the ``(n, n_params)`` gradient
+matrix never exists (only one ``(chunk, 2, n_params)`` block does). ``A`` is the
+counter-based matrix of docs/rng.md: its row ``m`` is the flat parameter index of
+:class:`~iif_ref.neural.functional.FunctionalModel`, so the features do not depend on
+the chunk size, and shards computed elsewhere (e.g. by a distributed engine) concatenate.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from iif_ref._validation import check_positive_int
+from iif_ref.neural.functional import (FunctionalModel, as_inputs, as_targets, chunks,
+                                       output_weights)
+from iif_ref.neural.losses import TargetLinearLoss, resolve_loss
+
+__all__ = ["train_features", "test_features", "gradient_features", "project_rows"]
+
+
+def project_rows(G, *, proj_dim, seed, kind, backend):
+    """``G A`` through :func:`iif_ref.kernels.project` (NumPy in, NumPy out); identity if
+    ``proj_dim`` is None. ``G`` is a tensor ``(n, n_params)``."""
+    arr = G.detach().cpu().numpy()
+    if proj_dim is None:
+        return arr
+    from iif_ref.kernels import project
+
+    options = {} if backend is None else {"backend": backend}
+    return project(arr, proj_dim, seed=seed, kind=kind, **options)
+
+
+def _check_finite_rows(V, start, what, step):
+    bad = ~torch.isfinite(V.reshape(V.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        idx = (torch.nonzero(bad).reshape(-1) + start).tolist()
+        shown = ", ".join(map(str, idx[:20])) + (", ..." if len(idx) > 20 else "")
+        where = "" if step is None else f" at path step k={step}"
+        raise ValueError(f"non-finite {what}{where} for sample(s) [{shown}] "
+                         f"({len(idx)} in all); check these inputs and the model at θ_k")
+
+
+def _prepare(model, loss, params, dtype):
+    fm = model if isinstance(model, FunctionalModel) else FunctionalModel(model, dtype=dtype)
+    loss = resolve_loss(loss)
+    if params is None:
+        params = fm.theta_star
+    else:
+        missing = [n for n in fm.names if n not in params]
+        if missing:
+            raise ValueError(f"params lacks trainable parameter(s) {missing}")
+        params = {n: torch.as_tensor(params[n], dtype=fm.dtype, device=fm.device)
+                  for n in fm.names}
+    return fm, loss, params
+
+
+def _targets(value, name, n_out, loss, fm):
+    # Path targets are already in target space (soft / masked), so they are taken as
+    # float (n, n_out) arrays; integer labels are one-hot encoded for convenience.
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        out = value.detach().to(fm.dtype)
+        if out.ndim == 1:
+            out = out[:, None]
+        if out.shape[1] != n_out or not bool(torch.isfinite(out).all()):
+            return as_targets(value, name, n_out, loss, fm)
+        return out
+    return as_targets(value, name, n_out, loss, fm)
+
+
+def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
+                   kind="rademacher", chunk_size=256, backend=None, sample_offset=0,
+                   step=None, dtype=None):
+    """Projected per-sample gradients and directions of one path step.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or FunctionalModel
+    loss : "mse", "cross_entropy" or target-linear callable
+    params : dict of str -> tensor, or None
+        θ_k by trainable-parameter name; None uses the model's own parameters (θ*).
+    X : array_like, shape (n, ...)
+    y_from, y_to : array_like, shape (n, n_out) (or labels)
+        Targets ``ρ(t_{k−1})`` and ``ρ(t_k)``.
+    proj_dim : int or None
+        P; None returns the unprojected ``(n, n_params)`` rows (small models only).
+    seed : int
+    kind : {"rademacher", "gaussian"}
+    chunk_size : int
+        Samples per streamed chunk.
+    backend : str or None
+        Kernel backend (passed through to :func:`iif_ref.kernels.project`).
+    sample_offset : int
+        Global index of row 0, used in error messages (for shards).
+    step : int or None
+        Path step, used in error messages.
+    dtype : {"float32", "float64"} or None
+        Compute dtype when ``model`` is a Module.
+
+    Returns
+    -------
+    Phi : ndarray, shape (n, P)
+        ``u_i A``, ``u_i = ∇θ l(f(x_i; θ), y_to_i)``.
+    Psi : ndarray, shape (n, P)
+        ``(J_iΔy)ᵀ A = (∇θ l(f(x_i; θ), y_to_i) − ∇θ l(f(x_i; θ), y_from_i)) A``.
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not match the model output, non-finite inputs, or a non-finite
+        per-sample gradient (naming the samples).
+
+    Notes
+    -----
+    Implements the per-step quantities of Eq. (10) with ``A`` of Eq. (17, 31). One
+    ``vmap`` of ``grad`` per chunk gives both rows of a sample (two output weights).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from iif_ref.neural import train_features
+    >>> net = torch.nn.Linear(3, 1, bias=False).double()
+    >>> X = torch.randn(4, 3, dtype=torch.float64); y = torch.randn(4, 1, dtype=torch.float64)
+    >>> Phi, Psi = train_features(net, "mse", None, X, y, y, proj_dim=None)
+    >>> bool(abs(Psi).max() == 0.0)   # no target change, no direction
+    True
+    """
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    proj_dim = check_positive_int(proj_dim, "proj_dim", allow_none=True)
+    fm, loss, params = _prepare(model, loss, params, dtype)
+    X = X if isinstance(X, torch.Tensor) and X.dtype == fm.dtype else as_inputs(X, "X", fm)
+    with torch.no_grad():
+        n_out = fm.forward(params, X[:1]).shape[1]
+    Y_to = _targets(y_to, "y_to", n_out, loss, fm)
+    Y_from = _targets(y_from, "y_from", n_out, loss, fm)
+    n = X.shape[0]
+    for name, Yv in (("y_to", Y_to), ("y_from", Y_from)):
+        if Yv.shape[0] != n:
+            raise ValueError(f"X and {name} must have the same number of rows, got {n} "
+                             f"and {Yv.shape[0]}")
+    Phi, Psi = [], []
+    for start, stop in chunks(n, chunk_size):
+        Xc = X[start:stop]
+        with torch.no_grad():
+            F = fm.forward(params, Xc)
+        w_to = output_weights(loss, F, Y_to[start:stop])
+        w_from = output_weights(loss, F, Y_from[start:stop])
+        W = torch.stack([w_to, w_to - w_from], dim=1)
+        V = fm.per_sample_vjp(params, Xc, W)
+        _check_finite_rows(V, start + sample_offset, "per-sample gradient", step)
+        m = stop - start
+        # One projection call for both row kinds: A is generated once per chunk.
+        both = project_rows(torch.cat([V[:, 0], V[:, 1]]), proj_dim=proj_dim, seed=seed,
+                            kind=kind, backend=backend)
+        Phi.append(both[:m])
+        Psi.append(both[m:])
+    return np.concatenate(Phi), np.concatenate(Psi)
+
+
+def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="rademacher",
+                      chunk_size=256, backend=None, step=None, dtype=None, what="gradient"):
+    """Projected per-sample gradients ``∇θ fn(f(x_n; θ), y_n) A``, shape ``(n, P)``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or FunctionalModel
+    fn : callable or loss
+        ``fn(f, y) -> scalar`` on one sample (a loss, or an output function such as
+        TRAK's margin); strings are resolved as losses.
+    params, proj_dim, seed, kind, chunk_size, backend, step, dtype
+        As in :func:`train_features`.
+    X : array_like, shape (n, ...)
+    Y : array_like, shape (n, n_out) or labels
+    what : str
+        Name of the quantity in error messages.
+
+    Returns
+    -------
+    ndarray, shape (n, P) (``(n, n_params)`` if ``proj_dim`` is None)
+    """
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    proj_dim = check_positive_int(proj_dim, "proj_dim", allow_none=True)
+    loss = fn if isinstance(fn, (str, TargetLinearLoss)) else TargetLinearLoss(
+        getattr(fn, "__name__", "output_fn"), fn, lambda f: f,
+        classification=bool(getattr(fn, "classification", False)))
+    fm, loss, params = _prepare(model, loss, params, dtype)
+    X = X if isinstance(X, torch.Tensor) and X.dtype == fm.dtype else as_inputs(X, "X", fm)
+    with torch.no_grad():
+        n_out = fm.forward(params, X[:1]).shape[1]
+    Y = _targets(Y, "y", n_out, loss, fm)
+    if Y.shape[0] != X.shape[0]:
+        raise ValueError(f"X and y must have the same number of rows, got "
+                         f"{X.shape[0]} and {Y.shape[0]}")
+    out = []
+    for start, stop in chunks(X.shape[0], chunk_size):
+        Xc = X[start:stop]
+        with torch.no_grad():
+            F = fm.forward(params, Xc)
+        W = output_weights(loss, F, Y[start:stop])[:, None, :]
+        V = fm.per_sample_vjp(params, Xc, W)[:, 0]
+        _check_finite_rows(V, start, what, step)
+        out.append(project_rows(V, proj_dim=proj_dim, seed=seed, kind=kind, backend=backend))
+    return np.concatenate(out)
+
+
+def test_features(model, loss, params, X_test, y_test, *, proj_dim, seed=0,
+                  kind="rademacher", chunk_size=256, backend=None, step=None, dtype=None):
+    """Projected test-loss gradients ``Gamma = G A`` at θ, shape ``(n_test, P)``.
+
+    Parameters
+    ----------
+    model, loss, params, proj_dim, seed, kind, chunk_size, backend, step, dtype
+        As in :func:`train_features`.
+    X_test : array_like, shape (n_test, ...)
+    y_test : array_like, shape (n_test, n_out) or labels
+
+    Returns
+    -------
+    Gamma : ndarray, shape (n_test, P) (``(n_test, n_params)`` if ``proj_dim`` is None)
+
+    Notes
+    -----
+    Implements ``G(t_k) A`` of Eq. (7), (17): ``g_t = ∇θ l(f(x̂_t; θ), ŷ_t)``.
+    """
+    return gradient_features(model, resolve_loss(loss), params, X_test, y_test,
+                             proj_dim=proj_dim, seed=seed, kind=kind, chunk_size=chunk_size,
+                             backend=backend, step=step, dtype=dtype,
+                             what="test-loss gradient")

@@ -1,0 +1,189 @@
+"""A functional view of a ``torch.nn.Module``: parameters as data, flat parameter index.
+
+The flat index ``m`` of a parameter entry (the row of the projection matrix ``A``,
+docs/rng.md) runs over the *trainable* parameters in ``model.named_parameters()`` order,
+each flattened row-major. Frozen parameters (``requires_grad=False``) are kept as
+constants. The model is evaluated with ``torch.func.functional_call`` in eval mode
+(dropout off, batch-norm statistics fixed): attribution explains the deployed function.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+from iif_ref._validation import as_float_array
+
+__all__ = ["FunctionalModel", "eval_mode", "as_inputs", "as_targets", "output_weights", "chunks"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Put ``model`` in eval mode for the block and restore its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class FunctionalModel:
+    """``f(x; θ)`` with θ a dict of tensors, plus per-sample vector–Jacobian products.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    dtype : {"float32", "float64"} or None
+        Compute dtype; ``None`` keeps the dtype of the first trainable parameter.
+
+    Attributes
+    ----------
+    names : list of str
+        Trainable parameter names, in flat-index order.
+    theta_star : dict of str -> tensor
+        Detached copies of the trainable parameters (θ*), in the compute dtype.
+    n_params : int
+        ``M``, the number of trainable scalars.
+    """
+
+    def __init__(self, model, *, dtype=None):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("model has no trainable parameters (every parameter has "
+                             "requires_grad=False); there is nothing to attribute through")
+        self.dtype = _DTYPES[dtype] if dtype is not None else trainable[0][1].dtype
+        if not self.dtype.is_floating_point:
+            raise TypeError(f"model parameters must be floating point, got {self.dtype}")
+        self.model = model
+        self.device = trainable[0][1].device
+        self.names = [n for n, _ in trainable]
+        self.shapes = [tuple(p.shape) for _, p in trainable]
+        self.numels = [p.numel() for _, p in trainable]
+        self.n_params = int(sum(self.numels))
+        self.theta_star = {n: p.detach().to(self.dtype).clone() for n, p in trainable}
+        # Frozen parameters and buffers are constants of f; floating ones follow the dtype.
+        consts = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        consts.update(dict(model.named_buffers()))
+        self.constants = {n: (t.detach().to(self.dtype) if t.is_floating_point() else t)
+                          for n, t in consts.items()}
+
+    # ---- parameters as vectors -------------------------------------------------
+    def flatten(self, params):
+        """Concatenate ``params`` into a vector of length ``n_params`` (flat index order)."""
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, vector):
+        """Inverse of :meth:`flatten`."""
+        out, start = {}, 0
+        for n, shape, k in zip(self.names, self.shapes, self.numels):
+            out[n] = vector[start:start + k].reshape(shape)
+            start += k
+        return out
+
+    def clone(self, params):
+        return {n: params[n].detach().clone() for n in self.names}
+
+    # ---- evaluation -------------------------------------------------------------
+    def forward(self, params, X):
+        """Batched outputs ``f(X; θ)``, shape ``(n, n_out)``."""
+        out = functional_call(self.model, ({**self.constants, **params},), (X,))
+        return out.reshape(out.shape[0], -1)
+
+    def _single(self, params, x):
+        out = functional_call(self.model, ({**self.constants, **params},), (x.unsqueeze(0),))
+        return out.reshape(-1)
+
+    def per_sample_vjp(self, params, X, W):
+        """Per-sample VJPs ``J_f(x_n)ᵀ w_{n,r}``, flattened: shape ``(n, R, n_params)``.
+
+        Parameters
+        ----------
+        params : dict of tensors
+        X : tensor, shape (n, ...)
+        W : tensor, shape (n, R, n_out)
+            Output-space weights: ``R`` vectors per sample (e.g. ``∂l/∂f`` at two targets).
+
+        Notes
+        -----
+        Every gradient Algorithm 1 needs is such a VJP: ``u_i = J_iᵀ ∂_f l(f_i, ρ_i(t_k))``,
+        ``J_iΔy = J_iᵀ (∂_f l(f_i, ρ_i(t_k)) − ∂_f l(f_i, ρ_i(t_{k−1})))`` (exact for
+        target-linear losses, Eq. 23–24) and ``G = J_testᵀ ∂_f l(f_test, ŷ)``.
+        ``torch.func.vmap`` over samples and weight rows of ``grad`` of ``w · f(x; θ)``.
+        """
+        def weighted_output(p, x, w):
+            return torch.dot(w, self._single(p, x))
+
+        per_row = vmap(grad(weighted_output), in_dims=(None, None, 0))
+        per_sample = vmap(per_row, in_dims=(None, 0, 0))
+        g = per_sample(params, X, W)
+        n, r = W.shape[0], W.shape[1]
+        return torch.cat([g[name].reshape(n, r, -1) for name in self.names], dim=2)
+
+
+def as_inputs(X, name, fm):
+    """Validate features (finite, non-empty) and return a tensor in the compute dtype."""
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    arr = as_float_array(X, name, allow_dtypes=(np.float32, np.float64))
+    if arr.ndim < 1:
+        raise ValueError(f"{name} must have a sample axis, got shape {arr.shape}")
+    return torch.as_tensor(np.ascontiguousarray(arr), dtype=fm.dtype, device=fm.device)
+
+
+def as_targets(y, name, n_out, loss, fm):
+    """Targets as a ``(n, n_out)`` tensor; integer class labels are one-hot encoded.
+
+    Raises
+    ------
+    ValueError
+        Non-finite values, a label outside ``[0, n_out)``, or a shape that does not match
+        the model output width ``n_out``.
+    """
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    raw = np.asarray(y)
+    if loss.classification and raw.ndim == 1 and (np.issubdtype(raw.dtype, np.integer)
+                                                   or raw.dtype == np.bool_):
+        if raw.size == 0:
+            raise ValueError(f"{name} is empty (shape {raw.shape})")
+        if raw.min() < 0 or raw.max() >= n_out:
+            raise ValueError(f"{name} holds class labels outside [0, {n_out}) "
+                             f"(min {raw.min()}, max {raw.max()})")
+        onehot = np.zeros((raw.size, n_out))
+        onehot[np.arange(raw.size), raw] = 1.0
+        arr = onehot
+    else:
+        arr = as_float_array(raw, name, ndim=(1, 2))
+        if arr.ndim == 1:
+            if n_out != 1:
+                raise ValueError(f"{name} has shape {arr.shape} but the model has {n_out} "
+                                 "outputs; pass (n, n_out) targets"
+                                 + (" or integer class labels" if loss.classification else ""))
+            arr = arr[:, None]
+        if arr.shape[1] != n_out:
+            raise ValueError(f"{name} has {arr.shape[1]} columns but the model has {n_out} "
+                             f"outputs (shape {arr.shape})")
+    return torch.as_tensor(arr, dtype=fm.dtype, device=fm.device)
+
+
+def output_weights(loss, F, Y):
+    """``∂l/∂f`` per sample, shape ``(n, n_out)``, for outputs ``F`` and targets ``Y``."""
+    return vmap(grad(loss.fn, argnums=0))(F, Y)
+
+
+def chunks(n, size):
+    """Index ranges ``range(start, stop)`` of at most ``size`` covering ``0..n-1``."""
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def n_chunks(n, size):
+    return math.ceil(n / size)

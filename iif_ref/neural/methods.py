@@ -1,0 +1,314 @@
+"""The influence function, TracIn and TRAK on the same machinery as Algorithm 1.
+
+Each is the IIF pipeline with one setting changed (docs/algorithm1.md, "special cases"):
+
+* **IF** = IIF with ``K = 1``, baseline targets ``prediction(f(x; θ*))`` (θ' = θ*),
+  unmasked path, curvature the Hessian of the summed training loss (Lemma 2.5,
+  Corollary 2.6): ``IF[t, i] = −∇L_test(θ*) H⁻¹ ∇l_i(θ*)``. Solvers: dense exact Hessian,
+  conjugate gradients on Hessian-vector products, or the projected Fisher (Eq. 17, 31).
+* **TracIn** (TracInCP) drops the curvature and the path: ``−Σ_c η_c ∇l_test(θ_c)·∇l_i(θ_c)``
+  over checkpoints θ_c with step sizes η_c. Sign: positive pushes the test loss up
+  (the negative of TracIn's "proponent-positive" convention).
+* **TRAK** replaces the loss gradient by the gradient of the output function
+  ``m = log(p_y / (1 − p_y))``, projects, solves with ``Φᵀ Φ`` of those features, and
+  reweights training sample ``i`` by ``Q_i = 1 − p_{y_i}``; the checkpoint ensemble is
+  averaged: ``−mean_c Γ_c (Φ_cᵀΦ_c + λ_d I)⁻¹ Φ_cᵀ diag(Q_c)``. Sign: positive pushes
+  the test loss up (the negative of TRAK's τ). With the mask and ``K = 1`` IIF gives the
+  same ``1 − p`` reweighting of the loss gradient.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.func import grad, jvp, vmap
+
+from iif_ref._validation import check_nonnegative_real, check_positive_int, check_positive_real
+from iif_ref.errors import NotPositiveDefiniteError
+from iif_ref.neural.attribution import _run, prepare_problem
+from iif_ref.neural.baseline import per_sample_losses
+from iif_ref.neural.config import IIFConfig
+from iif_ref.neural.curvature import dense_scores, resolve_damping
+from iif_ref.neural.features import gradient_features
+from iif_ref.neural.functional import chunks, eval_mode
+from iif_ref.neural.result import AttributionResult
+
+__all__ = ["influence_function", "tracin", "trak", "trak_margin"]
+
+
+def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver="exact",
+                       damping=0.0, proj_dim=256, seed=0, kind="rademacher", backend=None,
+                       chunk_size=256, dtype=None, cg_tol=1e-10, cg_max_iter=None,
+                       progress=False, cache_dir=None):
+    """Influence function ``IF[t, i] = −∇L_test(θ*) (H + λ_d I)⁻¹ ∇l_i(θ*)``.
+
+    Parameters
+    ----------
+    model, loss, X_train, y_train, X_test, y_test
+        As in :func:`~iif_ref.neural.integrated_influence`.
+    solver : {"exact", "cg", "projected"}
+        ``"exact"``: dense Hessian of the summed training loss (small models);
+        ``"cg"``: conjugate gradients with Hessian-vector products (no ``M × M`` matrix);
+        ``"projected"``: the projected empirical Fisher ``ΦᵀΦ`` (Eq. 17, 31).
+    damping : float or "auto"
+        λ_d (absolute), or the relative default of :class:`IIFConfig`.
+    proj_dim : int
+        P for ``solver="projected"``.
+    seed, kind, backend, chunk_size, dtype, progress, cache_dir
+        As in :class:`IIFConfig`.
+    cg_tol : float
+        Relative residual ``‖(H + λ_d I)v − g‖ ≤ cg_tol ‖g‖`` per test point.
+    cg_max_iter : int or None
+        Default ``n_params``.
+
+    Returns
+    -------
+    AttributionResult
+        ``delta`` is 0 (θ' = θ*) and ``residual`` is ``Σ_i IF[t, i]``: the influence
+        function is not complete.
+
+    Notes
+    -----
+    Implements the Koh–Liang upweighting influence in the sign of IIF with the summed
+    loss (docs/conventions.md); the mean-loss IF is ``n_train`` times this. Through IIF:
+    Eq. (10) with ``K = 1``, ``ȳ = prediction(f(x; θ*))``, unmasked (Lemma 2.5).
+    """
+    if solver not in ("exact", "cg", "projected"):
+        raise ValueError(f"solver must be 'exact', 'cg' or 'projected', got {solver!r}")
+    if solver in ("exact", "projected"):
+        cfg = IIFConfig(K=1, baseline="prediction", mask_path=False,
+                        curvature="hessian" if solver == "exact" else "fisher",
+                        proj_dim=None if solver == "exact" else proj_dim, damping=damping,
+                        seed=seed, kind=kind, backend=backend, chunk_size=chunk_size,
+                        dtype=dtype, progress=progress, cache_dir=cache_dir)
+        with eval_mode(model):
+            prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test, dtype=dtype)
+            result = _run(prob, cfg, method="if")
+        result.config["solver"] = solver
+        return result
+    cfg = IIFConfig(K=1, baseline="prediction", proj_dim=None, curvature="hessian",
+                    damping=damping, seed=seed, chunk_size=chunk_size, dtype=dtype,
+                    progress=progress)
+    cg_tol = check_positive_real(cg_tol, "cg_tol")
+    with eval_mode(model):
+        prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test, dtype=dtype)
+        return _influence_cg(prob, cfg, cg_tol, cg_max_iter)
+
+
+def _influence_cg(prob, cfg, tol, max_iter):
+    fm, loss = prob.fm, prob.loss
+    M = fm.n_params
+    max_iter = M if max_iter is None else check_positive_int(max_iter, "cg_max_iter")
+    lam_d = 0.0 if isinstance(cfg.damping, str) else cfg.damping
+    theta = fm.flatten(fm.theta_star).detach()
+
+    def train_loss(vec):
+        return per_sample_losses(fm, loss, fm.unflatten(vec), prob.X, prob.Y).sum()
+
+    grad_fn = grad(train_loss)
+
+    def hvp(V):  # (T, M) -> (T, M): rows of (H + λ_d I) V
+        return vmap(lambda v: jvp(grad_fn, (theta,), (v,))[1])(V) + lam_d * V
+
+    common = dict(proj_dim=None, chunk_size=cfg.chunk_size)
+    G = torch.as_tensor(gradient_features(fm, loss, fm.theta_star, prob.X_test, prob.Y_test,
+                                          what="test-loss gradient", **common))
+    # Batched conjugate gradients, one independent system per test point.
+    Xs = torch.zeros_like(G)
+    R = G.clone()
+    Pd = R.clone()
+    rr = (R * R).sum(1)
+    bnorm = torch.sqrt(rr)
+    iters = 0
+    while iters < max_iter and bool((torch.sqrt(rr) > tol * bnorm).any()):
+        HP = hvp(Pd)
+        curv = (Pd * HP).sum(1)
+        active = torch.sqrt(rr) > tol * bnorm
+        if bool((curv[active] <= 0).any()):
+            bad = torch.nonzero(active & (curv <= 0)).reshape(-1).tolist()
+            raise NotPositiveDefiniteError(
+                f"conjugate gradients met non-positive curvature (H + {lam_d:.3g} I is not "
+                f"positive definite) for test point(s) {bad}; raise damping",
+                slices=bad, damping=lam_d)
+        alpha = torch.where(active, rr / torch.where(active, curv, 1.0), 0.0)
+        Xs = Xs + alpha[:, None] * Pd
+        R = R - alpha[:, None] * HP
+        rr_new = (R * R).sum(1)
+        beta = torch.where(active, rr_new / torch.where(active, rr, 1.0), 0.0)
+        Pd = R + beta[:, None] * Pd
+        rr = rr_new
+        iters += 1
+    rel = (torch.sqrt(rr) / bnorm).max().item()
+    scores = np.zeros((prob.n_test, prob.n_train))
+    Xs64 = Xs.double().numpy()
+    for s, e in chunks(prob.n_train, cfg.chunk_size):
+        U = gradient_features(fm, loss, fm.theta_star, prob.X[s:e], prob.Y[s:e],
+                              what="per-sample gradient", **common)
+        scores[:, s:e] = -(Xs64 @ U.astype(np.float64).T)
+    config = cfg.to_dict()
+    config.update(method="if", solver="cg", loss=loss.name, n_params=M, cg_tol=tol,
+                  cg_iterations=iters, damping_used=[lam_d])
+    delta = np.zeros(prob.n_test)
+    return AttributionResult(scores=scores, delta=delta, residual=scores.sum(1) - delta,
+                             config=config, diagnostics={"cg_relative_residual": rel,
+                                                         "cg_iterations": iters},
+                             method="if")
+
+
+def _checkpoint_list(fm, checkpoints):
+    if checkpoints is None:
+        return [fm.theta_star]
+    out = []
+    for c, ck in enumerate(checkpoints):
+        missing = [n for n in fm.names if n not in ck]
+        if missing:
+            raise ValueError(f"checkpoints[{c}] lacks trainable parameter(s) {missing}")
+        out.append({n: torch.as_tensor(ck[n], dtype=fm.dtype) for n in fm.names})
+    if not out:
+        raise ValueError("checkpoints is empty")
+    return out
+
+
+def tracin(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, lrs=None,
+           proj_dim=None, seed=0, kind="rademacher", backend=None, chunk_size=256,
+           dtype=None, progress=False):
+    """TracInCP: ``−Σ_c η_c ∇l(ẑ_t; θ_c) · ∇l(z_i; θ_c)``, shape ``(n_test, n_train)``.
+
+    Parameters
+    ----------
+    checkpoints : list of dict, optional
+        Parameters θ_c by name (a ``state_dict`` works); default ``[θ*]``.
+    lrs : list of float, optional
+        η_c per checkpoint; default 1 each.
+    proj_dim : int or None
+        Project gradients first (a Johnson–Lindenstrauss estimate of the dot products);
+        None: exact dot products.
+    seed, kind, backend, chunk_size, dtype, progress
+        As in :class:`IIFConfig`.
+
+    Returns
+    -------
+    AttributionResult
+        ``delta`` and ``residual`` are None (TracIn has no baseline).
+
+    Notes
+    -----
+    IIF with the curvature replaced by the identity, ``K = 1`` and ``ȳ = f(x; θ*)`` at
+    each checkpoint is TracIn's single-checkpoint term; our sign is the negative of
+    Pruthi et al.'s so that ``> 0`` means "pushes the test loss up".
+    """
+    with eval_mode(model):
+        prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test, dtype=dtype)
+        fm = prob.fm
+        cks = _checkpoint_list(fm, checkpoints)
+        lrs = [1.0] * len(cks) if lrs is None else [check_positive_real(v, "lrs")
+                                                    for v in lrs]
+        if len(lrs) != len(cks):
+            raise ValueError(f"lrs has {len(lrs)} entries for {len(cks)} checkpoints")
+        common = dict(proj_dim=proj_dim, seed=seed, kind=kind, chunk_size=chunk_size,
+                      backend=backend)
+        scores = np.zeros((prob.n_test, prob.n_train))
+        for c, (theta, eta) in enumerate(zip(cks, lrs)):
+            Gm = gradient_features(fm, prob.loss, theta, prob.X_test, prob.Y_test, step=c,
+                                   what="test-loss gradient", **common).astype(np.float64)
+            for s, e in chunks(prob.n_train, chunk_size):
+                U = gradient_features(fm, prob.loss, theta, prob.X[s:e], prob.Y[s:e],
+                                      step=c, what="per-sample gradient", **common)
+                scores[:, s:e] -= eta * (Gm @ U.astype(np.float64).T)
+    config = dict(method="tracin", loss=prob.loss.name, lrs=lrs, n_checkpoints=len(cks),
+                  proj_dim=proj_dim, seed=seed, kind=kind, backend=backend,
+                  n_params=fm.n_params, torch_dtype=str(fm.dtype).replace("torch.", ""))
+    return AttributionResult(scores=scores, delta=None, residual=None, config=config,
+                             method="tracin")
+
+
+def trak_margin(f, y):
+    """TRAK's output function ``log(p_y / (1 − p_y))`` for logits ``f`` and one-hot ``y``.
+
+    Computed as ``f_y − logsumexp(f_c, c ≠ y)``, which has no cancellation when
+    ``p_y → 1``.
+    """
+    f_y = torch.sum(y * f)
+    others = torch.where(y > 0.5, torch.full_like(f, -torch.inf), f)
+    return f_y - torch.logsumexp(others, dim=-1)
+
+
+trak_margin.classification = True
+
+
+def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, proj_dim=512,
+         damping="auto", seed=0, kind="rademacher", backend=None, chunk_size=256,
+         dtype=None, progress=False):
+    """TRAK scores in IIF's sign: ``−mean_c Γ_c (Φ_cᵀΦ_c + λ_d I)⁻¹ Φ_cᵀ diag(1 − p_c)``.
+
+    Parameters
+    ----------
+    loss : "cross_entropy"
+        TRAK's output function is defined for classification; other losses are refused.
+    checkpoints : list of dict, optional
+        Independently trained models' parameters (TRAK's ensemble); default ``[θ*]``.
+    proj_dim : int or None
+        P (TRAK always projects; None gives the exact unprojected twin for small models).
+    damping : float or "auto"
+        λ_d; "auto" is the kernel layer's relative default ``1e-3 · tr(ΦᵀΦ)/P``.
+    seed, kind, backend, chunk_size, dtype, progress
+        As in :class:`IIFConfig`. Checkpoint ``c`` uses projection seed ``seed + c``.
+
+    Returns
+    -------
+    AttributionResult
+        ``delta`` and ``residual`` are None.
+
+    Notes
+    -----
+    Features are ``φ_i = ∇θ m(x_i; θ_c) A`` with ``m = log(p_y/(1 − p_y))``; the
+    training-side weights are ``Q_i = 1 − p_{y_i}(θ_c)``; scores are averaged over
+    checkpoints (Park et al. 2023, without their optional soft-thresholding). TRAK's
+    ``τ`` is positive for helpful samples, so ours is ``−τ``.
+    """
+    from iif_ref.neural.losses import resolve_loss
+
+    if resolve_loss(loss).name != "cross_entropy":
+        raise ValueError("TRAK is defined for classification: loss must be 'cross_entropy' "
+                         f"(got {getattr(loss, '__name__', loss)!r})")
+    if not (isinstance(damping, str) and damping == "auto"):
+        damping = check_nonnegative_real(damping, "damping")
+    with eval_mode(model):
+        prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test, dtype=dtype)
+        fm = prob.fm
+        cks = _checkpoint_list(fm, checkpoints)
+        scores = np.zeros((prob.n_test, prob.n_train))
+        conds, lams = [], []
+        for c, theta in enumerate(cks):
+            common = dict(proj_dim=proj_dim, seed=seed + c, kind=kind,
+                          chunk_size=chunk_size, backend=backend, step=c)
+            Phi = gradient_features(fm, trak_margin, theta, prob.X, prob.Y,
+                                    what="margin gradient", **common)
+            Gamma = gradient_features(fm, trak_margin, theta, prob.X_test, prob.Y_test,
+                                      what="test margin gradient", **common)
+            with torch.no_grad():
+                p = torch.exp(per_sample_losses(fm, prob.loss, theta, prob.X, prob.Y) * -1.0)
+            Q = (1.0 - p).double().numpy()
+            Psi = Phi * Q[:, None].astype(Phi.dtype)
+            if proj_dim is None:
+                Phi64 = Phi.astype(np.float64)
+                C = Phi64.T @ Phi64
+                lam_d = resolve_damping(damping, np.trace(C), C.shape[0])
+                term, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=c)
+            else:
+                from iif_ref.kernels import projected_scores
+
+                gram_trace = float(np.sum(np.square(Phi, dtype=np.float64)))
+                lam_d = resolve_damping(damping, gram_trace, proj_dim)
+                options = {} if backend is None else {"backend": backend}
+                term = projected_scores(Phi, Psi, Gamma, damping=lam_d, **options)
+                cond = None
+            scores += term / len(cks)
+            conds.append(cond)
+            lams.append(lam_d)
+    config = dict(method="trak", loss="cross_entropy", n_checkpoints=len(cks),
+                  proj_dim=proj_dim, seed=seed, kind=kind, backend=backend,
+                  damping=damping, damping_used=lams, n_params=fm.n_params,
+                  torch_dtype=str(fm.dtype).replace("torch.", ""))
+    return AttributionResult(scores=scores, delta=None, residual=None, config=config,
+                             diagnostics={"condition": conds, "damping": lams},
+                             method="trak")

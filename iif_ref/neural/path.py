@@ -1,0 +1,96 @@
+"""The dataset path: targets ρ_i(t_k) (Eq. 15) and path models θ_k (Eq. 16).
+
+Targets move linearly from the baseline ``ȳ_i = prediction(f(x_i; θ'))`` to ``y_i``; for
+classification the appendix E mask ``ρ_i(t) ⊙ y_i`` keeps them sparse (one-hot ``y``).
+With the mask, ``K = 1`` and ``θ' = θ*`` give ``(1 − p_{y_i})`` times the influence
+function, not the influence function itself (the masked baseline is ``p_{y_i} e_{y_i}``,
+whose gradient is ``p_{y_i}`` times that of the true label).
+
+Path models start at ``θ_K = θ*`` and go *down* the grid, each from the next one:
+
+* ``"one_step"`` (default, Eq. 16 as printed): ``θ_k = θ_{k+1} − η ∇L_train(Γ(t_k))``, one
+  full-batch gradient step;
+* ``"sgd_epoch"``: one epoch of mini-batch SGD on ``L_train(Γ(t_k))`` from θ_{k+1}
+  (the text's "one epoch of SGD");
+* ``"refit"``: full-batch L-BFGS on ``L_train(Γ(t_k))`` to convergence from θ_{k+1}
+  (Eq. 2: θ(Γ(t)) is the minimiser; this is what the linear closed form computes).
+"""
+from __future__ import annotations
+
+import torch
+
+from iif_ref.neural.baseline import per_sample_losses
+from iif_ref.neural.optimise import minimise
+
+__all__ = ["path_targets", "path_model_step", "grid"]
+
+
+def grid(K):
+    """``t_k = k/K`` for ``k = 0..K``."""
+    return [k / K for k in range(K + 1)]
+
+
+def path_targets(Y, Ybar, t, *, mask):
+    """ρ(t) = t y + (1 − t) ȳ, optionally masked to the true class (Eq. 14–15, app. E).
+
+    Parameters
+    ----------
+    Y, Ybar : tensors, shape (n, n_out)
+        Training targets and baseline targets.
+    t : float in [0, 1]
+    mask : bool
+        Multiply by ``Y`` elementwise (``ρ ⊙ y``).
+
+    Returns
+    -------
+    rho : tensor, shape (n, n_out)
+    """
+    rho = t * Y + (1.0 - t) * Ybar
+    return rho * Y if mask else rho
+
+
+def path_model_step(fm, loss, params, X, rho, cfg, *, k):
+    """θ_k from θ_{k+1} (Eq. 16) on the dataset ``Γ(t_k) = {(x_i, ρ_i(t_k))}``.
+
+    Parameters
+    ----------
+    fm : FunctionalModel
+    loss : TargetLinearLoss
+    params : dict of tensors
+        θ_{k+1}.
+    X, rho : tensors, shapes (n_train, ...), (n_train, n_out)
+    cfg : IIFConfig
+        ``path_models``, ``path_lr`` (η), ``path_batch_size``, ``train_reduction``,
+        ``refit_max_iter``, ``refit_tol``, ``seed``.
+    k : int
+        Step index (seeds the mini-batch order of ``"sgd_epoch"``).
+
+    Returns
+    -------
+    theta_k : dict of tensors
+    trajectory : list of float
+        ``L_train(Γ(t_k))`` before and after.
+    """
+    n = X.shape[0]
+    norm = 1.0 if cfg.train_reduction == "sum" else 1.0 / n
+
+    def objective(p, idx, scale):
+        Xb, Rb = (X, rho) if idx is None else (X[idx], rho[idx])
+        return norm * scale * per_sample_losses(fm, loss, p, Xb, Rb).sum()
+
+    if cfg.path_models == "refit":
+        return minimise(objective, params, n_samples=n, epochs=1, optimizer="lbfgs",
+                        lr=1.0, max_iter=cfg.refit_max_iter, tol=cfg.refit_tol,
+                        what=f"path model refit at step k={k} (Eq. 16)")
+    batch = None if cfg.path_models == "one_step" else cfg.path_batch_size
+    return minimise(objective, params, n_samples=n, epochs=1, optimizer="sgd",
+                    lr=cfg.path_lr, batch_size=batch, seed=cfg.seed + 7919 * k,
+                    what=f"path model step k={k} (Eq. 16)")
+
+
+def predictions(fm, loss, params, X, *, chunk_size):
+    """Baseline targets ``prediction(f(x; θ))`` (Eq. 13), shape ``(n, n_out)``."""
+    with torch.no_grad():
+        parts = [loss.prediction(fm.forward(params, X[s:s + chunk_size]))
+                 for s in range(0, X.shape[0], chunk_size)]
+    return torch.cat(parts)
