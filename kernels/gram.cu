@@ -1,12 +1,13 @@
 // gram.cu -- stacked damped projected Fisher matrices F_b = Phi_b^T Phi_b + damping I in float64
 // (Eq. 31 after the projection of Eq. 17), for float32 or float64 Phi.
 //
-// Equation.  F[b, i, j] = sum_{r < N} Phi[b, r, i] Phi[b, r, j] + damping [i == j].
+// Equation.  F[b, i, j] = sum_{r < N} Phi[b, r, i] Phi[b, r, j] + damping[b] [i == j].
 //
 // Index convention.  Phi (B, N, P), element (b, r, i) at b * ldb + r * ldr + i; F (B, P, P)
-//   contiguous float64.  Block (bx, by, bz) owns the 64 x 64 tile (rows 64*by, columns 64*bx)
-//   of slices b = bz, bz + gridDim.z, ...; only tiles with by <= bx work, an off-diagonal tile
-//   also writing its mirror, so each entry is formed once.  256 threads, 4 x 4 entries each.
+//   contiguous float64; damping (B,) float64, one absolute damping per slice.  Block
+//   (bx, by, bz) owns the 64 x 64 tile (rows 64*by, columns 64*bx) of slices
+//   b = bz, bz + gridDim.z, ...; only tiles with by <= bx work, an off-diagonal tile also
+//   writing its mirror, so each entry is formed once.  256 threads, 4 x 4 entries each.
 //   The Cholesky factorisation and the solves run in cuSOLVER through CuPy
 //   (iif_ref/kernels/_cupy_backend.py): cusolverDnDpotrfBatched for the per-slice
 //   positive-definiteness certificate, cupy.linalg.solve for the stacked solves.
@@ -26,7 +27,8 @@
 template <typename T>
 __device__ __forceinline__ void iif_gram_tile(const T* __restrict__ Phi, iif_i64 B, iif_i64 N,
                                               iif_i64 P, iif_i64 ldb, iif_i64 ldr,
-                                              double damping, double* __restrict__ F) {
+                                              const double* __restrict__ damping,
+                                              double* __restrict__ F) {
     __shared__ double Xi[IIF_GRAM_TILE_R][IIF_GRAM_TILE];
     __shared__ double Xj[IIF_GRAM_TILE_R][IIF_GRAM_TILE];
 
@@ -84,7 +86,7 @@ __device__ __forceinline__ void iif_gram_tile(const T* __restrict__ Phi, iif_i64
             for (int c = 0; c < 4; ++c) {
                 const iif_i64 j = j0 + 4 * tc + c;
                 if (j >= P) continue;
-                const double v = (i == j) ? acc[r][c] + damping : acc[r][c];
+                const double v = (i == j) ? acc[r][c] + damping[b] : acc[r][c];
                 F_b[i * P + j] = v;
                 if (!diagonal_tile) F_b[j * P + i] = v;
             }
@@ -94,12 +96,12 @@ __device__ __forceinline__ void iif_gram_tile(const T* __restrict__ Phi, iif_i64
 
 extern "C" __global__ void __launch_bounds__(IIF_GRAM_THREADS)
     iif_gram_f32(const float* Phi, iif_i64 B, iif_i64 N, iif_i64 P, iif_i64 ldb, iif_i64 ldr,
-                 double damping, double* F) {
+                 const double* damping, double* F) {
     iif_gram_tile<float>(Phi, B, N, P, ldb, ldr, damping, F);
 }
 
 extern "C" __global__ void __launch_bounds__(IIF_GRAM_THREADS)
     iif_gram_f64(const double* Phi, iif_i64 B, iif_i64 N, iif_i64 P, iif_i64 ldb, iif_i64 ldr,
-                 double damping, double* F) {
+                 const double* damping, double* F) {
     iif_gram_tile<double>(Phi, B, N, P, ldb, ldr, damping, F);
 }

@@ -1,0 +1,359 @@
+"""CuPy backend: the CUDA kernels of ``kernels/*.cu``, compiled at run time by NVRTC.
+
+Implements the backend protocol of :mod:`iif_ref.kernels._registry` on one CUDA device:
+
+* ``generate`` and ``project`` run ``kernels/projection.cu``: ``A`` is regenerated tile by
+  tile in shared memory from ``(seed, m, p)`` and never stored;
+* ``projected_scores`` forms every ``F_b = Phi_b^T Phi_b + damping_b I`` in float64 with
+  ``kernels/gram.cu``, certifies each slice positive definite with cuSOLVER's batched
+  Cholesky (``cusolverDnDpotrfBatched``, one ``info`` per slice), and solves the stacked
+  systems with ``cupy.linalg.solve`` (batched LU in cuBLAS/cuSOLVER).
+
+Inputs may be NumPy arrays (copied to the device; results come back as NumPy), CuPy arrays
+(results stay CuPy) or any CUDA array with ``__dlpack__`` such as a torch CUDA tensor
+(taken zero-copy through ``cupy.from_dlpack``; ``project`` returns a torch tensor then).
+
+Sources are read from ``kernels/`` beside the package, their local ``#include``\\ s expanded
+in place (so CuPy's on-disk cache key covers the headers too), and compiled once per
+process and device with :data:`NVRTC_OPTIONS`.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+
+from iif_ref.kernels import _fisher
+
+NAME = "cupy"
+
+#: Directory of the CUDA sources (``kernels/`` at the repository root).
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+#: Options every source is compiled with (NVRTC has no standard library: philox.cuh brings
+#: its own fixed-width typedefs under ``__CUDACC_RTC__``).
+NVRTC_OPTIONS = ("-std=c++17",)
+#: Kernel entry points of each source, looked up by their ``extern "C"`` names.
+KERNELS = {
+    "projection.cu": ("iif_project_f32", "iif_project_f64", "iif_generate_f32",
+                      "iif_generate_f64"),
+    "gram.cu": ("iif_gram_f32", "iif_gram_f64"),
+}
+#: ``kind`` codes of ``kernels/philox.cuh``.
+KIND_CODES = {"rademacher": 0, "gaussian": 1}
+
+_THREADS = 256          # the kernels require blockDim = (256, 1, 1)
+_TILE = 64              # output tile edge of the projection and Gram kernels
+_GRID_Y_MAX = 65535     # CUDA's limit on gridDim.y and gridDim.z
+_GENERATE_BLOCKS = 4096  # grid of the grid-stride generate kernel (result independent of it)
+#: Bytes of float64 workspace per stacked solve chunk (F, its factor, the right-hand sides).
+SOLVE_WORKSPACE_BYTES = 2 * 2**30
+_EPS64 = np.finfo(np.float64).eps
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def available():
+    """``(True, "")`` when CuPy imports and sees a CUDA device, else ``(False, reason)``."""
+    try:
+        import cupy
+    except ImportError as exc:
+        return False, f"cupy is not installed ({exc})"
+    except Exception as exc:  # noqa: BLE001 -- a broken CUDA install: report why
+        return False, f"cupy failed to import: {type(exc).__name__}: {exc}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 -- CUDARuntimeError, missing driver, ...
+        return False, f"no CUDA device visible to cupy ({type(exc).__name__}: {exc})"
+    if count < 1:
+        return False, "no CUDA device visible to cupy"
+    missing = [name for name in KERNELS if not (KERNEL_DIR / name).is_file()]
+    if missing:
+        return False, f"CUDA sources {', '.join(missing)} not found in {KERNEL_DIR}"
+    return True, ""
+
+
+def kernel_source(name, _seen=None):
+    """Text of ``kernels/<name>`` with its local ``#include "..."`` lines expanded in place.
+
+    Each header is inserted once (they also carry include guards). Used both here and by
+    the NVRTC compile test, so the text the test compiles is the text the backend runs.
+    """
+    seen = set() if _seen is None else _seen
+    path = (KERNEL_DIR / name).resolve()
+    if path in seen:
+        return ""
+    seen.add(path)
+    text = path.read_text()
+
+    def expand(match):
+        return kernel_source(str(path.parent.joinpath(match.group(1))
+                                 .relative_to(KERNEL_DIR)), seen)
+
+    return _INCLUDE.sub(expand, text)
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name, device_id):
+    import cupy
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=kernel_source(name), options=NVRTC_OPTIONS,
+                              backend="nvrtc")
+
+
+def _kernel(source, entry):
+    import cupy
+    return _module(source, cupy.cuda.Device().id).get_function(entry)
+
+
+# --------------------------------------------------------------------------- arrays
+
+def _as_device(x, name):
+    """``(cupy array, origin)`` with origin ``"numpy"``, ``"cupy"`` or ``"torch"``."""
+    import cupy
+    if isinstance(x, cupy.ndarray):
+        return x, "cupy"
+    if isinstance(x, np.ndarray):
+        return cupy.asarray(x), "numpy"
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        device_type = int(x.__dlpack_device__()[0])
+        if device_type in (2, 13):  # kDLCUDA, kDLCUDAManaged: device memory, zero-copy
+            origin = "torch" if type(x).__module__.split(".")[0] == "torch" else "cupy"
+            return cupy.from_dlpack(x), origin
+        return cupy.asarray(np.asarray(x)), "numpy"
+    raise TypeError(f"{name} must be a NumPy, CuPy or CUDA DLPack array, "
+                    f"got {type(x).__name__}")
+
+
+def _to_origin(y, origin):
+    import cupy
+    if origin == "numpy":
+        return cupy.asnumpy(y)
+    if origin == "torch":
+        import torch
+        return torch.from_dlpack(y)
+    return y
+
+
+def _float_kernel_dtype(arr, name):
+    if arr.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"{name} must be float32 or float64, got {arr.dtype}")
+    return arr.dtype
+
+
+def _suffix(dtype):
+    return "f32" if dtype == np.float32 else "f64"
+
+
+# --------------------------------------------------------------------------- protocol
+
+def generate(seed, row_start, n_rows, proj_dim, kind, dtype):
+    """Block ``A[row_start : row_start + n_rows, :proj_dim]`` as a host array (protocol).
+
+    Implements ``A`` of Eq. (17) as specified in ``docs/rng.md`` (``kernels/philox.cuh``).
+    """
+    import cupy
+    dtype = np.dtype(dtype)
+    out = cupy.empty((n_rows, proj_dim), dtype=dtype)
+    total = n_rows * proj_dim
+    blocks = max(1, min(_GENERATE_BLOCKS, -(-total // _THREADS)))
+    _kernel("projection.cu", f"iif_generate_{_suffix(dtype)}")(
+        (blocks,), (_THREADS,),
+        (np.uint64(seed), np.uint64(row_start), np.int64(n_rows), np.int64(proj_dim),
+         np.int32(KIND_CODES[kind]), out))
+    return cupy.asnumpy(out)
+
+
+def project(G, proj_dim, *, seed, kind, chunk_rows, m_offset=0):
+    """``Phi = G A`` on the device, ``A`` regenerated per tile and never stored (protocol).
+
+    Parameters
+    ----------
+    G : ndarray, cupy.ndarray or CUDA DLPack tensor, shape (n, M), float32 or float64
+    proj_dim : int
+    seed : int
+    kind : {"rademacher", "gaussian"}
+    chunk_rows : int
+        Part of the protocol (rows of ``A`` allowed at once); the kernel holds only
+        16 x 64 tiles of ``A`` per block, so it never needs more and ignores it.
+    m_offset : int, optional
+        Column ``m`` of ``G`` multiplies row ``m_offset + m`` of ``A``.
+
+    Returns
+    -------
+    Phi : shape (n, proj_dim), dtype of ``G``; NumPy for NumPy input, CuPy for CuPy input,
+        torch for torch CUDA input.
+
+    Notes
+    -----
+    Implements ``Phi = U A`` (Eq. 31, Eq. 17) in the order of ``kernels/projection.cuh``:
+    fma chains over 16 consecutive ``m`` in ``G``'s dtype, tiles summed in float64, so for
+    float32 the error is at most ``(16 u32 + (M/16 + 1) u64) sum|G||A| + u32 |Phi|``.
+    Rows of ``G`` are processed in slabs of at most 65535 * 64 rows (the grid limit);
+    each output row is computed independently, so the slabs do not change the result.
+    """
+    import cupy
+    if int(chunk_rows) < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    Gd, origin = _as_device(G, "G")
+    dtype = _float_kernel_dtype(Gd, "G")
+    if Gd.ndim != 2:
+        raise ValueError(f"G must be 2-D (n, n_params), got shape {Gd.shape}")
+    Gd = cupy.ascontiguousarray(Gd)
+    n, M = Gd.shape
+    out = cupy.empty((n, proj_dim), dtype=dtype)
+    kernel = _kernel("projection.cu", f"iif_project_{_suffix(dtype)}")
+    grid_x = -(-proj_dim // _TILE)
+    slab = _GRID_Y_MAX * _TILE
+    for r0 in range(0, n, slab):
+        r1 = min(n, r0 + slab)
+        kernel((grid_x, -(-(r1 - r0) // _TILE)), (_THREADS,),
+               (Gd[r0:r1], np.int64(r1 - r0), np.int64(M), np.int64(M), np.uint64(seed),
+                np.uint64(m_offset), np.int64(proj_dim), np.int32(KIND_CODES[kind]),
+                out[r0:r1], np.int64(proj_dim)))
+    return _to_origin(out, origin)
+
+
+def gram(Phi, damping):
+    """Stacked ``F_b = Phi_b^T Phi_b + damping_b I`` in float64 on the device.
+
+    Parameters
+    ----------
+    Phi : cupy.ndarray, shape (B, N, P), float32 or float64, C-contiguous
+    damping : cupy.ndarray, shape (B,), float64
+
+    Returns
+    -------
+    F : cupy.ndarray, shape (B, P, P), float64, exactly symmetric
+
+    Notes
+    -----
+    Implements the projected Fisher of Eq. (31) in the order of ``kernels/gram.cuh``
+    (float64 fma chain over samples): ``|dF_ij| <= N u64 sqrt(F_ii F_jj)``.
+    """
+    import cupy
+    B, N, P = Phi.shape
+    F = cupy.empty((B, P, P), dtype=np.float64)
+    tiles = -(-P // _TILE)
+    _kernel("gram.cu", f"iif_gram_{_suffix(Phi.dtype)}")(
+        (tiles, tiles, min(B, _GRID_Y_MAX)), (_THREADS,),
+        (Phi, np.int64(B), np.int64(N), np.int64(P), np.int64(N * P), np.int64(P),
+         damping, F))
+    return F
+
+
+def _cholesky_info(F):
+    """cuSOLVER batched Cholesky of a copy of ``F`` (B, P, P): ``(info, diag of factor)``.
+
+    ``info[b] != 0`` when the factorisation of slice ``b`` met a non-positive pivot.
+    """
+    import cupy
+    from cupy.cuda import device
+    from cupy_backends.cuda.libs import cublas, cusolver
+    B, P, _ = F.shape
+    work = F.copy()  # potrf overwrites; F is kept for the solves
+    ptrs = (cupy.arange(B, dtype=np.uint64) * np.uint64(P * P * 8)
+            + np.uint64(work.data.ptr))
+    info = cupy.zeros(B, dtype=np.int32)
+    # F is symmetric, so its row-major storage is also its column-major storage.
+    cusolver.dpotrfBatched(device.get_cusolver_handle(), cublas.CUBLAS_FILL_MODE_UPPER, P,
+                           ptrs.data.ptr, P, info.data.ptr, B)
+    return info, cupy.diagonal(work, axis1=1, axis2=2)
+
+
+def _failing_slices(F, n_samples, damping_host):
+    """Indices (into the chunk) of slices that are not numerically positive definite.
+
+    A slice fails when cuSOLVER's Cholesky reports a non-positive pivot, when
+    ``(min_k L_kk / max_k L_kk)^2 < P eps`` -- that ratio bounds ``1/cond(F)`` from above,
+    so such a slice is certainly below the NumPy oracle's ``rcond >= P eps`` threshold --
+    or, as in the oracle, when ``N < P`` and the damping is 0 (``F`` then has rank ``N``).
+    """
+    import cupy
+    B, P, _ = F.shape
+    info, diag = _cholesky_info(F)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = cupy.asnumpy(diag)
+        info = cupy.asnumpy(info)
+        ratio = np.min(d, axis=1) / np.max(d, axis=1)
+        ok = (info == 0) & np.all(np.isfinite(d), axis=1) & (ratio * ratio >= P * _EPS64)
+    if n_samples < P:
+        ok &= damping_host > 0.0
+    return np.flatnonzero(~ok)
+
+
+def projected_scores(Phi, Psi, Gamma, *, damping, reduce):
+    """``-sum_b Gamma_b F_b^{-1} Psi_b^T`` with float64 Gram and batched solves (protocol).
+
+    Parameters
+    ----------
+    Phi, Psi : shape (B, N, P); Gamma : shape (B, T, P)
+        NumPy, CuPy or CUDA DLPack arrays, float32 or float64.
+    damping : ndarray, shape (B,), float64
+        Absolute damping of each slice.
+    reduce : bool
+
+    Returns
+    -------
+    float64, shape (T, N) if ``reduce`` else (B, T, N); of the same kind as ``Phi``
+    (NumPy, CuPy or torch).
+
+    Raises
+    ------
+    iif_ref.errors.NotPositiveDefiniteError
+        Naming every failing slice and a damping that fixes it; never NaN.
+
+    Notes
+    -----
+    Implements the update of Algorithm 1 with Eq. (17) and (31). The slices are processed
+    in chunks whose float64 workspace stays under :data:`SOLVE_WORKSPACE_BYTES`; each chunk
+    is certified (all chunks are, so the error names every failing slice) before its
+    solves. The per-slice terms are summed over ``b`` in ascending order of chunks.
+    """
+    import cupy
+    Phi_d, origin = _as_device(Phi, "Phi")
+    Psi_d, _ = _as_device(Psi, "Psi")
+    Gamma_d, _ = _as_device(Gamma, "Gamma")
+    for name, arr in (("Phi", Phi_d), ("Psi", Psi_d), ("Gamma", Gamma_d)):
+        _float_kernel_dtype(arr, name)
+    Phi_d = cupy.ascontiguousarray(Phi_d)
+    B, N, P = Phi_d.shape
+    T = Gamma_d.shape[1]
+    damping_host = np.ascontiguousarray(np.asarray(damping, dtype=np.float64).reshape(B))
+    damping_d = cupy.asarray(damping_host)
+
+    per_slice_bytes = 8 * (2 * P * P + P * T + T * N)
+    chunk = max(1, min(B, SOLVE_WORKSPACE_BYTES // per_slice_bytes))
+    out = cupy.zeros((T, N)) if reduce else cupy.empty((B, T, N))
+    failed = []
+    for b0 in range(0, B, chunk):
+        b1 = min(B, b0 + chunk)
+        F = gram(Phi_d[b0:b1], damping_d[b0:b1])
+        bad = _failing_slices(F, N, damping_host[b0:b1])
+        if bad.size:
+            failed.extend(int(b0 + b) for b in bad)
+        if failed:
+            continue  # keep certifying so that the error names every failing slice
+        rhs = cupy.ascontiguousarray(
+            Gamma_d[b0:b1].astype(np.float64).transpose(0, 2, 1))        # (b, P, T)
+        X = cupy.linalg.solve(F, rhs)                                      # F^{-1} Gamma^T
+        terms = -cupy.matmul(X.transpose(0, 2, 1),
+                             Psi_d[b0:b1].astype(np.float64).transpose(0, 2, 1))  # (b, T, N)
+        if reduce:
+            out += terms.sum(axis=0)
+        else:
+            out[b0:b1] = terms
+    if failed:
+        failed_arr = np.asarray(failed)
+        # The oracle's suggestion (relative default of the failing slices) from their Phi.
+        suggestion = _fisher._suggest(cupy.asnumpy(Phi_d[failed_arr]), damping_host[failed_arr],
+                                      np.arange(failed_arr.size))
+        detail = ""
+        if N < P:
+            detail = ("With N < P the Gram Phi_b^T Phi_b has rank <= N < P, so damping "
+                      "must be > 0.")
+        raise _fisher.not_positive_definite_error(failed, damping_host, suggestion, detail)
+    if not bool(cupy.all(cupy.isfinite(out))):
+        raise FloatingPointError("projected_scores produced non-finite values although "
+                                 "every slice was certified positive definite")
+    return _to_origin(out, origin)

@@ -1,0 +1,308 @@
+"""Bridge tests: the C++ host build of the CUDA headers against the NumPy oracle.
+
+The host library (``libiif_host.so``) is compiled from the same ``__host__ __device__``
+functions the CUDA kernels use, so these tests check the kernels' arithmetic on every CI
+run, without a GPU: Philox known answers, the sign pattern of ``A`` bit for bit, Gaussian
+entries to a few ulp, and the projection / Gram summation orders against their stated
+error bounds. The library is built with CMake into a temporary directory when it is not
+already present. A last test compiles every ``.cu`` file through NVRTC, as the CuPy backend
+does at run time, when an NVRTC library is installed.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.util
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iif_ref.kernels import _cupy_backend, _host, projection_matrix
+from iif_ref.kernels._philox import philox4x32_10
+
+REPO = Path(__file__).resolve().parents[1]
+EPS32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff u
+EPS64 = float(np.finfo(np.float64).eps) / 2
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_lib(tmp_path_factory):
+    """The loaded host library, built with CMake into a temporary directory if needed."""
+    ok, reason = _host.available()
+    if ok:
+        yield _host.load()
+        return
+    if shutil.which("cmake") is None:
+        pytest.skip(f"host library unavailable ({reason}) and cmake is not installed")
+    build = tmp_path_factory.mktemp("iif_host_build")
+    # The host library alone: the nvcc compile check is the top-level build's job.
+    for cmd in (["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                 "-DIIF_BUILD_CUDA=OFF"],
+                ["cmake", "--build", str(build), "--target", "iif_host"]):
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    previous = os.environ.get(_host.ENV_VAR)
+    os.environ[_host.ENV_VAR] = str(build / Path(_host.library_path()).name)
+    _host._lib = None
+    try:
+        yield _host.load()
+    finally:
+        if previous is None:
+            os.environ.pop(_host.ENV_VAR, None)
+        else:
+            os.environ[_host.ENV_VAR] = previous
+
+
+# Random123 kat_vectors, the three philox4x32 10 lines (docs/rng.md): counter, key, result.
+KAT = [
+    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+    ((0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff),
+     (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+    ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
+     (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1)),
+]
+
+
+@pytest.mark.parametrize("counter, key, expected", KAT)
+def test_host_philox_matches_random123_known_answers(counter, key, expected):
+    assert _host.philox4x32_10(counter, key) == expected
+
+
+words = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=50)
+@given(st.tuples(words, words, words, words), st.tuples(words, words))
+def test_host_philox_equals_numpy_philox_bit_for_bit(counter, key):
+    expected = philox4x32_10(*(np.uint64(w) for w in counter + key))
+    assert _host.philox4x32_10(counter, key) == tuple(int(w) for w in expected)
+
+
+seeds = st.integers(0, 2**64 - 1)
+proj_dims = st.integers(1, 300)
+kernel_dtypes = st.sampled_from([np.float64, np.float32])
+
+
+@st.composite
+def row_blocks(draw):
+    n_rows = draw(st.integers(1, 6))
+    # Rows near 0, near the 2**32 boundary of m_lo/m_hi, and near 2**64.
+    row_start = draw(st.one_of(st.integers(0, 1000), st.integers(2**32 - 8, 2**32 + 8),
+                               st.integers(2**64 - 1000, 2**64 - n_rows)))
+    return row_start, n_rows
+
+
+def _oracle(seed, row_start, n_rows, proj_dim, kind, dtype):
+    return projection_matrix(2**64 - 1, proj_dim, seed=seed, kind=kind, dtype=dtype,
+                             rows=(row_start, row_start + n_rows))
+
+
+@settings(max_examples=40)
+@given(seeds, row_blocks(), proj_dims, kernel_dtypes)
+def test_host_rademacher_block_equals_oracle_bit_for_bit(seed, rows, proj_dim, dtype):
+    row_start, n_rows = rows
+    got = _host.generate_block(seed, row_start, n_rows, proj_dim, dtype=dtype)
+    want = _oracle(seed, row_start, n_rows, proj_dim, "rademacher", dtype)
+    assert got.dtype == want.dtype
+    # Same sign bits and the same once-rounded magnitude: identical bytes.
+    assert got.tobytes() == want.tobytes()
+
+
+@settings(max_examples=40)
+@given(seeds, row_blocks(), proj_dims, kernel_dtypes)
+def test_host_gaussian_block_within_few_ulp_of_oracle(seed, rows, proj_dim, dtype):
+    row_start, n_rows = rows
+    got = _host.generate_block(seed, row_start, n_rows, proj_dim, kind="gaussian", dtype=dtype)
+    want = _oracle(seed, row_start, n_rows, proj_dim, "gaussian", dtype)
+    # docs/rng.md: log, sqrt, cos, sin agree to a few float64 ulp between libms (4 allowed
+    # here); after rounding to float32 that can move a value by at most one float32 ulp.
+    ulps = 4 if dtype == np.float64 else 1
+    tol = ulps * np.spacing(np.abs(want).astype(dtype))
+    assert np.all(np.abs(got - want) <= tol)
+
+
+def test_host_block_rows_do_not_depend_on_the_block_they_are_generated_in():
+    whole = _host.generate_block(7, 100, 40, 130)
+    for start, stop in [(0, 1), (3, 17), (39, 40)]:
+        part = _host.generate_block(7, 100 + start, stop - start, 130)
+        assert np.array_equal(part, whole[start:stop])
+
+
+def _projection_bound(G, A_T, dtype):
+    """Error bound of kernels/projection.cuh against the exact G @ A_T, plus the float64
+    reference's own error (M u64 S): (16 u + (ceil(M/16) + 1 + M) u64) S + u |Phi|."""
+    u = EPS32 if dtype == np.float32 else EPS64
+    M = G.shape[1]
+    S = np.abs(G.astype(np.float64)) @ np.abs(A_T.astype(np.float64))
+    exact = G.astype(np.float64) @ A_T.astype(np.float64)
+    return (16 * u + (-(-M // 16) + 1 + M) * EPS64) * S + u * np.abs(exact), exact
+
+
+@settings(max_examples=15)
+@given(st.integers(1, 9), st.integers(1, 150), st.integers(1, 140), seeds,
+       st.sampled_from(["rademacher", "gaussian"]), kernel_dtypes, st.integers(0, 2**40))
+def test_host_projection_obeys_blocked_summation_bound(n, M, proj_dim, seed, kind, dtype,
+                                                       m_offset):
+    G = np.random.default_rng(seed % 2**32).standard_normal((n, M)).astype(dtype)
+    Phi = _host.project(G, proj_dim, seed=seed, kind=kind, m_offset=m_offset)
+    A_T = _host.generate_block(seed, m_offset, M, proj_dim, kind=kind, dtype=dtype)
+    bound, exact = _projection_bound(G, A_T, dtype)
+    assert Phi.dtype == dtype
+    assert np.all(np.abs(Phi - exact) <= bound)
+
+
+def test_host_float32_projection_error_does_not_grow_with_m():
+    # The float32 part of the bound is 16 u32 S for any M: with M = 20000 a plain float32
+    # dot product could reach M u32 S, the blocked one must stay within (16 + 2) u32 S.
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((2, 20000)).astype(np.float32)
+    Phi = _host.project(G, 4, seed=5)
+    A_T = _host.generate_block(5, 0, 20000, 4, dtype=np.float32)
+    bound, exact = _projection_bound(G, A_T, np.float32)
+    S = np.abs(G.astype(np.float64)) @ np.abs(A_T.astype(np.float64))
+    assert np.all(np.abs(Phi - exact) <= bound)
+    assert np.all(bound <= 18 * EPS32 * S + 2 * EPS32 * S)  # the bound itself is M-free
+
+
+def test_host_projection_rows_independent_of_row_chunking():
+    # Each output row is one chain of operations: projecting a slice of rows gives those rows
+    # bit for bit (what lets the GPU process rows in slabs).
+    G = np.random.default_rng(1).standard_normal((10, 77)).astype(np.float32)
+    whole = _host.project(G, 33, seed=9)
+    assert np.array_equal(_host.project(G[3:8], 33, seed=9), whole[3:8])
+
+
+def test_host_projection_matches_oracle_project():
+    # Two implementations of Phi = G A, each within its bound of the exact product.
+    G = np.random.default_rng(2).standard_normal((6, 300))
+    from iif_ref.kernels import project
+    want = project(G, 50, seed=11, backend="numpy")
+    got = _host.project(G, 50, seed=11)
+    A = projection_matrix(300, 50, seed=11)
+    bound, _ = _projection_bound(G, A, np.float64)
+    assert np.all(np.abs(got - want) <= 2 * bound)
+
+
+@settings(max_examples=15)
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(1, 20), kernel_dtypes,
+       st.floats(0.0, 10.0), st.integers(0, 2**32 - 1))
+def test_host_gram_is_symmetric_and_within_float64_summation_bound(B, N, P, dtype, damping,
+                                                                    seed):
+    Phi = np.random.default_rng(seed).standard_normal((B, N, P)).astype(dtype)
+    F = _host.gram(Phi, damping=damping)
+    Phi64 = Phi.astype(np.float64)
+    exact = np.einsum("bri,brj->bij", Phi64, Phi64) + damping * np.eye(P)
+    # gram.cuh: |dF_ij| <= N u64 sum_r |Phi_ri||Phi_rj| (+ one rounding of the damping add),
+    # and the einsum reference has the same bound.
+    S = np.einsum("bri,brj->bij", np.abs(Phi64), np.abs(Phi64)) + damping * np.eye(P)
+    assert np.array_equal(F, F.transpose(0, 2, 1))
+    assert np.all(np.abs(F - exact) <= 2 * (N + 1) * EPS64 * S)
+
+
+def test_host_gram_of_float32_equals_gram_of_its_float64_upcast_bit_for_bit():
+    # Products of float32 values are exact in float64 and the order is fixed, so the float32
+    # input loses nothing in the Gram.
+    Phi = np.random.default_rng(3).standard_normal((2, 31, 7)).astype(np.float32)
+    assert np.array_equal(_host.gram(Phi, damping=0.25),
+                          _host.gram(Phi.astype(np.float64), damping=0.25))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: _host.generate_block(-1, 0, 1, 4), ValueError, "seed"),
+    (lambda: _host.generate_block(0, 2**64 - 1, 2, 4), ValueError, "row_start"),
+    (lambda: _host.generate_block(0, 0, 0, 4), ValueError, "n_rows"),
+    (lambda: _host.generate_block(0, 0, 1, 2**32), ValueError, "proj_dim"),
+    (lambda: _host.generate_block(0, 0, 1, 4, kind="uniform"), ValueError, "kind"),
+    (lambda: _host.generate_block(0, 0, 1, 4, dtype=np.int32), TypeError, "dtype"),
+    (lambda: _host.project(np.array([[np.nan, 1.0]]), 4), ValueError, "G"),
+    (lambda: _host.project(np.ones(3), 4), ValueError, "G"),
+    (lambda: _host.gram(np.ones((2, 3)), damping=0.0), ValueError, "Phi"),
+    (lambda: _host.gram(np.ones((1, 2, 3)), damping=-1.0), ValueError, "damping"),
+    (lambda: _host.philox4x32_10([1, 2, 3], [0, 0]), ValueError, "counter"),
+])
+def test_host_bad_arguments_raise_naming_them(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_missing_host_library_error_says_how_to_build_it(monkeypatch, tmp_path):
+    monkeypatch.setenv(_host.ENV_VAR, str(tmp_path / "nowhere.so"))
+    monkeypatch.setattr(_host, "_lib", None)
+    ok, reason = _host.available()
+    assert not ok and "cmake" in reason and "nowhere.so" in reason
+    with pytest.raises(_host.HostLibraryError, match="cmake --build"):
+        _host.load()
+
+
+# --------------------------------------------------------------------------- NVRTC
+
+def _find_nvrtc():
+    """libnvrtc from the CUDA toolkit or the nvidia-cuda-nvrtc wheel, else None."""
+    candidates = []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            candidates += sorted(Path(root).glob("cu*/lib/libnvrtc.so*"))
+            candidates += sorted(Path(root).glob("cuda_nvrtc/lib/libnvrtc.so*"))
+    for env in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(env):
+            candidates += sorted(Path(os.environ[env]).glob("lib64/libnvrtc.so*"))
+    candidates += sorted(Path("/usr/local/cuda/lib64").glob("libnvrtc.so*"))
+    found = ctypes.util.find_library("nvrtc")
+    if found:
+        candidates.append(Path(found))
+    for path in candidates:
+        if "builtins" in path.name or ".alt." in path.name:
+            continue
+        try:
+            # NVRTC dlopens its builtins library by soname; a wheel's lib directory is not
+            # on the loader path, so load it first, globally.
+            for builtins in sorted(path.parent.glob("libnvrtc-builtins.so*")):
+                if ".alt." not in builtins.name:
+                    ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(str(path))
+        except OSError:
+            continue
+    return None
+
+
+def _nvrtc_compile(lib, source, name, options):
+    """Compile with NVRTC; return (ok, log, ptx)."""
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0,
+                                  None, None) == 0
+    opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+    status = lib.nvrtcCompileProgram(prog, len(options), opts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    ptx = b""
+    if status == 0:
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, buf)
+        ptx = buf.value
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return status == 0, log.value.decode(errors="replace"), ptx.decode(errors="replace")
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize("source", sorted(_cupy_backend.KERNELS))
+def test_cuda_sources_compile_through_nvrtc_with_backend_options(source, arch):
+    lib = _find_nvrtc()
+    if lib is None:
+        pytest.skip("no NVRTC library found (CUDA toolkit lib64 or the nvidia-cuda-nvrtc "
+                    "wheel); the CuPy backend's run-time compile cannot be checked here")
+    ok, log, ptx = _nvrtc_compile(lib, _cupy_backend.kernel_source(source), source,
+                                  list(_cupy_backend.NVRTC_OPTIONS) + [f"-arch={arch}"])
+    assert ok, log
+    for entry in _cupy_backend.KERNELS[source]:
+        # extern "C" keeps the names unmangled, which is how cupy.RawModule finds them.
+        assert f".entry {entry}(" in ptx, entry
