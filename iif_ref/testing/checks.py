@@ -349,7 +349,8 @@ def _check_iif_completeness(att, problem):
     c = p.X_test @ p.theta_star - np.einsum("td,td->t", p.X_test, theta_prime)
     bias = np.zeros_like(delta) if K is None else c ** 2 / K
     resid = S.sum(axis=1) - delta
-    scale = np.maximum(np.abs(delta) + bias, np.finfo(float).tiny)
+    # Rounding in Σ_i is relative to Σ_i |I[t, i]|, not to the (possibly cancelled) sum.
+    scale = np.maximum(np.abs(S).sum(axis=1) + np.abs(delta) + bias, np.finfo(float).tiny)
     rel = np.abs(resid - bias) / scale
     t = int(np.argmax(rel))
     tol, reason = _rounding_tolerance(att, p)

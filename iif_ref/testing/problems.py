@@ -56,7 +56,9 @@ def make_problem(n_train=24, d=3, n_test=4, *, condition_number=1.0, leverage=No
         Leverage of training sample 0, in ``[d/n_train, 1)``; the other samples share the
         remaining ``d − leverage``. ``None``: not controlled (all ≈ d/n_train).
     noise : float
-        Standard deviation of the training-target noise (≥ 0).
+        Standard deviation of the training-target noise (≥ 0). With 0 the fit is exact,
+        residuals and therefore IF/TracIn/IIF scores are rounding noise, and the
+        tolerances (relative to the scores) no longer apply.
     test_noise : float, optional
         Standard deviation of the test-target noise (default: ``noise``).
     lam : float
