@@ -13,9 +13,10 @@ FeatureStore            the out-of-core, checksummed, fingerprinted feature stor
 """
 from iif_ref.distributed.api import DistributedScores, attribute_features, connect
 from iif_ref.distributed.featurize import FeaturizationError, FeaturizeReport
+from iif_ref.distributed.retrain import RetrainingError, map_retrainings
 from iif_ref.distributed.store import (ChunkCorruptError, FeatureStore, StoreMismatchError,
                                        StoreWriteError)
 
 __all__ = ["DistributedScores", "attribute_features", "connect", "FeatureStore",
            "FeaturizationError", "FeaturizeReport", "ChunkCorruptError",
-           "StoreMismatchError", "StoreWriteError"]
+           "StoreMismatchError", "StoreWriteError", "RetrainingError", "map_retrainings"]

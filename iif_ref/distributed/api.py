@@ -141,8 +141,9 @@ def attribute_features(feature_fn, X_train, y_train, Gamma, *, client, store=Non
         Training samples per chunk (the unit of featurisation, storage and scoring).
     test_block : int
         Test points per score block.
-    damping : float or None
-        Absolute ``lam_d``, or None for the kernels' relative default per step.
+    damping : float, None or callable
+        Absolute ``lam_d``, None for the kernels' relative default per step, or
+        ``damping(trace, P)`` per step (see :func:`~iif_ref.distributed.reduce.factor_fishers`).
     top_k : int
         Proponents and opponents kept per test point.
     return_scores : bool
@@ -225,7 +226,8 @@ def attribute_features(feature_fn, X_train, y_train, Gamma, *, client, store=Non
             fingerprint=fstore.fingerprint, computed_chunks=tuple(sorted(computed)),
             reused_chunks=reused, corrupt_chunks=tuple(sorted(corrupt)),
             options={"chunk_rows": chunk_rows, "test_block": test_block, "top_k": top_k,
-                     "damping": damping, "fan_in": fan_in,
+                     "damping": damping if not callable(damping) else "callable",
+                     "fan_in": fan_in,
                      "n_workers": (len(client.scheduler_info()["workers"])
                                    if client is not None else 0)})
     finally:

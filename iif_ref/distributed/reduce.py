@@ -104,11 +104,12 @@ def factor_fishers(grams, *, damping=None):
     ----------
     grams : ndarray, shape (n_steps, P, P)
         From :func:`fisher_grams`.
-    damping : float or None
-        Absolute ``lam_d >= 0`` for every step, or None for the kernels' relative
+    damping : float, None or callable
+        Absolute ``lam_d >= 0`` for every step; None for the kernels' relative
         default ``RELATIVE_DAMPING * tr(Gram_s) / P`` per step (``tr(Phi_sᵀ Phi_s)`` is the
         Gram's trace, so this is the same number :func:`iif_ref.kernels.projected_scores`
-        uses on the same features).
+        uses on the same features); or ``damping(trace, P) -> lam_d`` called per step
+        (how a caller applies its own rule, e.g. the torch side's ``"auto"``).
 
     Returns
     -------
@@ -126,8 +127,12 @@ def factor_fishers(grams, *, damping=None):
     traces = np.trace(grams, axis1=1, axis2=2)
     if damping is None:
         lam = _fisher.RELATIVE_DAMPING * traces / P
+    elif callable(damping):
+        lam = np.array([float(damping(float(tr), P)) for tr in traces])
     else:
         lam = np.full(n_steps, float(damping))
+    if not np.all(np.isfinite(lam) & (lam >= 0)):
+        raise ValueError(f"damping must be finite and >= 0, got {lam.tolist()}")
     factors = np.empty_like(grams)
     condition = np.empty(n_steps)
     failed = []
