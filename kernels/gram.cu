@@ -10,7 +10,8 @@
 //   writing its mirror, so each entry is formed once.  256 threads, 4 x 4 entries each.
 //   The Cholesky factorisation and the solves run in cuSOLVER through CuPy
 //   (iif_ref/kernels/_cupy_backend.py): cusolverDnDpotrfBatched for the per-slice
-//   positive-definiteness certificate, cupy.linalg.solve for the stacked solves.
+//   positive-definiteness certificate and factor, cuBLAS trsmBatched (through
+//   cupyx.scipy.linalg.solve_triangular) for the solves with that factor.
 //
 // Precision policy.  As gram.cuh: float64 fma chain over r ascending (products of float32
 //   inputs exact), |dF_ij| <= N u64 sqrt(F_ii F_jj); F exactly symmetric; agrees bit for bit

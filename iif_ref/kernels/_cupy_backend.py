@@ -6,8 +6,9 @@ Implements the backend protocol of :mod:`iif_ref.kernels._registry` on one CUDA 
   tile in shared memory from ``(seed, m, p)`` and never stored;
 * ``projected_scores`` forms every ``F_b = Phi_b^T Phi_b + damping_b I`` in float64 with
   ``kernels/gram.cu``, certifies each slice positive definite with cuSOLVER's batched
-  Cholesky (``cusolverDnDpotrfBatched``, one ``info`` per slice), and solves the stacked
-  systems with ``cupy.linalg.solve`` (batched LU in cuBLAS/cuSOLVER).
+  Cholesky (``cusolverDnDpotrfBatched``, one ``info`` per slice), and solves with that
+  factor by batched triangular solves (``cupyx.scipy.linalg.solve_triangular``, cuBLAS
+  ``trsmBatched``).
 
 Inputs may be NumPy arrays (copied to the device; results come back as NumPy), CuPy arrays
 (results stay CuPy) or any CUDA array with ``__dlpack__`` such as a torch CUDA tensor
@@ -242,26 +243,29 @@ def gram(Phi, damping):
     return F
 
 
-def _cholesky_info(F):
-    """cuSOLVER batched Cholesky of a copy of ``F`` (B, P, P): ``(info, diag of factor)``.
+def _cholesky(F):
+    """cuSOLVER batched Cholesky of a copy of ``F`` (B, P, P): ``(info, L)``.
 
-    ``info[b] != 0`` when the factorisation of slice ``b`` met a non-positive pivot.
+    ``info[b] != 0`` when the factorisation of slice ``b`` met a non-positive pivot; the
+    lower triangle of ``L[b]`` (row-major) then holds the factor, ``F_b = L_b L_b^T``; its
+    strict upper triangle still holds ``F``'s entries and is never read.
     """
     import cupy
     from cupy.cuda import device
     from cupy_backends.cuda.libs import cublas, cusolver
     B, P, _ = F.shape
-    work = F.copy()  # potrf overwrites; F is kept for the solves
+    L = F.copy()  # potrf works in place
     ptrs = (cupy.arange(B, dtype=np.uint64) * np.uint64(P * P * 8)
-            + np.uint64(work.data.ptr))
+            + np.uint64(L.data.ptr))
     info = cupy.zeros(B, dtype=np.int32)
-    # F is symmetric, so its row-major storage is also its column-major storage.
+    # F is symmetric, so its row-major storage is also its column-major storage; the
+    # column-major upper factor U (F = U^T U) read row-major is the lower L = U^T.
     cusolver.dpotrfBatched(device.get_cusolver_handle(), cublas.CUBLAS_FILL_MODE_UPPER, P,
                            ptrs.data.ptr, P, info.data.ptr, B)
-    return info, cupy.diagonal(work, axis1=1, axis2=2)
+    return info, L
 
 
-def _failing_slices(F, n_samples, damping_host):
+def _failing_slices(info, L, n_samples, damping_host):
     """Indices (into the chunk) of slices that are not numerically positive definite.
 
     A slice fails when cuSOLVER's Cholesky reports a non-positive pivot, when
@@ -270,11 +274,10 @@ def _failing_slices(F, n_samples, damping_host):
     or, as in the oracle, when ``N < P`` and the damping is 0 (``F`` then has rank ``N``).
     """
     import cupy
-    B, P, _ = F.shape
-    info, diag = _cholesky_info(F)
+    P = L.shape[1]
+    d = cupy.asnumpy(cupy.diagonal(L, axis1=1, axis2=2))
+    info = cupy.asnumpy(info)
     with np.errstate(invalid="ignore", divide="ignore"):
-        d = cupy.asnumpy(diag)
-        info = cupy.asnumpy(info)
         ratio = np.min(d, axis=1) / np.max(d, axis=1)
         ok = (info == 0) & np.all(np.isfinite(d), axis=1) & (ratio * ratio >= P * _EPS64)
     if n_samples < P:
@@ -306,11 +309,13 @@ def projected_scores(Phi, Psi, Gamma, *, damping, reduce):
     Notes
     -----
     Implements the update of Algorithm 1 with Eq. (17) and (31). The slices are processed
-    in chunks whose float64 workspace stays under :data:`SOLVE_WORKSPACE_BYTES`; each chunk
-    is certified (all chunks are, so the error names every failing slice) before its
+    in chunks whose float64 workspace stays under :data:`SOLVE_WORKSPACE_BYTES`. One
+    Cholesky factor per slice both certifies it and serves the solves; each chunk is
+    certified (all chunks are, so the error names every failing slice) before its
     solves. The per-slice terms are summed over ``b`` in ascending order of chunks.
     """
     import cupy
+    from cupyx.scipy.linalg import solve_triangular
     Phi_d, origin = _as_device(Phi, "Phi")
     Psi_d, _ = _as_device(Psi, "Psi")
     Gamma_d, _ = _as_device(Gamma, "Gamma")
@@ -328,15 +333,17 @@ def projected_scores(Phi, Psi, Gamma, *, damping, reduce):
     failed = []
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
-        F = gram(Phi_d[b0:b1], damping_d[b0:b1])
-        bad = _failing_slices(F, N, damping_host[b0:b1])
+        info, L = _cholesky(gram(Phi_d[b0:b1], damping_d[b0:b1]))
+        bad = _failing_slices(info, L, N, damping_host[b0:b1])
         if bad.size:
             failed.extend(int(b0 + b) for b in bad)
         if failed:
             continue  # keep certifying so that the error names every failing slice
-        rhs = cupy.ascontiguousarray(
-            Gamma_d[b0:b1].astype(np.float64).transpose(0, 2, 1))        # (b, P, T)
-        X = cupy.linalg.solve(F, rhs)                                      # F^{-1} Gamma^T
+        # X = F^{-1} Gamma^T = L^{-T} (L^{-1} Gamma^T): two batched triangular solves
+        # (cuBLAS trsmBatched) against the T test columns, then one batched product with Psi.
+        rhs = Gamma_d[b0:b1].astype(np.float64).transpose(0, 2, 1)        # (b, P, T)
+        X = solve_triangular(L, rhs, lower=True)
+        X = solve_triangular(L, X, trans="T", lower=True, overwrite_b=True)
         terms = -cupy.matmul(X.transpose(0, 2, 1),
                              Psi_d[b0:b1].astype(np.float64).transpose(0, 2, 1))  # (b, T, N)
         if reduce:
