@@ -265,7 +265,12 @@ def _diagnose(got, ref, n_train):
                 hints.append(f"scores are {alpha:.6g} × exact: {words}")
                 break
         else:
-            hints.append(f"scores are a constant {alpha:.6g} × exact")
+            if abs(alpha - 1.0) <= 1e-6:
+                hints.append("no sign, factor or order difference: the error is spread "
+                             "over all scores (an iterative solver's stopping rule or lower "
+                             "precision? declare rtol= or precision=)")
+            else:
+                hints.append(f"scores are a constant {alpha:.6g} × exact")
     elif np.allclose(np.sort(got, axis=1), np.sort(ref, axis=1), rtol=1e-6,
                      atol=1e-12 * math.sqrt(ref_sq)):
         hints.append("each row holds the exact values in another order: the training "
