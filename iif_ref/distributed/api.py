@@ -119,7 +119,7 @@ def _as_data(X, y):
 
 def attribute_features(feature_fn, X_train, y_train, Gamma, *, client, store=None,
                        chunk_rows=4096, test_block=256, damping=None, top_k=10,
-                       return_scores=True, fan_in=4):
+                       return_scores=True, fan_in=4, connect_timeout=10.0):
     """Integrated-influence scores from a feature function, on a Dask cluster.
 
     Parameters
@@ -150,6 +150,8 @@ def attribute_features(feature_fn, X_train, y_train, Gamma, *, client, store=Non
         Return the full score matrix (needs ``n_test × n_train`` floats on the driver).
     fan_in : int
         Partial results combined per reduction task.
+    connect_timeout : float
+        Seconds to wait for the scheduler when ``client`` is an address.
 
     Returns
     -------
@@ -186,7 +188,7 @@ def attribute_features(feature_fn, X_train, y_train, Gamma, *, client, store=Non
     Gamma = as_float_array(Gamma, "Gamma", ndim=3)
     owned = False
     if client is not None:
-        client, owned = connect(client)
+        client, owned = connect(client, timeout=connect_timeout)
     tmp = None
     try:
         if store is None:
