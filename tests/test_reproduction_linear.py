@@ -147,3 +147,51 @@ def test_figure1_if_and_loo_zero_but_iif_nonzero(tmp_path):
     rows = data["rows"]
     assert sum(r["is_A"] for r in rows) == 1
     assert all(math.isfinite(r[k]) for r in rows for k in ("IIF", "IF", "LOO"))
+
+
+def _closed_form_problem(sigma_n, sigma_s, seed):
+    from iif_ref.synthetic import make_linear_problem
+    return make_linear_problem(sigma_n=sigma_n, sigma_s=sigma_s, n_test=9, seed=seed)
+
+
+@pytest.mark.parametrize("lam", [0.8, 1.0, 5.0])
+def test_linear_iif_is_rescaled_if_minus_shared_term(lam):
+    # The explanation used in docs/reproduction-linear.md: with residuals e_i = y_i − x_iᵀθ*,
+    # r_t = x̂_tᵀθ* − ŷ_t, C = X̂ M⁻¹ Xᵀ, h_t = x̂_tᵀM⁻¹x̂_t, the per-test unlearning
+    # baseline gives θ'_t − θ* = M⁻¹x̂_t r_t/(λ − h_t) and therefore
+    #   IIF[t, i] = (r̄_t / r_t) · (IF[t, i] − 2 r_t² C_ti² / (λ − h_t)),
+    #   r̄_t = r_t (λ/(λ − h_t) + 1) / 2  (the path residual at t = ½).
+    # Both sides are O(κ(M)·d·eps) accurate with κ(M) ≈ 4 here; 1e-12 relative to the
+    # largest score is > 40x that.
+    from iif_ref import linear
+    p = _closed_form_problem(0.1, 1.0, seed=3)
+    X, y, Xt, yt = p.X, p.y, p.X_test, p.y_test
+    M = X.T @ X
+    theta = np.linalg.solve(M, X.T @ y)
+    e, r = y - X @ theta, Xt @ theta - yt
+    C = Xt @ np.linalg.solve(M, X.T)
+    h = np.einsum("td,td->t", Xt, np.linalg.solve(M, Xt.T).T)
+    IF = linear.influence_function(X, y, Xt, yt)
+    rbar = r * (lam / (lam - h) + 1.0) / 2.0
+    want = (rbar / r)[:, None] * (IF - 2.0 * (r ** 2 / (lam - h))[:, None] * C ** 2)
+    got = linear.integrated_influence(X, y, Xt, yt, lam=lam)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(got).max())
+
+
+def test_linear_iif_lds_does_not_depend_on_K():
+    # Per test point the K = 1, K = 5 and exact IIF rows are positive multiples of one
+    # vector (the Euler average of the path residual, which keeps the sign of r_t for
+    # λ > h_t), so every subset sum is rescaled by the same positive factor and the
+    # ranks — hence the LDS — agree up to float rounding of near-tied sums (1e-12).
+    from iif_ref import linear
+    from iif_ref.metrics import lds, random_subset_masks
+    p = _closed_form_problem(1.0, 1.0, seed=5)
+    args = (p.X, p.y, p.X_test, p.y_test)
+    masks = random_subset_masks(100, 400, seed=6)
+    losses = linear.subset_test_losses(*args, masks)
+    ref = lds(linear.integrated_influence(*args, K=None), masks, losses)
+    for K in (1, 2, 5):
+        scores = linear.integrated_influence(*args, K=K)
+        np.testing.assert_allclose(lds(scores, masks, losses), ref, rtol=0, atol=1e-12)
+    # ... while IF, a different vector, does change the LDS at this size.
+    assert np.max(np.abs(lds(linear.influence_function(*args), masks, losses) - ref)) > 1e-3
