@@ -107,6 +107,28 @@ def _kernel(source, entry):
     return _module(source, cupy.cuda.Device().id).get_function(entry)
 
 
+# --------------------------------------------------------------------------- launches
+# One definition of each launch configuration, used by this backend and by the CPU emulation
+# of the kernels in the tests (iif_ref.kernels._host.emulate_*). The kernels' results do not
+# depend on these choices; the functions only say how much grid covers the output.
+
+def projection_launch(n, proj_dim):
+    """``(grid, block)`` of ``iif_project_*`` for ``n <= 65535 * 64`` rows."""
+    return (-(-proj_dim // _TILE), -(-n // _TILE), 1), (_THREADS, 1, 1)
+
+
+def generate_launch(n_rows, proj_dim):
+    """``(grid, block)`` of the grid-stride ``iif_generate_*``."""
+    total = n_rows * proj_dim
+    return (max(1, min(_GENERATE_BLOCKS, -(-total // _THREADS))), 1, 1), (_THREADS, 1, 1)
+
+
+def gram_launch(B, P):
+    """``(grid, block)`` of ``iif_gram_*`` (slices beyond 65535 loop inside the kernel)."""
+    tiles = -(-P // _TILE)
+    return (tiles, tiles, min(B, _GRID_Y_MAX)), (_THREADS, 1, 1)
+
+
 # --------------------------------------------------------------------------- arrays
 
 def _as_device(x, name):
@@ -156,10 +178,9 @@ def generate(seed, row_start, n_rows, proj_dim, kind, dtype):
     import cupy
     dtype = np.dtype(dtype)
     out = cupy.empty((n_rows, proj_dim), dtype=dtype)
-    total = n_rows * proj_dim
-    blocks = max(1, min(_GENERATE_BLOCKS, -(-total // _THREADS)))
+    grid, block = generate_launch(n_rows, proj_dim)
     _kernel("projection.cu", f"iif_generate_{_suffix(dtype)}")(
-        (blocks,), (_THREADS,),
+        grid, block,
         (np.uint64(seed), np.uint64(row_start), np.int64(n_rows), np.int64(proj_dim),
          np.int32(KIND_CODES[kind]), out))
     return cupy.asnumpy(out)
@@ -204,11 +225,11 @@ def project(G, proj_dim, *, seed, kind, chunk_rows, m_offset=0):
     n, M = Gd.shape
     out = cupy.empty((n, proj_dim), dtype=dtype)
     kernel = _kernel("projection.cu", f"iif_project_{_suffix(dtype)}")
-    grid_x = -(-proj_dim // _TILE)
     slab = _GRID_Y_MAX * _TILE
     for r0 in range(0, n, slab):
         r1 = min(n, r0 + slab)
-        kernel((grid_x, -(-(r1 - r0) // _TILE)), (_THREADS,),
+        grid, block = projection_launch(r1 - r0, proj_dim)
+        kernel(grid, block,
                (Gd[r0:r1], np.int64(r1 - r0), np.int64(M), np.int64(M), np.uint64(seed),
                 np.uint64(m_offset), np.int64(proj_dim), np.int32(KIND_CODES[kind]),
                 out[r0:r1], np.int64(proj_dim)))
@@ -235,9 +256,9 @@ def gram(Phi, damping):
     import cupy
     B, N, P = Phi.shape
     F = cupy.empty((B, P, P), dtype=np.float64)
-    tiles = -(-P // _TILE)
+    grid, block = gram_launch(B, P)
     _kernel("gram.cu", f"iif_gram_{_suffix(Phi.dtype)}")(
-        (tiles, tiles, min(B, _GRID_Y_MAX)), (_THREADS,),
+        grid, block,
         (Phi, np.int64(B), np.int64(N), np.int64(P), np.int64(N * P), np.int64(P),
          damping, F))
     return F

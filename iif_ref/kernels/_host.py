@@ -13,6 +13,11 @@ the CPU, so that
   wrong".
 
 The library is found at ``$IIF_REF_HOST_LIB`` if set, else ``<repo>/build/libiif_host.so``.
+
+Beside it, ``libiif_cuda_emulation.so`` runs the CUDA kernels themselves, compiled unchanged
+for the CPU with one OS thread per CUDA thread (``kernels/host/cuda_emulation.h``); the
+``emulate_*`` functions launch them with the CuPy backend's grid (or any other), so the
+kernels' tiling, indexing and boundary guards are tested on machines without a GPU.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from iif_ref._validation import as_float_array, check_nonnegative_real, check_po
 from iif_ref.kernels._philox import COL_LIMIT, ROW_LIMIT, check_kind, check_seed
 
 __all__ = ["ENV_VAR", "KIND_CODES", "HostLibraryError", "library_path", "load", "available",
-           "philox4x32_10", "generate_block", "project", "gram"]
+           "philox4x32_10", "generate_block", "project", "gram", "emulation_library_path",
+           "load_emulation", "emulate_generate", "emulate_project", "emulate_gram"]
 
 #: Environment variable naming the library file explicitly.
 ENV_VAR = "IIF_REF_HOST_LIB"
@@ -35,10 +41,13 @@ ENV_VAR = "IIF_REF_HOST_LIB"
 KIND_CODES = {"rademacher": 0, "gaussian": 1}
 _ABI_VERSION = 1
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-_LIB_NAME = "libiif_host.dylib" if sys.platform == "darwin" else "libiif_host.so"
+_SUFFIX = ".dylib" if sys.platform == "darwin" else ".so"
+_LIB_NAME = "libiif_host" + _SUFFIX
+_EMULATION_LIB_NAME = "libiif_cuda_emulation" + _SUFFIX
 _EINVAL = -22
 
 _lib = None
+_emulation_lib = None
 
 
 class HostLibraryError(OSError):
@@ -282,4 +291,138 @@ def gram(Phi, *, damping=0.0):
     out = np.empty((B, P, P))
     fn = load().iif_gram_f64 if Phi.dtype == np.float64 else load().iif_gram_f32
     _check(fn(Phi.ctypes.data, B, N, P, damping, out.ctypes.data), "gram")
+    return out
+
+
+# --------------------------------------------------------------------------- CUDA emulation
+
+def emulation_library_path():
+    """``libiif_cuda_emulation.so``, in the directory of :func:`library_path`."""
+    return library_path().parent / _EMULATION_LIB_NAME
+
+
+def load_emulation():
+    """Load (once) and return the CPU emulation of the CUDA kernels.
+
+    Raises
+    ------
+    HostLibraryError
+        The file does not exist (the message says how to build it) or cannot be loaded.
+    """
+    global _emulation_lib
+    if _emulation_lib is not None:
+        return _emulation_lib
+    path = emulation_library_path()
+    if not path.is_file():
+        raise HostLibraryError(
+            f"CUDA emulation library not found at {path}; build it with "
+            f"`cmake -S {_REPO_ROOT} -B {_REPO_ROOT / 'build'} && "
+            f"cmake --build {_REPO_ROOT / 'build'}`")
+    try:
+        lib = ctypes.CDLL(str(path))
+        dp, i64, u64, c_int, c_uint = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
+                                       ctypes.c_int, ctypes.c_uint)
+        lib.iif_emulate_project.restype = c_int
+        lib.iif_emulate_project.argtypes = [c_int, c_uint, c_uint, c_uint, dp, i64, i64, i64,
+                                            u64, u64, i64, c_int, dp, i64]
+        lib.iif_emulate_generate.restype = c_int
+        lib.iif_emulate_generate.argtypes = [c_int, c_uint, c_uint, u64, u64, i64, i64, c_int,
+                                             dp]
+        lib.iif_emulate_gram.restype = c_int
+        lib.iif_emulate_gram.argtypes = [c_int, c_uint, c_uint, c_uint, c_uint, dp, i64, i64,
+                                         i64, i64, i64, dp, dp]
+    except (OSError, AttributeError) as exc:
+        raise HostLibraryError(f"cannot load CUDA emulation library {path}: {exc}") from exc
+    _emulation_lib = lib
+    return lib
+
+
+def _dtype_code(dtype):
+    return 0 if np.dtype(dtype) == np.float32 else 1
+
+
+def _launch_shape(launch, default):
+    grid, block = default if launch is None else launch
+    grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+    block = tuple(int(b) for b in block) + (1,) * (3 - len(block))
+    if block[1:] != (1, 1):
+        raise ValueError(f"the emulation launches 1-D blocks only, got block {block}")
+    if min(grid) < 1 or not 1 <= block[0] <= 1024:
+        raise ValueError(f"grid must be >= 1 and block in [1, 1024], got {grid}, {block}")
+    return grid, block
+
+
+def emulate_generate(seed, row_start, n_rows, proj_dim, *, kind="rademacher",
+                     dtype=np.float64, launch=None):
+    """``iif_generate_*`` of ``kernels/projection.cu`` run on the CPU emulation.
+
+    Parameters as :func:`generate_block`; ``launch = (grid, block)`` overrides the CuPy
+    backend's launch. Returns ``(n_rows, proj_dim)``.
+    """
+    from iif_ref.kernels._cupy_backend import generate_launch
+    seed = check_seed(seed)
+    row_start, n_rows = _check_row_range(row_start, n_rows, "row_start", "n_rows")
+    proj_dim = _check_proj_dim(proj_dim)
+    kind = check_kind(kind)
+    dtype = _check_dtype(dtype)
+    grid, block = _launch_shape(launch, generate_launch(n_rows, proj_dim))
+    out = np.zeros((n_rows, proj_dim), dtype=dtype)
+    _check(load_emulation().iif_emulate_generate(
+        _dtype_code(dtype), grid[0], block[0], seed, row_start, n_rows, proj_dim,
+        KIND_CODES[kind], out.ctypes.data), "emulate_generate")
+    return out
+
+
+def emulate_project(G, proj_dim, *, seed=0, kind="rademacher", m_offset=0, launch=None,
+                    fill=0.0):
+    """``iif_project_*`` of ``kernels/projection.cu`` run on the CPU emulation.
+
+    Parameters as :func:`project`; ``launch = (grid, block)`` overrides the CuPy backend's
+    launch; the output starts filled with ``fill`` so that entries a launch does not write
+    are visible. Returns ``(n, proj_dim)`` in ``G``'s dtype.
+    """
+    from iif_ref.kernels._cupy_backend import projection_launch
+    G = np.ascontiguousarray(as_float_array(G, "G", ndim=2,
+                                            allow_dtypes=(np.float32, np.float64)))
+    n, M = G.shape
+    proj_dim = _check_proj_dim(proj_dim)
+    seed = check_seed(seed)
+    kind = check_kind(kind)
+    m_offset, M = _check_row_range(m_offset, M, "m_offset", "n_params")
+    grid, block = _launch_shape(launch, projection_launch(n, proj_dim))
+    out = np.full((n, proj_dim), fill, dtype=G.dtype)
+    _check(load_emulation().iif_emulate_project(
+        _dtype_code(G.dtype), grid[0], grid[1], block[0], G.ctypes.data, n, M, M, seed,
+        m_offset, proj_dim, KIND_CODES[kind], out.ctypes.data, proj_dim), "emulate_project")
+    return out
+
+
+def emulate_gram(Phi, damping, *, launch=None, fill=0.0):
+    """``iif_gram_*`` of ``kernels/gram.cu`` run on the CPU emulation.
+
+    Parameters
+    ----------
+    Phi : array_like, shape (B, N, P), float32 or float64
+    damping : array_like, shape (B,)
+    launch : (grid, block), optional
+        Overrides the CuPy backend's launch.
+    fill : float
+        Initial value of the output, so that unwritten entries are visible.
+
+    Returns
+    -------
+    F : ndarray, shape (B, P, P), float64
+    """
+    from iif_ref.kernels._cupy_backend import gram_launch
+    Phi = np.ascontiguousarray(
+        as_float_array(Phi, "Phi", ndim=3, allow_dtypes=(np.float32, np.float64)))
+    B, N, P = Phi.shape
+    damping = np.ascontiguousarray(as_float_array(damping, "damping", ndim=1))
+    if damping.shape != (B,):
+        raise ValueError(f"damping must have shape ({B},), got {damping.shape}")
+    grid, block = _launch_shape(launch, gram_launch(B, P))
+    out = np.full((B, P, P), fill)
+    _check(load_emulation().iif_emulate_gram(
+        _dtype_code(Phi.dtype), grid[0], grid[1], grid[2], block[0], Phi.ctypes.data, B, N, P,
+        N * P, P, damping.ctypes.data, out.ctypes.data), "emulate_gram")
     return out
