@@ -209,7 +209,7 @@ def test_cupy_projected_scores_match_oracle_within_condition_bound(cb, B, N, P, 
     assert np.all(np.abs(per.sum(axis=0) - got) <= B * EPS64 * np.abs(per).sum(axis=0))
 
 
-def test_cupy_projected_scores_chunked_equals_single_chunk(cb, monkeypatch):
+def test_cupy_projected_scores_chunked_agree_with_single_chunk(cb, monkeypatch):
     rng = np.random.default_rng(5)
     Phi, Psi, Gamma = (rng.standard_normal(s) for s in [(6, 50, 20), (6, 50, 20), (6, 3, 20)])
     lam = np.full(6, 0.5)
@@ -217,7 +217,11 @@ def test_cupy_projected_scores_chunked_equals_single_chunk(cb, monkeypatch):
     per_slice = 8 * (2 * 20 * 20 + 20 * 3 + 3 * 50)
     monkeypatch.setattr(cb, "SOLVE_WORKSPACE_BYTES", 2 * per_slice)  # chunks of 2 slices
     chunked = cb.projected_scores(Phi, Psi, Gamma, damping=lam, reduce=False)
-    assert chunked.tobytes() == whole.tobytes()
+    # The Gram is per slice, but cuBLAS may pick other kernels for another batch count, so
+    # the two agree to the rounding bound of the solve rather than bit for bit.
+    for b in range(6):
+        assert np.all(np.abs(chunked[b] - whole[b])
+                      <= _scores_bound(Phi[b:b + 1], Psi[b:b + 1], Gamma[b:b + 1], 0.5))
 
 
 def test_cupy_not_positive_definite_names_every_failing_slice_like_oracle(cb):

@@ -2,11 +2,12 @@
 # The GPU check: one script to run on a CUDA machine from the repository root.
 #   (i)   installs carried wheels from .whl/ (for a machine with no package index),
 #   (ii)  builds with CMake (host library + nvcc compile of kernels/*.cu for sm_80/sm_90),
-#   (iii) runs the GPU tests (pytest -m gpu, every backend-parametrised cupy test included)
-#         and the host-library tests,
+#   (iii) runs the GPU tests (pytest -m gpu, every backend-parametrised cupy test included),
+#         the bit-for-bit GPU tests again under compute-sanitizer memcheck (out-of-bounds
+#         accesses that the CPU emulation cannot see), and the host-library tests,
 #   (iv)  runs the GPU benchmark (validation/bench_kernels_gpu.py).
 # Logs and the benchmark JSON go to $OUT when it is set (else results/gpu_check/).
-# Budget: each stage has its own timeout; the whole script stays under 8 minutes.
+# Budget: each stage has its own timeout (60 + 90 + 150 + 45 + 45 + 90 s): under 8 minutes.
 # Exit status: 0 when every stage passed, else the number of failed stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,23 +35,33 @@ $PY -c "import cupy; print('cupy', cupy.__version__, 'runtime', cupy.cuda.runtim
     2>&1 | tee -a "$LOG_DIR/device.txt"
 
 stage "build (cmake)"
-if timeout 180 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >"$LOG_DIR/cmake.log" 2>&1 \
-   && timeout 180 cmake --build build -j 8 >>"$LOG_DIR/cmake.log" 2>&1; then
+if timeout 60 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >"$LOG_DIR/cmake.log" 2>&1 \
+   && timeout 90 cmake --build build -j 8 >>"$LOG_DIR/cmake.log" 2>&1; then
     tail -n 3 "$LOG_DIR/cmake.log"
 else
     tail -n 40 "$LOG_DIR/cmake.log"; echo "BUILD FAILED"; failed=$((failed + 1))
 fi
 
 stage "pytest -m gpu"
-timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$LOG_DIR/pytest_gpu.log"
+timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$LOG_DIR/pytest_gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU TESTS FAILED"; failed=$((failed + 1)); }
 
+stage "compute-sanitizer memcheck (bit-for-bit GPU tests)"
+if command -v compute-sanitizer >/dev/null; then
+    timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 \
+        $PY -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "bit_for_bit" \
+        2>&1 | tail -n 30 | tee "$LOG_DIR/memcheck.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "MEMCHECK FAILED"; failed=$((failed + 1)); }
+else
+    echo "compute-sanitizer not found: memcheck skipped"
+fi
+
 stage "pytest host library"
-timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_host.py 2>&1 | tee "$LOG_DIR/pytest_host.log"
+timeout 45 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_host.py 2>&1 | tee "$LOG_DIR/pytest_host.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "HOST TESTS FAILED"; failed=$((failed + 1)); }
 
 stage "benchmark"
-timeout 150 $PY validation/bench_kernels_gpu.py --out "$LOG_DIR/bench_kernels_gpu.json" 2>&1 \
+timeout 90 $PY validation/bench_kernels_gpu.py --time-budget 60 --out "$LOG_DIR/bench_kernels_gpu.json" 2>&1 \
     | tee "$LOG_DIR/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BENCHMARK FAILED"; failed=$((failed + 1)); }
 

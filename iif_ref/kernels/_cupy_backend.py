@@ -290,9 +290,11 @@ def _failing_slices(info, L, n_samples, damping_host):
     """Indices (into the chunk) of slices that are not numerically positive definite.
 
     A slice fails when cuSOLVER's Cholesky reports a non-positive pivot, when
-    ``(min_k L_kk / max_k L_kk)^2 < P eps`` -- that ratio bounds ``1/cond(F)`` from above,
-    so such a slice is certainly below the NumPy oracle's ``rcond >= P eps`` threshold --
-    or, as in the oracle, when ``N < P`` and the damping is 0 (``F`` then has rank ``N``).
+    ``(min_k L_kk / max_k L_kk)^2 < P eps`` -- that ratio is an upper bound on the 2-norm
+    ``1/cond(F)``, the GPU's stand-in for the NumPy oracle's LAPACK ``pocon`` test
+    ``rcond_1 >= P eps``, which has no batched form; slices whose reciprocal condition is
+    within a factor of about ``P`` of that threshold may be classified differently -- or,
+    as in the oracle, when ``N < P`` and the damping is 0 (``F`` then has rank ``N``).
     """
     import cupy
     P = L.shape[1]
@@ -374,7 +376,8 @@ def projected_scores(Phi, Psi, Gamma, *, damping, reduce):
     if failed:
         failed_arr = np.asarray(failed)
         # The oracle's suggestion (relative default of the failing slices) from their Phi.
-        suggestion = _fisher._suggest(cupy.asnumpy(Phi_d[failed_arr]), damping_host[failed_arr],
+        suggestion = _fisher._suggest(cupy.asnumpy(Phi_d[cupy.asarray(failed_arr)]),
+                                      damping_host[failed_arr],
                                       np.arange(failed_arr.size))
         detail = ""
         if N < P:
