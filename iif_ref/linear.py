@@ -145,6 +145,8 @@ def _prepare(X, y, ridge):
     Q, R = np.linalg.qr(A / scale)
     R = R * scale
     sv = np.linalg.svd(R, compute_uv=False)
+    if sv.size < d:                      # fewer rows than columns: rank ≤ n_train < d
+        sv = np.concatenate([sv, np.zeros(d - sv.size)])
     if sv[-1] <= sv[0] * max(A.shape) * _EPS:
         rank = int(np.sum(sv > sv[0] * max(A.shape) * _EPS))
         hint = (f"n_train = {n} <= d = {d}" if n <= d
