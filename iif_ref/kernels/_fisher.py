@@ -14,8 +14,8 @@ from scipy.linalg import lapack
 
 from iif_ref.errors import NotPositiveDefiniteError
 
-__all__ = ["RELATIVE_DAMPING", "relative_damping", "not_positive_definite_error",
-           "projected_scores_host"]
+__all__ = ["RELATIVE_DAMPING", "relative_damping", "suggest_damping",
+           "not_positive_definite_error", "projected_scores_host"]
 
 #: Default damping relative to the mean eigenvalue ``tr(Phi_b^T Phi_b) / P`` of each
 #: slice's Gram. It caps ``cond(F_b) <= 1 + P / RELATIVE_DAMPING`` (docs/kernels.md).
@@ -126,14 +126,27 @@ def _slice_term(phi, psi, gamma, lam):
     return -(gamma @ psi.T - correction) / lam
 
 
-def _suggest(Phi, damping, failed):
-    """A damping that makes every failing slice PD: the relative default of the
-    failing slices (cond(F) <= 1 + 1000 P), or 1 when their Phi is zero."""
+def suggest_damping(Phi, damping, failed):
+    """A damping that makes every failing slice positive definite.
+
+    The largest relative default ``1e-3 tr(Phi_b^T Phi_b) / P`` over the failing slices
+    (which caps ``cond(F_b) <= 1 + 1000 P``); if that is not above the damping already
+    used (a zero ``Phi_b``), ``max(1, 10 * damping)``.
+
+    Parameters
+    ----------
+    Phi : ndarray, shape (B, N, P)
+    damping : ndarray, shape (B,)
+    failed : sequence of int
+    """
     rel = relative_damping(Phi[np.asarray(failed)])
     best = float(np.max(rel))
     if not best > float(np.max(damping[failed])):
         best = max(1.0, 10.0 * float(np.max(damping[failed])))
     return best
+
+
+_suggest = suggest_damping  # name used by the device backend
 
 
 def projected_scores_host(Phi, Psi, Gamma, *, damping, reduce):
@@ -161,6 +174,6 @@ def projected_scores_host(Phi, Psi, Gamma, *, damping, reduce):
         if Phi.shape[1] < Phi.shape[2]:
             detail = ("With N < P the Gram Phi_b^T Phi_b has rank <= N < P, so damping "
                       "must be > 0 (the N x N Woodbury form is used).")
-        raise not_positive_definite_error(failed, damping, _suggest(Phi, damping, failed),
+        raise not_positive_definite_error(failed, damping, suggest_damping(Phi, damping, failed),
                                           detail)
     return out
