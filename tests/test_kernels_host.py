@@ -6,8 +6,9 @@ run, without a GPU: Philox known answers, the sign pattern of ``A`` bit for bit,
 entries to a few ulp, and the projection / Gram summation orders against their stated
 error bounds. The CUDA kernels themselves then run unchanged on a CPU emulation of the
 CUDA execution model (``libiif_cuda_emulation.so``) and must reproduce the host twin bit
-for bit, whatever the launch geometry. Both libraries are built with CMake into a
-temporary directory when they are not already present. A last test compiles every ``.cu``
+for bit, whatever the launch geometry; the CuPy backend's Python runs on top of them
+through a test double of the CuPy calls it makes. Both libraries are built with CMake into
+a temporary directory when they are not already present. A last test compiles every ``.cu``
 file through NVRTC, as the CuPy backend does at run time, when an NVRTC library is
 installed.
 """
@@ -299,6 +300,156 @@ def test_emulated_gram_kernel_equals_host_twin_bit_for_bit(B, N, P, grid_z, dtyp
     for b in range(B):
         want = _host.gram(Phi[b:b + 1], damping=float(damping[b]))[0]
         assert got[b].tobytes() == want.tobytes()
+
+
+# --------------------------------------------------------------------------- CuPy backend logic
+# The CuPy backend's own Python (array routing, launch shapes, row slabs, chunked solves,
+# failure detection, the error it raises) run against a test double of the few CuPy calls it
+# makes: arrays are NumPy arrays, kernel launches run the real kernels on the CPU emulation,
+# the batched Cholesky writes cuSOLVER's layout (lower factor in row-major order, info =
+# first failing pivot, 1-based). This proves the orchestration given those semantics; CuPy's
+# actual API is exercised only by tests/test_kernels_gpu.py on a GPU.
+
+def _emulated_cupy_modules():
+    import types
+
+    import scipy.linalg
+
+    class ndarray(np.ndarray):
+        @property
+        def data(self):
+            return types.SimpleNamespace(ptr=self.ctypes.data)
+
+    def wrap(r):
+        return r.view(ndarray) if isinstance(r, np.ndarray) else r
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, grid, block, args):
+            lib = _host.load_emulation()
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+            raw = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
+            code = 0 if self.name.endswith("f32") else 1
+            if self.name.startswith("iif_project"):
+                rc = lib.iif_emulate_project(code, grid[0], grid[1], block[0], *raw)
+            elif self.name.startswith("iif_generate"):
+                rc = lib.iif_emulate_generate(code, grid[0], block[0], *raw)
+            else:
+                rc = lib.iif_emulate_gram(code, grid[0], grid[1], grid[2], block[0], *raw)
+            assert rc == 0
+
+    class RawModule:
+        def __init__(self, code, *, options, backend):
+            # What NVRTC receives: local includes already expanded, options as a tuple.
+            assert '#include "' not in code and isinstance(options, tuple)
+            self.get_function = Kernel
+
+    def dpotrf_batched(handle, uplo, n, ptr_array, lda, info_ptr, batch):
+        ptrs = np.ctypeslib.as_array((ctypes.c_uint64 * batch).from_address(ptr_array))
+        info = np.ctypeslib.as_array((ctypes.c_int32 * batch).from_address(info_ptr))
+        for b in range(batch):
+            A = np.ctypeslib.as_array(
+                (ctypes.c_double * (n * n)).from_address(int(ptrs[b]))).reshape(n, n)
+            info[b] = 0
+            for j in range(n):  # right-looking Cholesky of the row-major lower triangle
+                d = A[j, j] - A[j, :j] @ A[j, :j]
+                if not d > 0:
+                    A[j, j], info[b] = d, j + 1
+                    break
+                A[j, j] = np.sqrt(d)
+                A[j + 1:, j] = (A[j + 1:, j] - A[j + 1:, :j] @ A[j, :j]) / A[j, j]
+
+    def solve_triangular(a, b, trans=0, lower=False, overwrite_b=False):
+        return wrap(np.stack([scipy.linalg.solve_triangular(a[i], b[i], trans=trans,
+                                                            lower=lower)
+                              for i in range(a.shape[0])]))
+
+    cupy = types.ModuleType("cupy")
+    cupy.ndarray = ndarray
+    cupy.RawModule = RawModule
+    cupy.asarray = lambda x, dtype=None: wrap(np.array(x, dtype=dtype))
+    cupy.asnumpy = lambda x: np.array(x).view(np.ndarray)
+    for name in ("empty", "zeros", "arange", "ascontiguousarray", "diagonal", "matmul",
+                 "all", "isfinite"):
+        setattr(cupy, name, (lambda f: lambda *a, **k: wrap(f(*a, **k)))(getattr(np, name)))
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+    device = types.SimpleNamespace(get_cusolver_handle=lambda: 0)
+    cupy.cuda = types.SimpleNamespace(runtime=runtime, device=device)
+
+    class Device:  # a context manager with an id
+        def __init__(self, i=0):
+            self.id = i
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    cupy.cuda.Device = Device
+    cusolver = types.SimpleNamespace(dpotrfBatched=dpotrf_batched)
+    cublas = types.SimpleNamespace(CUBLAS_FILL_MODE_UPPER=1)
+    libs = types.SimpleNamespace(cusolver=cusolver, cublas=cublas)
+    linalg = types.SimpleNamespace(solve_triangular=solve_triangular)
+    return {"cupy": cupy, "cupy.cuda": cupy.cuda, "cupy.cuda.device": device,
+            "cupy_backends": types.SimpleNamespace(), "cupy_backends.cuda": types.SimpleNamespace(),
+            "cupy_backends.cuda.libs": libs, "cupy_backends.cuda.libs.cusolver": cusolver,
+            "cupy_backends.cuda.libs.cublas": cublas,
+            "cupyx": types.SimpleNamespace(), "cupyx.scipy": types.SimpleNamespace(),
+            "cupyx.scipy.linalg": linalg}
+
+
+@pytest.fixture
+def emulated_cupy_backend(monkeypatch):
+    """The CuPy backend module with CuPy replaced by the emulation double; row slabs of 64
+    rows and at most 2 Gram slices per launch, so the slab and slice loops are exercised."""
+    import sys
+    for name, module in _emulated_cupy_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    _cupy_backend._module.cache_clear()
+    monkeypatch.setattr(_cupy_backend, "_GRID_Y_MAX", 2)
+    yield _cupy_backend
+    _cupy_backend._module.cache_clear()
+
+
+def test_cupy_backend_logic_projects_in_row_slabs_like_host_twin(emulated_cupy_backend):
+    cb = emulated_cupy_backend
+    assert cb.available() == (True, "")
+    G = np.random.default_rng(4).standard_normal((130, 40)).astype(np.float32)
+    got = cb.project(G, 70, seed=6, kind="rademacher", chunk_rows=3)  # 130 rows: 2 slabs
+    assert isinstance(got, np.ndarray)
+    assert got.tobytes() == _host.project(G, 70, seed=6).tobytes()
+    block = cb.generate(6, 2**32 - 1, 3, 70, "gaussian", np.float64)
+    assert block.tobytes() == _host.generate_block(6, 2**32 - 1, 3, 70,
+                                                   kind="gaussian").tobytes()
+
+
+def test_cupy_backend_logic_scores_match_oracle_and_name_failing_slices(emulated_cupy_backend,
+                                                                        monkeypatch):
+    cb = emulated_cupy_backend
+    from iif_ref.errors import NotPositiveDefiniteError
+    from iif_ref.kernels import projected_scores
+    rng = np.random.default_rng(5)
+    Phi, Psi = rng.standard_normal((5, 30, 6)), rng.standard_normal((5, 30, 6))
+    Gamma = rng.standard_normal((5, 4, 6))
+    lam = np.full(5, 0.5)
+    monkeypatch.setattr(cb, "SOLVE_WORKSPACE_BYTES", 2 * 8 * (2 * 36 + 6 * 4 + 4 * 30))
+    got = cb.projected_scores(Phi, Psi, Gamma, damping=lam, reduce=False)  # chunks of 2
+    want = projected_scores(Phi, Psi, Gamma, damping=0.5, backend="numpy", reduce=False)
+    # Well-conditioned 6 x 6 solves (cond(F) < 1e3 here): agreement to 1e-11 relative.
+    assert np.allclose(got, want, rtol=1e-11, atol=1e-11 * np.abs(want).max())
+    reduced = cb.projected_scores(Phi, Psi, Gamma, damping=lam, reduce=True)
+    assert np.allclose(reduced, want.sum(axis=0), rtol=1e-11, atol=1e-11 * np.abs(want).max())
+    Phi[2][:, 1] = 0.0  # exactly singular F_2 and F_4 without damping
+    Phi[4][:, 5] = 0.0
+    with pytest.raises(NotPositiveDefiniteError) as got_error:
+        cb.projected_scores(Phi, Psi, Gamma, damping=np.zeros(5), reduce=True)
+    with pytest.raises(NotPositiveDefiniteError) as want_error:
+        projected_scores(Phi, Psi, Gamma, damping=0.0, backend="numpy")
+    assert got_error.value.slices == want_error.value.slices == (2, 4)
+    assert got_error.value.suggested_damping == want_error.value.suggested_damping
 
 
 # --------------------------------------------------------------------------- NVRTC
