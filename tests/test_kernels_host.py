@@ -124,9 +124,10 @@ def test_host_gaussian_block_within_few_ulp_of_oracle(seed, rows, proj_dim, dtyp
     row_start, n_rows = rows
     got = _host.generate_block(seed, row_start, n_rows, proj_dim, kind="gaussian", dtype=dtype)
     want = _oracle(seed, row_start, n_rows, proj_dim, "gaussian", dtype)
-    # docs/rng.md: log, sqrt, cos, sin agree to a few float64 ulp between libms (4 allowed
-    # here); after rounding to float32 that can move a value by at most one float32 ulp.
-    ulps = 4 if dtype == np.float64 else 1
+    # docs/rng.md: log, sqrt, cos, sin agree to a few float64 ulp between libms. glibc's and
+    # NumPy's are within 1 ulp, so with three roundings each side is within about 2.5 ulp and
+    # the two within 6; after rounding to float32, at most one float32 ulp apart.
+    ulps = 6 if dtype == np.float64 else 1
     tol = ulps * np.spacing(np.abs(want).astype(dtype))
     assert np.all(np.abs(got - want) <= tol)
 
