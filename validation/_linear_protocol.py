@@ -144,16 +144,12 @@ def method_scores(problem, cfg, methods=None):
 def completeness_residual(problem, cfg, scores):
     """Largest ``|Σ_i I[t, i] − Δ_t| / max(|Δ_t|, Σ_i |I[t, i]|)`` of exact IIF scores.
 
-    ``Δ_t = L_test(θ*) − L_test(θ'_t)`` with ``θ'_t`` the per-test unlearned parameters
-    (Eq. 1, 9, 12).
+    ``Δ_t = L_test(θ*) − L_test(θ(0))`` from :func:`iif_ref.linear.delta` (Eq. 1, 9);
+    ``θ(0)`` is the fit to the per-test unlearning baseline targets (Eq. 12–13), equal to
+    ``θ'_t`` when ``ridge = 0``.
     """
-    X, y, Xt, yt = problem.X, problem.y, problem.X_test, problem.y_test
-    theta_star = linear.fit(X, y, ridge=cfg.ridge)
-    theta_prime = linear.unlearned_params(X, y, Xt, yt, lam=cfg.lam, ridge=cfg.ridge)
-    loss_star = linear.test_losses(theta_star, Xt, yt)
-    loss_prime = np.array([linear.test_losses(theta_prime[t], Xt[t:t + 1], yt[t:t + 1])[0]
-                           for t in range(Xt.shape[0])])
-    delta = loss_star - loss_prime
+    delta = linear.delta(problem.X, problem.y, problem.X_test, problem.y_test,
+                         lam=cfg.lam, ridge=cfg.ridge)
     scale = np.maximum(np.abs(delta), np.abs(scores).sum(axis=1))
     return float(np.max(np.abs(scores.sum(axis=1) - delta) / scale))
 
@@ -308,7 +304,7 @@ def _flat(cell):
 
 def _fmt_ckpt(c):
     if isinstance(c, (int, np.integer)):
-        return f"{c} evenly spaced to convergence"
+        return f"{c} evenly spaced up to convergence"
     return "steps " + ",".join(map(str, c))
 
 
@@ -356,7 +352,8 @@ def markdown_table(title, settings, results, cfg, sweep_rows=None):
         lines += ["", f"Test points dropped (indefinite unlearning objective): {drops}; "
                       f"NaN LDS (constant column): {nans}."]
     if sweep_rows:
-        lines += ["", "**Sweeps** (held-out values where a ceiling was computed)", "",
+        lines += ["", "**Sweeps** (methods: LDS on all subsets; LDS ceiling: on its held-out "
+                      "half)", "",
                   "| sweep | value | method | " + " | ".join(s.label for s in settings)
                   + " |", "|---" * (len(settings) + 3) + "|"]
         seen = {}
