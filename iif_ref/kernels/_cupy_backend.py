@@ -376,7 +376,7 @@ def projected_scores(Phi, Psi, Gamma, *, damping, reduce):
     if failed:
         failed_arr = np.asarray(failed)
         # The oracle's suggestion (relative default of the failing slices) from their Phi.
-        suggestion = _fisher._suggest(cupy.asnumpy(Phi_d[cupy.asarray(failed_arr)]),
+        suggestion = _fisher.suggest_damping(cupy.asnumpy(Phi_d[cupy.asarray(failed_arr)]),
                                       damping_host[failed_arr],
                                       np.arange(failed_arr.size))
         detail = ""
