@@ -377,8 +377,8 @@ def projected_scores(Phi, Psi, Gamma, *, damping, reduce):
         failed_arr = np.asarray(failed)
         # The oracle's suggestion (relative default of the failing slices) from their Phi.
         suggestion = _fisher.suggest_damping(cupy.asnumpy(Phi_d[cupy.asarray(failed_arr)]),
-                                      damping_host[failed_arr],
-                                      np.arange(failed_arr.size))
+                                             damping_host[failed_arr],
+                                             np.arange(failed_arr.size))
         detail = ""
         if N < P:
             detail = ("With N < P the Gram Phi_b^T Phi_b has rank <= N < P, so damping "
