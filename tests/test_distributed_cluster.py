@@ -294,3 +294,44 @@ def test_map_retrainings_reports_failed_fits_and_keeps_the_rest(client):
         map_retrainings(client, _fails_on_odd, masks)
     assert set(info.value.errors) == {1, 3}
     assert info.value.results[0][0] == 1.0 and info.value.results[1] is None
+
+
+# --------------------------------------------------------------------------- torch models
+def _torch_problem():
+    torch = pytest.importorskip("torch", reason="the torch bridge needs torch")
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(240, 3, generator=g, dtype=torch.float64)
+    y = torch.tanh(X[:, :1]) + 0.1 * torch.randn(240, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 1)).double()
+    return net, X, y, X[:4] + 0.05, y[:4]
+
+
+@pytest.mark.parametrize("method,options", [
+    ("iif", dict(K=3, proj_dim=8, lam=0.5, unlearn_epochs=2, path_lr=1e-4)),
+    ("if", dict(proj_dim=8, damping=1e-3, solver="projected")),
+])
+def test_attribute_with_client_equals_single_process(client, tmp_path, method, options):
+    import iif_ref
+
+    net, X, y, X_test, y_test = _torch_problem()
+    single = iif_ref.attribute(net, "mse", X, y, X_test, y_test, method=method, seed=5,
+                               progress=False, **options)
+    dist = iif_ref.attribute(net, "mse", X, y, X_test, y_test, method=method, seed=5,
+                             client=client, store=str(tmp_path / "s"), chunk_rows=70,
+                             progress=False, **options)
+    assert type(dist) is type(single)
+    # Path models, baseline and Gamma are computed by the same driver code; features by
+    # the same per-sample code on shards. Only summation orders differ: scores agree to
+    # the float64 bound of tests/test_distributed_store.py::score_bound, which for these
+    # sizes (n=240, P=8, cond(F) recorded in the result) is below 1e-9 relative.
+    cond = max(max(single.diagnostics["condition"]), max(dist.diagnostics["condition"]))
+    tol = 4 * (240 + 8) * 8 * EPS * cond
+    scale = np.abs(single.scores).max()
+    assert np.max(np.abs(dist.scores - single.scores)) <= tol * scale
+    assert np.allclose(dist.delta, single.delta, rtol=0, atol=0)  # same driver code
+    assert np.allclose(dist.damping if hasattr(dist, "damping") else
+                       dist.diagnostics["damping"], single.diagnostics["damping"],
+                       rtol=1e3 * EPS, atol=0)
+    assert dist.diagnostics["distributed"][0]["n_workers"] == 2

@@ -4,6 +4,9 @@
     Scores from any feature function (the protocol in
     :mod:`iif_ref.distributed.featurize`) and projected test gradients: featurise into
     the store (resuming), reduce the Fishers, factor, score blockwise, top-k.
+:func:`attribute_distributed`
+    ``iif_ref.attribute(..., client=...)`` for torch models: the driver runs the
+    sequential parts (baseline, path models, test gradients), the workers featurise.
 :func:`connect`
     A running ``distributed.Client`` from a client or a scheduler address, with a clear
     error when the cluster cannot be reached.
@@ -22,7 +25,7 @@ from iif_ref.distributed.featurize import featurize, open_store
 from iif_ref.distributed.reduce import factor_fishers, fisher_grams, score_blocks
 from iif_ref.distributed.store import ChunkCorruptError
 
-__all__ = ["DistributedScores", "connect", "attribute_features"]
+__all__ = ["DistributedScores", "connect", "attribute_features", "attribute_distributed"]
 
 
 @dataclass(frozen=True)
@@ -237,3 +240,178 @@ def attribute_features(feature_fn, X_train, y_train, Gamma, *, client, store=Non
             shutil.rmtree(tmp, ignore_errors=True)
         if owned:
             client.close()
+
+
+_DISTRIBUTED_METHODS = ("iif", "if")
+
+
+def _method_config(method, seed, options):
+    """The :class:`IIFConfig` of ``method``: IIF as given; IF as IIF with K = 1, the
+    prediction baseline and no mask (Lemma 2.5), like ``influence_function(solver=
+    "projected")``."""
+    from iif_ref.neural.config import IIFConfig
+
+    if method not in _DISTRIBUTED_METHODS:
+        raise ValueError(f"method={method!r} has no distributed engine; available: "
+                         f"{_DISTRIBUTED_METHODS} (run it without client=)")
+    if method == "if":
+        allowed = {"damping", "proj_dim", "kind", "backend", "chunk_size", "dtype",
+                   "progress", "cache_dir", "solver"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for method='if'")
+        solver = options.pop("solver", "projected")
+        if solver != "projected":
+            raise ValueError(f"method='if' runs distributed only with solver='projected', "
+                             f"got {solver!r}")
+        options.pop("cache_dir", None)
+        options = {"damping": 0.0, **options}
+        return IIFConfig(K=1, baseline="prediction", mask_path=False, seed=seed, **options)
+    options.pop("cache_dir", None)
+    return IIFConfig.from_options({**options, "seed": seed})
+
+
+def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, client,
+                          method="iif", seed=0, store=None, baseline_params=None,
+                          chunk_rows=4096, test_block=256, top_k=10, connect_timeout=10.0,
+                          **options):
+    """:func:`iif_ref.attribute` for a torch model, its training set featurised on Dask.
+
+    Parameters
+    ----------
+    model, loss, X_train, y_train, X_test, y_test
+        As in :func:`iif_ref.neural.integrated_influence`.
+    client : distributed.Client or str
+        Running client or scheduler address.
+    method : {"iif", "if"}
+        Integrated Influence, or the influence function as its ``K = 1`` case
+        (projected solver).
+    seed : int
+        Projection seed (and mini-batch order of the driver-side optimisers).
+    store : str or path-like, optional
+        Feature-store directory (one sub-store per baseline group); reruns resume.
+        Default: a temporary directory, removed afterwards. Must be shared by the
+        workers on a multi-node cluster.
+    baseline_params : dict, optional
+        θ' for ``baseline="given"``.
+    chunk_rows, test_block, top_k, connect_timeout
+        As in :func:`attribute_features`. The full score matrix is returned (the result
+        type holds it); for a training set whose ``n_test × n_train`` scores do not fit
+        the driver, call :func:`attribute_features` with ``return_scores=False``.
+    **options
+        Fields of :class:`iif_ref.neural.config.IIFConfig` (``K``, ``lam``, ``baseline``,
+        ``proj_dim`` — required, projection is what makes the Fisher distributable —
+        ``damping``, ``path_models`` ...). ``cache_dir`` is ignored (the store is the
+        cache).
+
+    Returns
+    -------
+    iif_ref.neural.result.AttributionResult
+        As from the single-process run, with ``diagnostics["distributed"]`` holding per
+        group the store, fingerprint, chunks computed/reused/corrupt and the top-k.
+
+    Notes
+    -----
+    Implements Eq. (10) with Eq. (12)–(17), (31), like the single-process Algorithm 1.
+    On the driver: the baseline θ' (Eq. 12), baseline targets (Eq. 13), path models
+    θ_k (Eq. 16) and the test gradients ``Gamma`` — each a pass of forward/backward
+    over the data, sequential in k. On the workers: the per-sample projected
+    gradients and directions of every step (the dominant cost, ``K`` per-sample VJPs
+    and projections per sample), the Gram partial sums, and the score blocks.
+    """
+    import torch
+
+    from iif_ref.neural.attribution import _groups, _test_losses, prepare_problem
+    from iif_ref.neural.cache import StepCache
+    from iif_ref.neural.curvature import resolve_damping
+    from iif_ref.neural.features import test_features
+    from iif_ref.neural.functional import eval_mode
+    from iif_ref.neural.path import path_model_step, path_targets, predictions
+    from iif_ref.neural.result import AttributionResult
+    from iif_ref.distributed.torch_features import TorchPathFeatures
+
+    cfg = _method_config(method, seed, dict(options))
+    cfg.validate()
+    if cfg.proj_dim is None:
+        raise ValueError("the distributed engine needs proj_dim (the projected Fisher "
+                         "is what is reduced across workers); proj_dim=None runs "
+                         "without client=")
+    if client is None:
+        raise ValueError("client is required (a distributed.Client or scheduler address)")
+    client, owned = connect(client, timeout=connect_timeout)
+    try:
+        with eval_mode(model):
+            prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test,
+                                   dtype=cfg.dtype)
+            fm, loss_obj = prob.fm, prob.loss
+            mask = cfg.mask_path if cfg.mask_path is not None else loss_obj.classification
+            config = cfg.to_dict()
+            config.update(method=method, loss=loss_obj.name, n_params=fm.n_params,
+                          n_train=prob.n_train, n_test=prob.n_test,
+                          torch_dtype=str(fm.dtype).replace("torch.", ""),
+                          mask_path_resolved=bool(mask), torch_version=torch.__version__,
+                          distributed={"chunk_rows": chunk_rows, "test_block": test_block,
+                                       "top_k": top_k})
+            groups = _groups(prob, cfg, baseline_params, StepCache(None, "", config))
+            scores = np.zeros((prob.n_test, prob.n_train))
+            loss_star = _test_losses(prob, fm.theta_star, np.arange(prob.n_test))
+            loss_prime = np.zeros(prob.n_test)
+            diag = {"condition": [], "damping": [], "unlearning_trajectory": [],
+                    "path_trajectory": [], "distributed": []}
+            X_np = prob.X.detach().cpu().numpy()
+            common = dict(proj_dim=cfg.proj_dim, seed=cfg.seed, kind=cfg.kind,
+                          chunk_size=cfg.chunk_size, backend=cfg.backend)
+            for g, (rows, theta_prime, traj) in enumerate(groups):
+                diag["unlearning_trajectory"].append(list(map(float, traj)))
+                loss_prime[rows] = _test_losses(prob, theta_prime, rows)
+                Ybar = predictions(fm, loss_obj, theta_prime, prob.X,
+                                   chunk_size=cfg.chunk_size)
+                # Path models θ_K = θ* down to θ_1 (Eq. 16), sequential, on the driver.
+                thetas = [None] * cfg.K
+                theta = fm.theta_star
+                for k in range(cfg.K, 0, -1):
+                    if k < cfg.K:
+                        rho_k = path_targets(prob.Y, Ybar, k / cfg.K, mask=mask)
+                        theta, ptraj = path_model_step(fm, loss_obj, theta, prob.X, rho_k,
+                                                       cfg, k=k)
+                        diag["path_trajectory"].append(list(map(float, ptraj)))
+                    thetas[k - 1] = theta
+                Gamma = np.stack([test_features(fm, loss_obj, thetas[k - 1],
+                                                prob.X_test[rows], prob.Y_test[rows],
+                                                step=k, **common)
+                                  for k in range(1, cfg.K + 1)])
+                flat = np.stack([fm.flatten(t).detach().cpu().numpy() for t in thetas])
+                fn = TorchPathFeatures(model, loss, flat, n_out=prob.Y.shape[1],
+                                       mask=mask, dtype=cfg.dtype, tag={"group": g},
+                                       **common)
+                Yboth = torch.cat([prob.Y, Ybar], dim=1).detach().cpu().numpy()
+                out = attribute_features(
+                    fn, X_np, Yboth, Gamma, client=client,
+                    store=None if store is None else f"{store}/group_{g}",
+                    chunk_rows=chunk_rows, test_block=test_block,
+                    damping=lambda tr, P: resolve_damping(cfg.damping, tr, P),
+                    top_k=top_k, return_scores=True)
+                scores[rows] = out.scores
+                # Listed k = K..1, the order of the single-process run.
+                diag["condition"].extend(out.condition[::-1].tolist())
+                diag["damping"].extend(out.damping[::-1].tolist())
+                diag["distributed"].append({
+                    "test_rows": np.asarray(rows).tolist(), "store": out.store,
+                    "fingerprint": out.fingerprint, "computed_chunks": out.computed_chunks,
+                    "reused_chunks": out.reused_chunks, "corrupt_chunks": out.corrupt_chunks,
+                    "score_sums": out.score_sums, "proponents": out.proponents,
+                    "proponent_scores": out.proponent_scores, "opponents": out.opponents,
+                    "opponent_scores": out.opponent_scores,
+                    "n_workers": out.options["n_workers"]})
+    finally:
+        if owned:
+            client.close()
+    delta = loss_star - loss_prime
+    sums = np.zeros(prob.n_test)
+    for part in diag["distributed"]:
+        sums[part["test_rows"]] = part["score_sums"]
+    diag["loss_star"], diag["loss_prime"] = loss_star, loss_prime
+    diag["cached_steps"] = []
+    config["damping_used"] = list(diag["damping"])
+    return AttributionResult(scores=scores, delta=delta, residual=sums - delta,
+                             config=config, diagnostics=diag, method=method)
