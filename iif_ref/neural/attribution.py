@@ -19,7 +19,8 @@ import torch
 from iif_ref.neural.baseline import per_sample_losses, unlearn
 from iif_ref.neural.cache import StepCache, fingerprint
 from iif_ref.neural.config import IIFConfig
-from iif_ref.neural.curvature import dense_curvature, dense_scores, resolve_damping
+from iif_ref.neural.curvature import (condition_estimate, dense_curvature, dense_scores,
+                                      resolve_damping)
 from iif_ref.neural.features import test_features, train_features
 from iif_ref.neural.functional import FunctionalModel, as_inputs, as_targets, eval_mode
 from iif_ref.neural.losses import MSE, CROSS_ENTROPY, check_target_linear, resolve_loss
@@ -123,10 +124,11 @@ def _step_scores(prob, cfg, theta, rho_prev, rho_k, rows, k):
     from iif_ref.kernels import projected_scores
 
     P = cfg.proj_dim
-    gram = Phi.astype(np.float64).T @ Phi.astype(np.float64)
+    Phi64 = Phi.astype(np.float64)
+    gram = Phi64.T @ Phi64
     lam_d = resolve_damping(cfg.damping, np.trace(gram), P)
-    evals = np.linalg.eigvalsh(gram + lam_d * np.eye(P))
-    cond = float(evals[-1] / evals[0]) if evals[0] > 0 else float("inf")
+    # Diagnostic only (the kernel factors F itself and raises if it is not SPD).
+    cond = condition_estimate(gram + lam_d * np.eye(P))
     options = {} if cfg.backend is None else {"backend": cfg.backend}
     scores = projected_scores(Phi, Psi, Gamma, damping=lam_d, **options)
     return scores, cond, lam_d

@@ -22,7 +22,8 @@ from iif_ref.errors import NotPositiveDefiniteError
 from iif_ref.kernels._fisher import RELATIVE_DAMPING
 from iif_ref.neural.functional import chunks
 
-__all__ = ["dense_curvature", "dense_scores", "resolve_damping", "RELATIVE_DAMPING"]
+__all__ = ["dense_curvature", "dense_scores", "resolve_damping", "condition_estimate",
+           "RELATIVE_DAMPING"]
 
 #: Largest ``n_params`` for which the dense ``(n_params, n_params)`` path is allowed.
 MAX_DENSE_PARAMS = 20_000
@@ -34,6 +35,22 @@ def resolve_damping(damping, C_trace, dim):
     if isinstance(damping, str):
         return RELATIVE_DAMPING * float(C_trace) / dim
     return float(damping)
+
+
+def condition_estimate(F):
+    """LAPACK's 1-norm condition estimate of an SPD matrix (Cholesky + ``pocon``).
+
+    ``O(P³/3)`` for the factor and ``O(P²)`` for the estimate, cheaper than eigenvalues;
+    the estimate is within a small factor of the true 1-norm condition number. Returns
+    ``inf`` when ``F`` is not numerically positive definite.
+    """
+    F = np.asarray(F, dtype=np.float64)
+    anorm = float(np.max(np.sum(np.abs(F), axis=0)))
+    c, info = scipy.linalg.lapack.dpotrf(F, lower=1, clean=0)
+    if info != 0:
+        return float("inf")
+    rcond, info = scipy.linalg.lapack.dpocon(c, anorm, uplo="L")
+    return float("inf") if info != 0 or rcond <= 0 else 1.0 / float(rcond)
 
 
 def dense_curvature(fm, loss, params, X, rho, *, kind, U=None, chunk_size=256):
