@@ -255,6 +255,10 @@ def test_losses(theta, X_test, y_test):
     return _residuals(theta, X_test, y_test) ** 2
 
 
+# Not a pytest test, whatever module imports it by name.
+test_losses.__test__ = False
+
+
 def _unlearned(p, X_test, y_test, lam):
     """Closed-form minimisers of Eq. (12), one per test point; shape (n_test, d)."""
     W = p.whiten(X_test)                      # rows x̂ᵀR⁻¹
@@ -549,6 +553,10 @@ def _default_n_steps(mu, lr):
     rate = float(np.max(np.abs(1.0 - lr * mu)))
     if rate == 0.0:
         return 1
+    if rate >= 1.0:
+        # lr·μ_min below the float64 resolution of 1: the slowest mode never moves.
+        raise ValueError(f"lr = {lr} is too small for gradient descent to converge in float64 "
+                         f"(1 − lr·λ_min(H) rounds to 1); pass n_steps explicitly or a larger lr")
     return max(1, math.ceil(math.log(_GD_CONVERGED) / math.log(rate)))
 
 

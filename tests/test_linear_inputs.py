@@ -250,3 +250,10 @@ def test_bad_tracin_arguments_raise(kw, exc, pattern):
 def test_all_zero_features_raise():
     with pytest.raises(ValueError, match=r"^X is all zeros"):
         linear.fit(np.zeros((5, 2)), np.ones(5))
+
+
+def test_tracin_learning_rate_too_small_to_converge_needs_n_steps():
+    with pytest.raises(ValueError, match=r"^lr = 1e-300 is too small .*pass n_steps"):
+        linear.tracin(X, Y, X_TEST, Y_TEST, lr=1e-300, checkpoints=3)
+    out = linear.tracin(X, Y, X_TEST, Y_TEST, lr=1e-300, checkpoints=3, n_steps=30)
+    assert out.shape == (len(Y_TEST), N) and np.all(np.isfinite(out))
