@@ -114,6 +114,41 @@ def bench_projection(sizes, repeats, with_trak, max_flop):
     return rows
 
 
+def bench_dot_placement(n, proj_dim, m, repeats):
+    """Design check: GEMM called from Python (what the backend does) vs ``np.dot``
+    inside a jitted loop over the same blocks (which needs contiguous column blocks)."""
+    import numba
+
+    from iif_ref.kernels import _numba_backend
+    from iif_ref.kernels._philox import split_seed
+
+    @numba.njit
+    def inside(G, k0, k1, chunk, value, proj_dim):
+        n_rows, n_params = G.shape
+        out = np.zeros((n_rows, proj_dim), G.dtype)
+        buf = np.empty((chunk, proj_dim), G.dtype)
+        for start in range(0, n_params, chunk):
+            stop = min(start + chunk, n_params)
+            block = buf[: stop - start]
+            _numba_backend._rademacher_block(k0, k1, np.uint64(start), value, block)
+            out += np.dot(np.ascontiguousarray(G[:, start:stop]), block)
+        return out
+
+    G = np.random.default_rng(2).standard_normal((n, m), dtype=np.float32)
+    chunk = DEFAULT_MEMORY_BUDGET // (proj_dim * 4)
+    k0, k1 = split_seed(1)
+    value = np.float32(1 / np.sqrt(proj_dim))
+    (t_in, t_out), times = _interleaved(
+        [lambda: inside(G, k0, k1, chunk, value, proj_dim),
+         lambda: project(G, proj_dim, seed=1, backend="numba")], repeats)
+    row = {"n": n, "proj_dim": proj_dim, "M_measured": m, "dtype": "float32",
+           "seconds_dot_inside_numba": t_in, "seconds_gemm_from_python": t_out,
+           "inside_over_outside_time": t_in / t_out, "times_s": times}
+    print(f"GEMM placement n={n} P={proj_dim} M={m}: np.dot inside numba takes "
+          f"{row['inside_over_outside_time']:.2f}x the time of GEMM from Python", flush=True)
+    return row
+
+
 def _loop_reference(Phi, Psi, Gamma, lam):
     """What a user would write: per slice, dense Fisher, cho_factor, cho_solve."""
     B, N, P = Phi.shape
@@ -172,10 +207,12 @@ def main(argv=None):
         max_flop = 1e9
     else:
         sizes = [(256, 512), (256, 4096), (4096, 512), (4096, 4096)]
-        cases = [(64, 4096, 512, 16), (64, 512, 2048, 16), (512, 2048, 64, 4)]
+        cases = [(32, 2048, 256, 16), (32, 256, 1024, 16), (512, 1024, 32, 4)]
     # Warm the JIT (compilation or cache load) outside every timing.
     project(np.ones((2, 300), np.float32), 130, backend="numba")
     proj_rows = bench_projection(sizes, args.repeats, not args.no_trak, max_flop)
+    dot_rows = [bench_dot_placement(*((64, 128, 4096) if args.quick
+                                      else (256, 4096, 16384)), args.repeats)]
     solve_rows = bench_solve(cases, args.repeats)
     meta = {"load_average_before": load_before,
             "command": "python validation/bench_kernels.py" + (" --quick" if args.quick else ""),
@@ -183,6 +220,7 @@ def main(argv=None):
                      "roofline = np.matmul with A materialised; numba holds <= "
                      "A_budget_bytes of A; solve peak = tracemalloc peak of NumPy buffers")}
     path = write_results(args.output, [{"benchmark": "project", **r} for r in proj_rows]
+                         + [{"benchmark": "gemm_placement", **r} for r in dot_rows]
                          + [{"benchmark": "projected_scores", **r} for r in solve_rows],
                          meta=meta, machine=machine_info())
     print(f"wrote {path}")

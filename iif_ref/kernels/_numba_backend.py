@@ -3,8 +3,10 @@
 ``project`` generates a block of ``chunk_rows`` rows of ``A`` with a ``prange`` over
 rows (one Philox call per 128 Rademacher entries, or per 2 Gaussian entries) directly
 in the input dtype, then multiplies it with the matching columns of ``G`` through
-NumPy's BLAS GEMM (called from Python: it is multithreaded and as fast as from inside
-a jitted function, and keeps the float32 GEMM in float32) and accumulates. The
+NumPy's BLAS GEMM called from Python (multithreaded, works on strided column blocks
+of ``G`` without a copy, keeps a float32 GEMM in float32; ``np.dot`` inside a jitted
+loop needs contiguous copies and is compared in ``validation/bench_kernels.py``) and
+accumulates. The
 generator source is :func:`iif_ref.kernels._philox.philox4x32_10`, compiled here.
 
 ``projected_scores`` is LAPACK/BLAS-bound; it uses the shared host implementation
@@ -120,12 +122,17 @@ def project(G, proj_dim, *, seed, kind, chunk_rows):
     ``chunk_rows * proj_dim`` entries of ``A`` exist at once.
     """
     n, n_params = G.shape
-    out = np.zeros((n, proj_dim), dtype=G.dtype)
-    partial = np.empty_like(out)
+    out = np.empty((n, proj_dim), dtype=G.dtype)
+    partial = None
     buffer = np.empty((min(chunk_rows, n_params), proj_dim), dtype=G.dtype)
     for start in range(0, n_params, chunk_rows):
         stop = min(start + chunk_rows, n_params)
         block = _fill(buffer[: stop - start], seed, start, kind)
+        if start == 0:  # the first product is written in place: no zero fill, no add
+            np.matmul(G[:, start:stop], block, out=out)
+            continue
+        if partial is None:
+            partial = np.empty_like(out)
         np.matmul(G[:, start:stop], block, out=partial)
         out += partial
     return out
