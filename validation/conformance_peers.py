@@ -190,6 +190,12 @@ _NOTES = """\
   0.111 × exact" = 1/9 for `s = 3`), while the exact influence scales by `s²`. Their
   `duplicate` failures are the exactness error on the enlarged problem: the two copies
   agree. Permutation equivariance holds for all of them.
+- dattri's DataInf at its default setting (float32 model, mean loss, default
+  regularisation) returned non-finite scores on every problem; at the fair setting it
+  returns finite scores that are far from the influence function on these problems.
+- LiSSA at its default (one-sample Hessian estimates, `scaling = 50`, depth 5000) is a
+  stochastic estimate; its error is what one run gave. At the fair setting (full batch)
+  it converges to within its declared `rtol = 1e-3`.
 - A projected TracIn (dattri's default projects to 512 Gaussian coordinates) has a
   Johnson–Lindenstrauss error of order `sqrt(2/512) ≈ 6%` in each dot product, which is
   what its `tracin_exact` error shows; unprojected it is exact.

@@ -279,9 +279,9 @@ class Attributor:
             raise ValueError(f"{self.name} returned dtype {raw.dtype}; real numbers required")
         raw = raw.astype(np.float64)
         if not np.all(np.isfinite(raw)):
-            bad = np.argwhere(~np.isfinite(raw))[0]
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(raw))[0])
             raise ValueError(f"{self.name} returned {int(np.sum(~np.isfinite(raw)))} "
-                             f"non-finite score(s), first at (test, train) = {tuple(bad)}")
+                             f"non-finite score(s), first at (test, train) = {bad}")
         sign = 1.0 if self.sign == "loss_up" else -1.0
         return sign * raw / _normalisation_factor(self.normalisation, problem.n_train)
 
