@@ -212,7 +212,7 @@ def _as_labels(y, name, n):
     return torch.as_tensor(arr.astype(np.int64))
 
 
-def train(model, X, y, *, config=None, seed, threads=1):
+def train(model, X, y, *, config=None, seed, threads=1, callback=None):
     """Train ``model`` in place on ``(X, y)`` with cross-entropy; deterministic given ``seed``.
 
     Minibatches are drawn by a ``torch.Generator`` seeded with ``seed``; dropout draws
@@ -234,6 +234,9 @@ def train(model, X, y, *, config=None, seed, threads=1):
     threads : int, keyword-only
         ``torch.set_num_threads`` during training (restored afterwards). Results are
         reproducible for a fixed value; different values may differ in the last bits.
+    callback : callable, optional, keyword-only
+        ``callback(epoch, model)`` after each epoch (1-based), e.g. to keep TracIn
+        checkpoints (``copy.deepcopy(model.state_dict())``); must not modify ``model``.
 
     Returns
     -------
@@ -260,7 +263,7 @@ def train(model, X, y, *, config=None, seed, threads=1):
     with _torch_threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed) + 1)
         model.train()
-        for _ in range(config.epochs):
+        for epoch in range(config.epochs):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, config.batch_size):
                 idx = order[start:start + config.batch_size]
@@ -271,6 +274,8 @@ def train(model, X, y, *, config=None, seed, threads=1):
                 loss = loss_fn(model(Xt[idx]), yt[idx])
                 loss.backward()
                 opt.step()
+            if callback is not None:
+                callback(epoch + 1, model)
         model.eval()
     return model
 

@@ -1,0 +1,356 @@
+"""Table 2: LDS of IF, TracIn, TRAK and IIF on the paper's 4-layer MLP.
+
+Protocol (docs/reproduction-neural.md has the reasons):
+
+1. Data: scikit-learn's digits (embedded) by default, or MNIST IDX files with
+   ``--mnist DIR``. Train the MLP of Table 5 (SGD lr 0.01, momentum 0.9, 50 epochs,
+   batch 64) → θ*; keep the parameters after every 10th epoch for TracIn.
+2. Ground truth: ``n_subsets`` random subsets of size ``α·n_train`` (α = 0.5),
+   retrained from scratch (:mod:`iif_ref.retraining`, cached, parallel); the test loss
+   is per-sample cross-entropy in eval mode.
+3. Subsets are split in two: *tuning* subsets choose each method's damping from the same
+   relative grid; the LDS is reported on the disjoint *evaluation* subsets, as mean ±
+   standard error over test points.
+4. Reference: the exact Gauss–Newton influence function (float64, no projection).
+   Ceiling: a datamodel that starts from the reference scores and fits only a ridge
+   residual on the tuning subsets, scored on the evaluation subsets.
+5. Retraining noise: the first subsets are retrained with another seed; the Spearman
+   correlation of the two runs' test losses bounds what any deterministic prediction of
+   the losses can reach.
+
+``iif-ref reproduce table2`` (quick, a few minutes on 2 cores) or ``--full``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _neural_protocol as proto  # noqa: E402
+
+PAPER = {"IF": 0.1035, "TracIn": 0.1379, "TRAK": 0.1115, "IIF": 0.1635}
+
+QUICK = dict(n_train=500, n_test=20, n_subsets=100, grid=(1e-4, 1e-3, 1e-2), n_noise=24,
+             epochs=50, K=5)
+FULL = dict(n_train=1000, n_test=100, n_subsets=1000, grid=proto.RELATIVE_DAMPING_GRID,
+            n_noise=100, epochs=50, K=5)
+MNIST_QUICK = dict(QUICK, n_train=1000)
+MNIST_FULL = dict(FULL, n_train=5000, n_test=1000, n_subsets=1000)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="iif-ref reproduce table2", description=__doc__.split("\n")[0])
+    p.add_argument("--full", action="store_true", help="paper-scale protocol (long)")
+    p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--n-test", type=int)
+    p.add_argument("--n-subsets", type=int)
+    p.add_argument("--n-noise", type=int, help="subsets retrained twice for the noise level")
+    p.add_argument("--epochs", type=int, help="training epochs (paper: 50)")
+    p.add_argument("--K", type=int, help="IIF path steps")
+    p.add_argument("--alpha", type=float, default=0.5, help="subset fraction")
+    p.add_argument("--grid", type=float, nargs="+", help="relative damping grid")
+    p.add_argument("--methods", nargs="+",
+                   default=["exact_gn_if", "if_cg", "if_projected", "tracin", "trak", "iif"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=str(proto.CACHE_DIR / "table2"))
+    p.add_argument("--results-dir", default=str(proto.RESULTS_DIR))
+    p.add_argument("--name", help="results file stem (default table2 / table2_full / _mnist)")
+    p.add_argument("--no-benchmark", action="store_true",
+                   help="skip the processes-vs-threads timing of the retraining engine")
+    args = p.parse_args(argv)
+    base = (MNIST_FULL if args.full else MNIST_QUICK) if args.mnist else (FULL if args.full else QUICK)
+    for key, value in base.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.name is None:
+        args.name = "table2" + ("_full" if args.full else "") + ("_mnist" if args.mnist else "")
+    return args
+
+
+def load_data(args):
+    from iif_ref.datasets import load_digits_split, load_mnist_idx
+
+    if args.mnist:
+        return load_mnist_idx(args.mnist, n_train=args.n_train, n_test=args.n_test,
+                              seed=args.seed)
+    return load_digits_split(args.n_train, args.n_test, seed=args.seed)
+
+
+def train_reference(split, spec, seed, *, threads=2, every=10):
+    """θ* and TracIn checkpoints (parameters after every ``every``-th epoch)."""
+    from iif_ref.models import make_model, train
+
+    model = make_model(spec.arch, seed=seed, **spec.kwargs)
+    checkpoints = []
+
+    def keep(epoch, m):
+        if epoch % every == 0 or epoch == spec.train.epochs:
+            checkpoints.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+
+    t0 = time.perf_counter()
+    train(model, split.X_train, split.y_train, config=spec.train, seed=seed, threads=threads,
+          callback=keep)
+    return model, checkpoints, time.perf_counter() - t0
+
+
+def log(msg):
+    print(f"[table2] {msg}", file=sys.stderr, flush=True)
+
+
+def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
+    """Every method through the same damping procedure; returns rows and the reference."""
+    import torch
+
+    from iif_ref import attribute
+    from iif_ref.errors import NotPositiveDefiniteError
+    from iif_ref.neural.curvature import RELATIVE_DAMPING
+
+    data = (split.X_train, split.y_train, split.X_test, split.y_test)
+    rows, reference = [], None
+    torch.set_num_threads(2)
+
+    def auto_scaled(method, **options):
+        """run(r) for a method whose curvature scale is learnt from its "auto" run:
+        λ_d = r · tr(C)/dim with C the matrix it solves (first step for IIF)."""
+        state = {}
+
+        def run(r):
+            if "scale" not in state:
+                res = attribute(model, "cross_entropy", *data, method=method, seed=args.seed,
+                                damping="auto", **options)
+                state["scale"] = float(res.config["damping_used"][0]) / RELATIVE_DAMPING \
+                    if "damping_used" in res.config else float(res.diagnostics["damping"][0]) / RELATIVE_DAMPING
+                if np.isclose(r, RELATIVE_DAMPING):
+                    return res.scores, r * state["scale"], res
+            lam_d = r * state["scale"]
+            res = attribute(model, "cross_entropy", *data, method=method, seed=args.seed,
+                            damping=lam_d, **options)
+            return res.scores, lam_d, res
+        return run
+
+    for name in args.methods:
+        log(f"method {name}")
+        t0 = time.perf_counter()
+        row = {"method": name}
+        try:
+            if name == "exact_gn_if":
+                bytes_needed = 8.0 * split.X_train.shape[0] * split.n_classes * \
+                    sum(p.numel() for p in model.parameters())
+                if bytes_needed > 3e9:
+                    row.update(skipped=f"needs {bytes_needed / 1e9:.1f} GB for the logit "
+                               "Jacobians (limit 3 GB)")
+                    rows.append(row)
+                    continue
+                ex = proto.exact_gauss_newton_if(model, *data, n_classes=split.n_classes)
+                scale = ex.trace / ex.n_params
+
+                def run(r, ex=ex, scale=scale):
+                    return ex.scores(r * scale), r * scale, None
+                choice = proto.choose_damping(run, masks, losses, tune, grid=args.grid)
+                choice.seconds += ex.seconds  # the factorisation-independent part
+                reference = choice.scores
+                row.update(curvature="exact Gauss-Newton, float64, unprojected",
+                           complement=ex.complement, timings=ex.timings)
+            elif name == "if_cg":
+                # IF with the exact Hessian by conjugate gradients (the paper's IF); the
+                # Hessian's trace is not formed, so its scale is the Gauss–Newton one.
+                scale = None
+                if reference is not None:
+                    scale = rows[[r["method"] for r in rows].index("exact_gn_if")]["scale"]
+                if scale is None:
+                    row.update(skipped="needs the exact_gn_if scale tr(C)/n_params")
+                    rows.append(row)
+                    continue
+
+                def run(r, scale=scale):
+                    try:
+                        res = attribute(model, "cross_entropy", *data, method="if",
+                                        solver="cg", damping=r * scale, cg_tol=1e-6,
+                                        cg_max_iter=300, seed=args.seed)
+                    except NotPositiveDefiniteError:
+                        not_pd.append(r)
+                        return np.zeros((split.X_test.shape[0], split.X_train.shape[0])), \
+                            r * scale, None
+                    return res.scores, r * scale, res
+                not_pd = []
+                choice = proto.choose_damping(run, masks, losses, tune, grid=args.grid)
+                row["not_positive_definite_at"] = not_pd
+                if len(not_pd) == len(args.grid):
+                    raise RuntimeError("H + λI was not positive definite for any damping of "
+                                       f"the grid {list(args.grid)} × tr(C_GN)/n_params")
+                row.update(curvature="exact Hessian, conjugate gradients (300 iterations "
+                           "max, tol 1e-6); a damping whose H + λI is not PD scores 0")
+            elif name == "if_projected":
+                choice = proto.choose_damping(
+                    auto_scaled("if", solver="projected", proj_dim=256), masks, losses,
+                    tune, grid=args.grid)
+                row.update(curvature="projected empirical Fisher, P=256")
+            elif name == "tracin":
+                lr = 0.01
+                t1 = time.perf_counter()
+                res = attribute(model, "cross_entropy", *data, method="tracin",
+                                checkpoints=checkpoints, lrs=[lr] * len(checkpoints),
+                                seed=args.seed)
+                choice = proto.DampingChoice(None, None, {}, res.scores,
+                                             time.perf_counter() - t1, res)
+                row.update(curvature="none (TracInCP)", n_checkpoints=len(checkpoints))
+            elif name == "trak":
+                choice = proto.choose_damping(
+                    auto_scaled("trak", proj_dim=256), masks, losses, tune, grid=args.grid)
+                row.update(curvature="projected margin-gradient Gram, P=256, 1 model")
+            elif name == "iif":
+                choice = proto.choose_damping(
+                    auto_scaled("iif", K=args.K, lam=0.5, proj_dim=256, progress=False,
+                                unlearn_epochs=5, unlearn_optimizer="sgd"),
+                    masks, losses, tune, grid=args.grid)
+                res = choice.result
+                row.update(curvature="projected empirical Fisher per step, P=256",
+                           K=args.K, lam=0.5,
+                           delta=proto.mean_se(res.delta) if res is not None else None,
+                           completeness_residual=proto.mean_se(np.abs(res.residual))
+                           if res is not None else None)
+            else:
+                raise ValueError(f"unknown method {name!r}")
+        except Exception as exc:  # a failing method is reported, not hidden
+            row.update(error=f"{type(exc).__name__}: {exc}")
+            rows.append(row)
+            log(f"{name} failed: {row['error']}")
+            continue
+        values = proto.lds_on(choice.scores, masks, losses, evaluate)
+        row.update(lds=proto.mean_se(values), lds_per_test=[None if not np.isfinite(v) else float(v)
+                                                           for v in values],
+                   relative_damping=choice.relative, damping=choice.absolute,
+                   tune_lds=choice.tune_lds, seconds_chosen_run=choice.seconds,
+                   seconds_total=time.perf_counter() - t0)
+        if name == "exact_gn_if":
+            row["scale"] = scale
+        rows.append(row)
+        log(f"{name}: LDS {proto.fmt(row['lds'])} (damping r={choice.relative}), "
+            f"{row['seconds_total']:.0f}s")
+    return rows, reference
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from iif_ref.metrics import random_subset_masks
+    from iif_ref.models import PAPER_TRAINING, TrainConfig
+    from iif_ref.retraining import ModelSpec, benchmark_parallelism, retrain_subsets
+
+    t_start = time.perf_counter()
+    split = load_data(args)
+    tc = TrainConfig(**{**PAPER_TRAINING["mlp"].to_dict(), "epochs": args.epochs})
+    spec = ModelSpec("mlp", {"in_features": int(np.prod(split.X_train.shape[1:]))}, tc)
+    model, checkpoints, t_train = train_reference(split, spec, args.seed)
+    log(f"trained θ* on {len(split.X_train)} samples in {t_train:.1f}s")
+
+    masks = random_subset_masks(len(split.X_train), args.n_subsets, alpha=args.alpha,
+                                seed=args.seed + 1)
+    data = (split.X_train, split.y_train, split.X_test, split.y_test)
+    cache = Path(args.cache_dir) / hashlib.sha256(
+        json.dumps([split.source, args.n_train, args.n_test, args.seed]).encode()).hexdigest()[:12]
+    gt = retrain_subsets(spec, *data, masks, seed=args.seed + 2, cache_dir=cache,
+                         n_workers=args.workers)
+    n_noise = min(args.n_noise, args.n_subsets)
+    noise_gt = retrain_subsets(spec, *data, masks[:n_noise], seed=args.seed + 3,
+                               cache_dir=cache / "noise", n_workers=args.workers)
+    noise = proto.retraining_noise(gt.losses[:n_noise], noise_gt.losses)
+    bench = None
+    if not args.no_benchmark:
+        bench = benchmark_parallelism(spec, *data, masks[:4 * args.workers], seed=99,
+                                      n_workers=args.workers)
+        log(f"retraining: {bench['n_trainings']} trainings, {args.workers} processes "
+            f"{bench['processes_s']:.1f}s vs 1 process × {args.workers} threads "
+            f"{bench['threads_s']:.1f}s (ratio {bench['ratio_threads_over_processes']:.2f}; "
+            f"pool start-up {bench['pool_startup_s']:.1f}s not included)")
+
+    tune, evaluate = proto.split_subsets(args.n_subsets, seed=args.seed + 4)
+    rows, reference = run_methods(args, split, model, checkpoints, masks, gt.losses, tune,
+                                  evaluate)
+    ceiling = None
+    if reference is not None:
+        c = proto.residual_datamodel_ceiling(reference, masks, gt.losses, tune, evaluate,
+                                             seed=args.seed + 5)
+        ceiling = {"lds": proto.mean_se(c["ceiling"]),
+                   "ridge_chosen": np.unique(c["ridge"]).tolist(),
+                   "estimator": "exact-GN IF prior + ridge residual datamodel, ridge chosen "
+                                "per test point on a held-out third of the tuning subsets"}
+    meta = {
+        "reproduction": "table2", "argv": list(argv or []), "data": split.source,
+        "n_train": len(split.X_train), "n_test": len(split.X_test),
+        "n_subsets": args.n_subsets, "alpha": args.alpha, "n_tune": int(len(tune)),
+        "n_eval": int(len(evaluate)), "damping_grid_relative": list(args.grid),
+        "model": spec.to_dict(), "train_seconds": t_train, "seed": args.seed,
+        "test_accuracy": float(np.mean(_predict(model, split.X_test) == split.y_test)),
+        "retraining": {"wall_seconds": gt.wall_seconds, "n_cached": gt.n_cached,
+                       "mean_seconds_per_subset": float(np.nanmean(gt.seconds)),
+                       "workers": args.workers},
+        "retraining_noise_spearman": proto.mean_se(noise), "n_noise_subsets": n_noise,
+        "parallelism_benchmark": bench, "ceiling": ceiling, "paper_lds": PAPER,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    path = proto.write_json(args.name, rows, meta, directory=args.results_dir)
+    print(render(rows, meta))
+    print(f"\nwritten {path}")
+    return 0
+
+
+def _predict(model, X):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(X, dtype=torch.float32)).argmax(1).numpy()
+
+
+LABELS = {"exact_gn_if": ("IF, exact Gauss–Newton (reference)", None),
+          "if_cg": ("IF, exact Hessian by CG", "IF"),
+          "if_projected": ("IF, projected Fisher P=256", "IF"),
+          "tracin": ("TracIn (5 checkpoints)", "TracIn"),
+          "trak": ("TRAK (1 model, P=256)", "TRAK"),
+          "iif": ("IIF (K=5, λ=0.5, P=256)", "IIF")}
+
+
+def render(rows, meta):
+    """Markdown table of one results file."""
+    out = []
+    for row in rows:
+        label, paper_key = LABELS.get(row["method"], (row["method"], None))
+        if row["method"] == "iif" and "K" in row:
+            label = f"IIF (K={row['K']}, λ=0.5, P=256)"
+        paper = f"{PAPER[paper_key]:.4f}" if paper_key else "—"
+        if "lds" not in row:
+            out.append([label, "—", paper, "—", "—", row.get("skipped") or row.get("error")])
+            continue
+        damp = "—" if row["relative_damping"] is None else f"{row['relative_damping']:g}"
+        out.append([label, proto.fmt(row["lds"]), paper, damp,
+                    f"{row['seconds_chosen_run']:.1f}", f"{row['seconds_total']:.0f}"])
+    table = proto.markdown_table(
+        ["method", f"LDS (ours, {meta['n_eval']} eval subsets, mean ± se over "
+                   f"{meta['n_test']} test points)", "LDS (paper)", "relative damping",
+         "time, chosen run [s]", "time incl. damping search [s]"], out)
+    extra = [f"\nretraining noise (Spearman of two seeds on {meta['n_noise_subsets']} subsets): "
+             f"{proto.fmt(meta['retraining_noise_spearman'])}"]
+    if meta["ceiling"]:
+        extra.append(f"datamodel ceiling estimate: {proto.fmt(meta['ceiling']['lds'])}")
+        best = max((r["lds"]["mean"] for r in rows if "lds" in r and r["lds"]["mean"] is not None),
+                   default=None)
+        if best is not None and meta["ceiling"]["lds"]["mean"] < best:
+            extra.append("(the ceiling estimate is below a method's LDS: it is fitted on "
+                         f"{meta['n_tune']} subsets for {meta['n_train']} weights, so its "
+                         "residual adds noise; read it as an estimate, not a bound)")
+    extra.append(f"test accuracy of θ*: {meta['test_accuracy']:.3f}; data: {meta['data']}, "
+                 f"{meta['n_train']} train / {meta['n_test']} test, {meta['n_subsets']} subsets "
+                 f"(α = {meta['alpha']})")
+    return table + "\n" + "\n".join(extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
