@@ -335,3 +335,24 @@ def test_attribute_with_client_equals_single_process(client, tmp_path, method, o
                        dist.diagnostics["damping"], single.diagnostics["damping"],
                        rtol=1e3 * EPS, atol=0)
     assert dist.diagnostics["distributed"][0]["n_workers"] == 2
+
+
+def test_lds_retrainings_on_the_cluster_equal_the_retraining_engine(client):
+    pytest.importorskip("torch", reason="the retraining engine trains torch networks")
+    from iif_ref.datasets import load_digits_split
+    from iif_ref.distributed.retrain import SubsetTraining
+    from iif_ref.models import TrainConfig
+    from iif_ref.retraining import ModelSpec, retrain_subsets
+
+    split = load_digits_split(40, 6, seed=0)
+    masks = np.random.default_rng(0).random((4, 40)) < 0.5
+    spec = ModelSpec("mlp", {"in_features": 64, "hidden": (16,)},
+                     TrainConfig(epochs=2, optimiser="sgd", lr=0.05, momentum=0.9,
+                                 batch_size=16))
+    want = retrain_subsets(spec, split.X_train, split.y_train, split.X_test, split.y_test,
+                           masks, seed=3, n_workers=1, progress=False)
+    data = (np.asarray(split.X_train, dtype=np.float32), np.asarray(split.y_train, np.int64),
+            np.asarray(split.X_test, dtype=np.float32), np.asarray(split.y_test, np.int64))
+    got = map_retrainings(client, SubsetTraining(spec, 3), masks, data=data, stack=False)
+    # Same seed per subset, one thread, float32 CPU kernels: bit-identical wherever it runs.
+    assert np.array_equal(np.stack([losses for losses, _ in got]), want.losses)

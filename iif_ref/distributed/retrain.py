@@ -11,7 +11,7 @@ import numpy as np
 from iif_ref._validation import check_positive_int
 from iif_ref.distributed import _executor
 
-__all__ = ["RetrainingError", "map_retrainings"]
+__all__ = ["RetrainingError", "map_retrainings", "SubsetTraining"]
 
 
 class RetrainingError(RuntimeError):
@@ -29,6 +29,34 @@ class RetrainingError(RuntimeError):
         super().__init__(message)
         self.errors = dict(errors)
         self.results = list(results)
+
+
+class SubsetTraining:
+    """``fit_fn`` that trains one subset exactly as :func:`iif_ref.retraining.retrain_subsets`.
+
+    ``SubsetTraining(spec, seed)(j, mask, (X_train, y_train, X_test, y_test))`` trains
+    ``spec`` on the masked rows with seed ``subset_seed(seed, j)`` and one thread, and
+    returns ``(test_losses, seconds)`` — the same per-subset function the retraining
+    engine runs in its own worker processes, so the losses are bit-identical to
+    ``retrain_subsets(..., seed=seed).losses[j]``. Pass the data as that engine holds
+    it: ``X`` as float32 arrays, labels as int64.
+
+    Parameters
+    ----------
+    spec : iif_ref.retraining.ModelSpec
+    seed : int
+    """
+
+    def __init__(self, spec, seed):
+        self.spec, self.seed = spec, int(seed)
+
+    def __call__(self, j, mask, data):
+        from iif_ref import retraining
+
+        # The retraining engine's own hand-off and training function (no copy of its
+        # logic here): data into its per-process slot, then one subset.
+        retraining._init_worker_in_process(*data)
+        return retraining._train_subset(self.spec, mask, retraining.subset_seed(self.seed, j))
 
 
 def _fit_batch(fit_fn, indices, masks, data):
