@@ -355,3 +355,24 @@ def test_functional_model_flatten_roundtrip_and_index_order():
     assert torch.equal(v, expected)
     back = fm.unflatten(v)
     assert all(torch.equal(back[n], fm.theta_star[n]) for n in fm.names)
+
+
+def test_fused_masked_cross_entropy_features_equal_the_two_row_computation():
+    X, y, _, _ = _data(8, n=12)
+    net = _mlp(8)
+    Y = torch.as_tensor(np.eye(3)[y])
+    with torch.no_grad():
+        pbar = torch.softmax(net(torch.as_tensor(X)), 1)
+    # Masked path targets of one step (appendix E): both weights ∝ ∂l/∂f(f, y).
+    rho_k = path_targets(Y, pbar, 0.6, mask=True)
+    rho_prev = path_targets(Y, pbar, 0.4, mask=True)
+    a = train_features(net, "cross_entropy", None, X, rho_prev, rho_k, proj_dim=8,
+                       backend="numpy", fuse=True)
+    b = train_features(net, "cross_entropy", None, X, rho_prev, rho_k, proj_dim=8,
+                       backend="numpy", fuse=False)
+    np.testing.assert_array_equal(a[0], b[0])
+    # Ψ: α·(u A) instead of (J^T w_d) A — equal up to the rounding of w_d = w_to − w_from
+    # (64 eps of the weights, see _parallel_factor) and of the projection (√M eps).
+    scale = np.abs(b[0]).max()
+    np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e3 * EPS64 * scale)
+    assert np.abs(b[1]).max() > 1e-3 * scale  # the directions are not trivially zero

@@ -41,6 +41,8 @@ def project_rows(G, *, proj_dim, seed, kind, backend):
 
 
 def _check_finite_rows(V, start, what, step):
+    # Checked on the projected rows: a NaN or Inf entry of g makes every g·a_p NaN or
+    # ±Inf (a_p has no zero entries), so this is as strict as checking g, P/M the cost.
     bad = ~torch.isfinite(V.reshape(V.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
         idx = (torch.nonzero(bad).reshape(-1) + start).tolist()
@@ -77,9 +79,26 @@ def _targets(value, name, n_out, loss, fm):
     return as_targets(value, name, n_out, loss, fm)
 
 
+def _parallel_factor(w_to, w_from, w_d):
+    """``α`` with ``w_d = α w_to`` row-wise to rounding, or None if some row is not so.
+
+    The tolerance is the rounding error ``w_d`` already carries as a difference of two
+    computed weights, ``64 eps (‖w_to‖ + ‖w_from‖)``; substituting ``α w_to`` for ``w_d``
+    therefore perturbs ``J_iΔy`` by no more than the two-row computation's own rounding.
+    """
+    eps = torch.finfo(w_to.dtype).eps
+    nt2 = (w_to * w_to).sum(1)
+    if not bool((nt2 > 0).all()):
+        return None
+    alpha = (w_d * w_to).sum(1) / nt2
+    resid = torch.linalg.vector_norm(w_d - alpha[:, None] * w_to, dim=1)
+    tol = 64 * eps * (torch.sqrt(nt2) + torch.linalg.vector_norm(w_from, dim=1))
+    return alpha if bool((resid <= tol).all()) else None
+
+
 def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
                    kind="rademacher", chunk_size=256, backend=None, sample_offset=0,
-                   step=None, dtype=None):
+                   step=None, dtype=None, fuse=True):
     """Projected per-sample gradients and directions of one path step.
 
     Parameters
@@ -105,6 +124,11 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
         Path step, used in error messages.
     dtype : {"float32", "float64"} or None
         Compute dtype when ``model`` is a Module.
+    fuse : bool
+        When every sample's two output weights are parallel (to rounding), compute one
+        VJP and one projected row per sample and scale it. This always holds on the
+        masked cross-entropy path (appendix E), where ``ρ_i(t) = s(t) e_{y_i}`` makes both
+        weights multiples of ``∂l/∂f(f_i, y_i)``: it halves the work of a step.
 
     Returns
     -------
@@ -122,7 +146,8 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
     Notes
     -----
     Implements the per-step quantities of Eq. (10) with ``A`` of Eq. (17, 31). One
-    ``vmap`` of ``grad`` per chunk gives both rows of a sample (two output weights).
+    ``vmap`` of ``grad`` per chunk gives both rows of a sample (two output weights), or
+    one row when they are parallel (``fuse``).
 
     Examples
     --------
@@ -154,13 +179,24 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
             F = fm.forward(params, Xc)
         w_to = output_weights(loss, F, Y_to[start:stop])
         w_from = output_weights(loss, F, Y_from[start:stop])
-        W = torch.stack([w_to, w_to - w_from], dim=1)
-        V = fm.per_sample_vjp(params, Xc, W)
-        _check_finite_rows(V, start + sample_offset, "per-sample gradient", step)
+        w_d = w_to - w_from
+        alpha = _parallel_factor(w_to, w_from, w_d) if fuse else None
+        if alpha is not None:
+            # u_i and J_iΔy are multiples of one VJP: one gradient, one projected row.
+            V = fm.per_sample_vjp(params, Xc, w_to[:, None, :])[:, 0]
+            rows = project_rows(V, proj_dim=proj_dim, seed=seed, kind=kind, backend=backend)
+            _check_finite_rows(torch.from_numpy(rows), start + sample_offset,
+                               "per-sample gradient", step)
+            Phi.append(rows)
+            Psi.append(rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
+            continue
+        V = fm.per_sample_vjp(params, Xc, torch.stack([w_to, w_d], dim=1))
         m = stop - start
         # One projection call for both row kinds: A is generated once per chunk.
         both = project_rows(torch.cat([V[:, 0], V[:, 1]]), proj_dim=proj_dim, seed=seed,
                             kind=kind, backend=backend)
+        _check_finite_rows(torch.from_numpy(np.concatenate([both[:m], both[m:]], axis=1)),
+                           start + sample_offset, "per-sample gradient", step)
         Phi.append(both[:m])
         Psi.append(both[m:])
     return np.concatenate(Phi), np.concatenate(Psi)
@@ -207,8 +243,9 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
             F = fm.forward(params, Xc)
         W = output_weights(loss, F, Y[start:stop])[:, None, :]
         V = fm.per_sample_vjp(params, Xc, W)[:, 0]
-        _check_finite_rows(V, start, what, step)
-        out.append(project_rows(V, proj_dim=proj_dim, seed=seed, kind=kind, backend=backend))
+        rows = project_rows(V, proj_dim=proj_dim, seed=seed, kind=kind, backend=backend)
+        _check_finite_rows(torch.from_numpy(rows), start, what, step)
+        out.append(rows)
     return np.concatenate(out)
 
 
