@@ -18,7 +18,7 @@ from iif_ref.distributed import (FeaturizationError, attribute_features,  # noqa
 from iif_ref.distributed.synthetic import RandomFeatureRegression  # noqa: E402
 from iif_ref.errors import NotPositiveDefiniteError  # noqa: E402
 from iif_ref.kernels import projected_scores  # noqa: E402
-from iif_ref.kernels import project, projection_matrix  # noqa: E402
+from iif_ref.kernels import projection_matrix  # noqa: E402
 
 # Worker processes may not have this test module on their path: ship its functions and
 # classes by value.

@@ -278,6 +278,7 @@ def test_bad_inputs_are_named(tmp_path):
     fn = ArrayFeatures(Phi, Psi)
     with pytest.raises(ValueError, match="Gamma must have shape"):
         attribute_features(fn, X, y, Gamma[:, :, :2], client=None, store=tmp_path / "a")
+    assert not (tmp_path / "a").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="X_train and y_train"):
         attribute_features(fn, X, y[:5], Gamma, client=None, store=tmp_path / "b")
     bad = X.copy()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import uuid
 
-__all__ = ["submit", "settle", "gather", "scatter", "tree_reduce", "check_client"]
+__all__ = ["submit", "settle", "gather", "scatter", "tree_reduce", "check_client",
+           "completed"]
 
 
 class _Done:
@@ -87,6 +88,18 @@ def gather(client, futures):
     if client is None:
         return [f.result() for f in futures]
     return client.gather(list(futures))
+
+
+def completed(client, futures):
+    """Yield ``(index, result)`` for a list of futures, in order of completion."""
+    if client is None:
+        for i, fut in enumerate(futures):
+            yield i, fut.result()
+        return
+    from distributed import as_completed
+    where = {fut.key: i for i, fut in enumerate(futures)}
+    for fut, value in as_completed(futures, with_results=True):
+        yield where[fut.key], value
 
 
 def tree_reduce(client, futures, combine, *, fan_in=4, name="reduce"):

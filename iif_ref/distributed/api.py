@@ -21,7 +21,7 @@ import numpy as np
 
 from iif_ref._validation import as_float_array, check_positive_int, check_positive_real
 from iif_ref.distributed import _executor
-from iif_ref.distributed.featurize import featurize, open_store
+from iif_ref.distributed.featurize import describe_feature_function, featurize, open_store
 from iif_ref.distributed.reduce import factor_fishers, fisher_grams, score_blocks
 from iif_ref.distributed.store import ChunkCorruptError
 
@@ -189,6 +189,10 @@ def attribute_features(feature_fn, X_train, y_train, Gamma, *, client, store=Non
     if not isinstance(return_scores, (bool, np.bool_)):
         raise TypeError(f"return_scores must be a bool, got {type(return_scores).__name__}")
     Gamma = as_float_array(Gamma, "Gamma", ndim=3)
+    steps, proj_dim, _, _ = describe_feature_function(feature_fn)
+    if Gamma.shape[0] != len(steps) or Gamma.shape[2] != proj_dim:
+        raise ValueError(f"Gamma must have shape (n_steps={len(steps)}, n_test, "
+                         f"proj_dim={proj_dim}), got {Gamma.shape}")
     owned = False
     if client is not None:
         client, owned = connect(client, timeout=connect_timeout)
@@ -200,9 +204,6 @@ def attribute_features(feature_fn, X_train, y_train, Gamma, *, client, store=Non
         else:
             store_path = store
         fstore = open_store(store_path, feature_fn, X_train, y_train, chunk_rows=chunk_rows)
-        if Gamma.shape[0] != len(fstore.steps) or Gamma.shape[2] != fstore.proj_dim:
-            raise ValueError(f"Gamma must have shape (n_steps={len(fstore.steps)}, n_test, "
-                             f"proj_dim={fstore.proj_dim}), got {Gamma.shape}")
         report = featurize(client, fstore, feature_fn, X_train, y_train)
         computed, corrupt = set(report.computed), set(report.corrupt)
         for attempt in range(2):

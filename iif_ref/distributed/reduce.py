@@ -30,7 +30,7 @@ __all__ = ["FisherFactors", "fisher_grams", "factor_fishers", "score_blocks", "t
 
 # --------------------------------------------------------------------------- Gram
 def _gram_chunk(store, chunk):
-    """Worker task: ``(S, P, P)`` float64 Grams of one chunk, and its Σ Phi² per step."""
+    """Worker task: ``(S, P, P)`` float64 Grams ``Phi_s[c]ᵀ Phi_s[c]`` of one chunk."""
     out = np.empty((len(store.steps), store.proj_dim, store.proj_dim))
     for s in range(len(store.steps)):
         phi = store.read(s, "Phi", chunk).astype(np.float64)
@@ -269,15 +269,14 @@ def score_blocks(client, store, factors, Gamma, *, top_k=10, test_block=256,
                                    return_scores, name=f"score-{t0}-{c}")
                   for c in range(store.n_chunks)]
         if return_scores:
-            # The small partials go to the merge tree; each block is fetched once and
-            # its future dropped, so a worker keeps a block only until it is fetched.
+            # The small partials go to the merge tree; blocks are copied into the matrix
+            # as they complete and their futures dropped, so a finished block waits on
+            # its worker only until the driver fetches it.
             partials = [_executor.submit(client, _without_block, b, name=f"strip-{t0}")
                         for b in blocks]
-            for c in range(store.n_chunks):
-                fut = blocks[c]
-                blocks[c] = None
-                scores[tb, store.chunk_slice(c)] = _executor.gather(client, [fut])[0]["block"]
-                del fut
+            for c, part in _executor.completed(client, blocks):
+                scores[tb, store.chunk_slice(c)] = part["block"]
+                blocks[c] = part = None
             blocks = partials
         merged[t0] = _executor.tree_reduce(client, blocks, _Merge(top_k), fan_in=fan_in,
                                            name=f"topk-{t0}")
