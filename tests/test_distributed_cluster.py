@@ -308,6 +308,7 @@ def _torch_problem():
     return net, X, y, X[:4] + 0.05, y[:4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options", [
     ("iif", dict(K=3, proj_dim=8, lam=0.5, unlearn_epochs=2, path_lr=1e-4)),
     ("if", dict(proj_dim=8, damping=1e-3, solver="projected")),
@@ -337,6 +338,7 @@ def test_attribute_with_client_equals_single_process(client, tmp_path, method, o
     assert dist.diagnostics["distributed"][0]["n_workers"] == 2
 
 
+@pytest.mark.slow
 def test_lds_retrainings_on_the_cluster_equal_the_retraining_engine(client):
     pytest.importorskip("torch", reason="the retraining engine trains torch networks")
     from iif_ref.datasets import load_digits_split

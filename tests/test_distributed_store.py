@@ -115,7 +115,11 @@ def test_resume_recomputes_only_missing_corrupt_and_half_written_chunks(tmp_path
     first = featurize(None, store, fn, X, y)
     assert first.computed == (0, 1, 2, 3, 4) and first.reused == ()
     store.chunk_path(1, "Psi", 1).unlink()            # half-written chunk 1 (a killed writer)
-    (store.chunk_path(0, "Phi", 1).parent / ".0.dead.tmp").write_bytes(b"partial")
+    dead = store.chunk_path(0, "Phi", 1).parent / ".0.dead.tmp"
+    dead.write_bytes(b"partial")                     # left by a writer killed 2 h ago
+    os.utime(dead, (dead.stat().st_atime - 7200, dead.stat().st_mtime - 7200))
+    young = store.chunk_path(0, "Phi", 2).parent / ".0.live.tmp"
+    young.write_bytes(b"in flight")                  # a writer that may still be running
     p = store.chunk_path(0, "Psi", 3)
     p.write_bytes(p.read_bytes()[:-1] + b"\x00")     # corrupt checksum of chunk 3
     with pytest.warns(RuntimeWarning, match=r"chunk\(s\) \[3\]"):
@@ -124,7 +128,7 @@ def test_resume_recomputes_only_missing_corrupt_and_half_written_chunks(tmp_path
     assert second.reused == (0, 2, 4)
     for s in range(2):
         assert np.array_equal(read_rows(store, s, "Psi"), Psi[s])
-    assert not list(store.chunk_path(0, "Phi", 1).parent.glob("*.tmp"))
+    assert not dead.exists() and young.exists()
 
 
 # --------------------------------------------------------------------------- fingerprint

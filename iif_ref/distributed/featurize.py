@@ -189,6 +189,7 @@ def featurize(client, store, feature_fn, X, y):
     check_same_length(X, "X_train", y, "y_train")
     if X.shape[0] != store.n_train:
         raise ValueError(f"store holds {store.n_train} samples, X_train has {X.shape[0]}")
+    store.remove_stale_tmp()
     present = store.present_chunks()
     checks = {c: _executor.submit(client, _chunk_status, store, c, name=f"verify-{c}")
               for c in present}

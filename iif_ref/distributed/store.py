@@ -22,7 +22,8 @@ Guarantees
 * **Atomic writes.** A chunk is written to a temporary file in its final directory,
   flushed and ``fsync``-ed, then renamed over its key (``os.replace``); a reader sees
   the old file, the new file or no file, never a partial one. A killed writer leaves at
-  most a ``*.tmp`` file, which is ignored and removed on the next write of that chunk.
+  most a ``.*.tmp`` file, which readers ignore; :meth:`FeatureStore.remove_stale_tmp`
+  deletes those older than an hour.
 * **Checksums.** Every read checks the length and the CRC32C; a mismatch raises
   :class:`ChunkCorruptError` (never returns the bytes).
 * **Fingerprint.** The root metadata records a SHA-256 fingerprint of everything the
@@ -180,17 +181,6 @@ def _atomic_write(path, payload):
         raise StoreWriteError(
             exc.errno, f"could not write {path}: {exc.strerror or exc}{hint}; chunks "
             f"already stored are intact and a rerun computes only the missing ones") from exc
-
-
-def _remove_stale_tmp(directory, name):
-    try:
-        for p in Path(directory).glob(f".{name}.*.tmp"):
-            try:
-                p.unlink()
-            except OSError:
-                pass
-    except OSError:
-        pass
 
 
 # --------------------------------------------------------------------------- store
@@ -386,7 +376,6 @@ class FeatureStore:
                 raw = block.tobytes(order="C")
                 crc = _crc32c(raw)
                 path = self.chunk_path(s, name, chunk)
-                _remove_stale_tmp(path.parent, path.name)
                 _atomic_write(path, raw + np.uint32(crc).astype("<u4").tobytes())
                 checksums.append(crc)
         return {"chunk": int(chunk), "crc32c": checksums}
@@ -437,6 +426,25 @@ class FeatureStore:
             except ChunkCorruptError:
                 return "corrupt"
         return status
+
+    def remove_stale_tmp(self, *, older_than=3600.0):
+        """Delete temporary files left by killed writers; returns how many.
+
+        Only files older than ``older_than`` seconds: a younger one may belong to a
+        writer still running (a task the scheduler duplicated, or another run on the
+        same store), whose rename must not fail.
+        """
+        import time
+        cutoff = time.time() - older_than
+        removed = 0
+        for p in Path(self.root).glob("step_*/*/c/*/.*.tmp"):
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
 
     def present_chunks(self):
         """Chunks whose every file exists (not verified): a cheap listing."""
