@@ -306,3 +306,22 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(FeaturizationError, match="non-finite"):
         attribute_features(NaNFeatures(Phi.copy(), Psi), X, y, Gamma, client=None,
                            store=tmp_path / "e")
+
+
+def test_attribute_distributed_refuses_what_it_cannot_distribute():
+    torch = pytest.importorskip("torch", reason="attribute_distributed serves torch models")
+    from iif_ref.distributed import attribute_distributed
+
+    net = torch.nn.Linear(2, 1).double()
+    X = torch.randn(6, 2, dtype=torch.float64)
+    y = torch.randn(6, 1, dtype=torch.float64)
+    # Checked before any connection is attempted (this address is never dialled).
+    with pytest.raises(ValueError, match="method='tracin' has no distributed engine"):
+        attribute_distributed(net, "mse", X, y, X, y, client="tcp://127.0.0.1:1",
+                              method="tracin")
+    with pytest.raises(ValueError, match="needs proj_dim"):
+        attribute_distributed(net, "mse", X, y, X, y, client="tcp://127.0.0.1:1",
+                              proj_dim=None)
+    with pytest.raises(ValueError, match="solver='projected'"):
+        attribute_distributed(net, "mse", X, y, X, y, client="tcp://127.0.0.1:1",
+                              method="if", solver="exact")
