@@ -7,7 +7,8 @@ K = 3 path steps, P = 64, 16 test points, top-10 proponents/opponents. Synthetic
 Gaussian samples.
 
 * distributed: a ``LocalCluster`` of ``W`` single-threaded worker processes (W = the
-  usable cores), features written to a fresh store, Fisher tree-reduced, scores kept
+  usable cores), chunks of 2048 samples (fixed across N: ≥ 5 chunks at N = 10⁴, so
+  no worker idles on an uneven last chunk), features written to a fresh store, Fisher tree-reduced, scores kept
   blockwise (``return_scores=False``: only top-k and sums reach the driver). Timed warm
   (workers started and imports done); phases timed separately.
 * single process: the same features for all N at once, ``projected_scores`` and a
@@ -136,7 +137,9 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="*", help="explicit N values")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: usable cores)")
-    parser.add_argument("--chunk-rows", type=int, default=8192)
+    parser.add_argument("--chunk-rows", type=int, default=2048,
+                        help="samples per chunk (fixed across N, so memory per worker "
+                             "should be flat)")
     parser.add_argument("--single-max-bytes", type=float, default=1.5e9,
                         help="skip the single-process run above this feature size")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -163,9 +166,10 @@ def main(argv=None):
         run_distributed(client, pids, fn, X, y, Gamma, chunk_rows=64, top_k=top_k)
         for N in sizes:
             fn, X, y, Gamma = make_problem(N)
+            chunk_rows = args.chunk_rows
             dist, out = run_distributed(client, pids, fn, X, y, Gamma,
-                                        chunk_rows=args.chunk_rows, top_k=top_k)
-            row = {"N": N, "workers": workers, "chunk_rows": args.chunk_rows, "K": K,
+                                        chunk_rows=chunk_rows, top_k=top_k)
+            row = {"N": N, "workers": workers, "chunk_rows": chunk_rows, "K": K,
                    "proj_dim": P, "n_params": fn.n_params,
                    "dist_seconds": dist["seconds"],
                    "dist_us_per_sample": 1e6 * dist["seconds"] / N,
