@@ -78,8 +78,9 @@ class IIFConfig:
         ``"gauss_newton"``: ``Σ J_iᵀ ∇²_f l J_i`` (exact Hessian for MSE with a linear
         model); ``"hessian"``: exact ``∇²L_train`` (small models, unprojected only).
     damping : float or "auto"
-        λ_d in ``F = C + λ_d I``. ``"auto"``: ``1e-6 ·`` the largest mean diagonal of ``C``
-        over the steps (recorded in the result). A non-positive-definite ``F`` is an error.
+        λ_d in ``F = C + λ_d I`` (absolute). ``"auto"``: the kernel layer's relative
+        default ``1e-3 · tr(C) / dim`` per step (dim = P, or n_params unprojected); the
+        values used are recorded in the result. A non-positive-definite ``F`` is an error.
     proj_dim : int or None
         P of Eq. (17). ``None``: no projection, dense float64 solve in parameter space.
     kind : {"rademacher", "gaussian"}

@@ -89,6 +89,9 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
             result = _run(prob, cfg, method="if")
         result.config["solver"] = solver
         return result
+    if isinstance(damping, str):
+        raise ValueError("solver='cg' needs an absolute damping (a float >= 0); 'auto' is "
+                         "relative to a curvature matrix that CG never forms")
     cfg = IIFConfig(K=1, baseline="prediction", proj_dim=None, curvature="hessian",
                     damping=damping, seed=seed, chunk_size=chunk_size, dtype=dtype,
                     progress=progress)
@@ -102,7 +105,7 @@ def _influence_cg(prob, cfg, tol, max_iter):
     fm, loss = prob.fm, prob.loss
     M = fm.n_params
     max_iter = 10 * M if max_iter is None else check_positive_int(max_iter, "cg_max_iter")
-    lam_d = 0.0 if isinstance(cfg.damping, str) else cfg.damping
+    lam_d = cfg.damping
     theta = fm.flatten(fm.theta_star).detach()
 
     def train_loss(vec):
@@ -259,7 +262,7 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, pro
     damping : float or "auto"
         λ_d; "auto" is the kernel layer's relative default ``1e-3 · tr(ΦᵀΦ)/P``.
     seed, kind, backend, chunk_size, dtype, progress
-        As in :class:`IIFConfig`. Checkpoint ``c`` uses projection seed ``seed + c``.
+        As in :class:`IIFConfig`. Every checkpoint uses the same projection ``A``.
 
     Returns
     -------
@@ -287,7 +290,7 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, pro
         scores = np.zeros((prob.n_test, prob.n_train))
         conds, lams = [], []
         for c, theta in enumerate(cks):
-            common = dict(proj_dim=proj_dim, seed=seed + c, kind=kind,
+            common = dict(proj_dim=proj_dim, seed=seed, kind=kind,
                           chunk_size=chunk_size, backend=backend, step=c)
             Phi = gradient_features(fm, trak_margin, theta, prob.X, prob.Y,
                                     what="margin gradient", **common)

@@ -27,7 +27,9 @@ class AttributionResult:
         Every option, with the resolved damping per step, dtypes, ``n_params``, ``P``,
         ``K``, λ and the seed: enough to repeat the run.
     diagnostics : dict
-        ``condition`` (condition number of each damped ``F`` solved), ``damping``
+        ``condition`` (condition number of each damped ``F`` solved: 2-norm from the
+        eigenvalues on the dense path, LAPACK's 1-norm estimate on the projected path),
+        ``damping``
         (absolute λ_d per step), ``unlearning_trajectory``, ``loss_star`` /
         ``loss_prime`` (test losses at θ* and θ'), ``cached_steps`` (steps loaded from
         ``cache_dir``).
@@ -53,8 +55,8 @@ class AttributionResult:
     def top(self, n, *, kind="proponents"):
         """Indices of the ``n`` strongest proponents (most negative) or opponents (most
         positive) per test point, shape ``(n_test, n)``."""
-        order = np.argsort(self.scores if kind == "proponents" else -self.scores, axis=1,
-                           kind="stable")
         if kind not in ("proponents", "opponents"):
             raise ValueError(f"kind must be 'proponents' or 'opponents', got {kind!r}")
+        order = np.argsort(self.scores if kind == "proponents" else -self.scores, axis=1,
+                           kind="stable")
         return order[:, :n]
