@@ -42,3 +42,21 @@ def test_dattri_sign_is_proponent_positive():
 
 def test_peer_versions_reports_installed_dattri():
     assert peer_versions()["dattri"]["available"]
+
+
+def test_traker_trak_uncompressed_is_the_influence_function_up_to_a_positive_factor():
+    # TRAKer rescales (ΦᵀΦ)⁻¹ by a data-dependent constant, so only the direction of the
+    # score matrix can match: after the best positive factor the residual must be at
+    # float32 level (measured ~3e-6; 1e-4 leaves room for κ(H) = 4 and n = 24 sums).
+    pytest.importorskip("trak", reason="traker is not installed (pip install --no-deps traker)")
+    import numpy as np
+
+    from iif_ref.testing import exact_scores
+    from iif_ref.testing.peers import traker_attributors
+
+    att = traker_attributors("fair")[0]
+    p = default_problems()[0]
+    got, ref = att.scores(p), exact_scores("if", p)
+    alpha = float(np.sum(got * ref) / np.sum(ref * ref))
+    assert alpha > 0
+    assert np.linalg.norm(got - alpha * ref) / np.linalg.norm(alpha * ref) < 1e-4

@@ -121,9 +121,13 @@ def _markdown(rows, versions, meta):
         else:
             lines.append(f"- `{name}`: **not run** — {v['reason']}.")
     lines += [
-        "- `traker` (MadryLab TRAK): importable, but not wrapped here: its `TRAKer` "
-        "pipeline is built around classification model outputs and an on-disk feature "
-        "store; a regression model output was not written. Its projectors are timed in "
+        "- `traker`'s `TRAKer` is run with a regression model output (`f(x; θ)`, "
+        "out-to-loss weight `2(y − f)`), its scores multiplied by `∂L_test/∂f = "
+        "2(f(x̂) − ŷ)` to attribute the test loss, on CPU. traker 0.3.2 frees the CPU "
+        "projector's matrix in `finalize_features` and then fails in `score` "
+        "(`AttributeError: 'BasicProjector' object has no attribute 'proj_matrix'`); the "
+        "wrapper resets the projector's model id so that the same matrix (same seed and "
+        "model id) is regenerated. Its projectors are timed in "
         "`validation/bench_projectors.py`.",
         "",
         "Settings: **default** = the peer's constructor defaults, a *mean* squared error "
@@ -132,7 +136,8 @@ def _markdown(rows, versions, meta):
         "float64, and the peer's accuracy knobs set so that it can be exact here (no "
         "regularisation; CG up to 2d iterations, tol 1e-12; Arnoldi d + 1 steps; LiSSA "
         "full batch, `scaling = 1.5 λ_max(H)`, recursion for κ(H); TracIn unprojected; "
-        "TRAK projected to d, i.e. not compressed). Details: `iif_ref/testing/peers.py`.",
+        "TRAK projected to d, i.e. not compressed; traker's TRAKer with `proj_dim = d` in "
+        "float32). Details: `iif_ref/testing/peers.py`.",
         "",
         "## Summary",
         "",
@@ -196,6 +201,13 @@ _NOTES = """\
 - LiSSA at its default (one-sample Hessian estimates, `scaling = 50`, depth 5000) is a
   stochastic estimate; its error is what one run gave. At the fair setting (full batch)
   it converges to within its declared `rtol = 1e-3`.
+- traker's TRAK at the fair setting (`proj_dim = d`) equals the exact influence
+  function up to a positive constant that changes from problem to problem (the
+  "best constant factor" in its `if_exact` rows): TRAKer divides `(ΦᵀΦ)⁻¹` by the mean
+  absolute value of its entries before scoring, a data-dependent rescaling. Rankings,
+  permutation equivariance and target scaling are exact; magnitudes are not. At its
+  default (`proj_dim = 2048` for 3–5 parameters) `ΦᵀΦ` is singular and the scores are
+  not meaningful — permutation equivariance fails too.
 - A projected TracIn (dattri's default projects to 512 Gaussian coordinates) has a
   Johnson–Lindenstrauss error of order `sqrt(2/512) ≈ 6%` in each dot product, which is
   what its `tracin_exact` error shows; unprojected it is exact.
@@ -214,7 +226,7 @@ def main(argv=None):
 
     from iif_ref.bench import write_results
     from iif_ref.testing import check_attributor, default_problems
-    from iif_ref.testing.peers import dattri_attributors, peer_versions
+    from iif_ref.testing.peers import dattri_attributors, peer_versions, traker_attributors
 
     warnings.simplefilter("ignore")
     problems = default_problems()
@@ -223,9 +235,11 @@ def main(argv=None):
     jobs = []
     if not args.no_own:
         jobs += [("iif_ref", a) for a in _own_attributors()]
-    if versions.get("dattri", {}).get("available"):
-        for setting in args.settings:
+    for setting in args.settings:
+        if versions.get("dattri", {}).get("available"):
             jobs += [(setting, a) for a in dattri_attributors(setting)]
+        if versions.get("traker", {}).get("available"):
+            jobs += [(setting, a) for a in traker_attributors(setting)]
     for setting, att in jobs:
         start = time.perf_counter()
         plan_problems, plan_checks = _plan(att, problems)

@@ -37,7 +37,7 @@ import numpy as np
 
 from iif_ref.testing.protocol import Attributor
 
-__all__ = ["SETTINGS", "peer_versions", "dattri_attributors"]
+__all__ = ["SETTINGS", "peer_versions", "dattri_attributors", "traker_attributors"]
 
 SETTINGS = ("default", "fair")
 
@@ -269,3 +269,76 @@ def dattri_attributors(setting="fair"):
         out.append(Attributor(_trak(setting), kind="if", sign="loss_down",
                               precision=precision))
     return out
+
+
+# --------------------------------------------------------------------------- traker
+def _traker_trak(setting):
+    """traker's ``TRAKer`` with a regression model output, scores chained to the test loss.
+
+    TRAK attributes a *model output* ``f``: score ``φ̂ᵀ(ΦᵀΦ)⁻¹φ_i Q_i`` with ``φ = ∇_θ f``
+    (projected) and the out-to-loss weight ``Q_i``. For the squared error we give it
+    ``f(x; θ)`` itself and ``Q_i = −∂l_i/∂f = 2(y_i − f_i)``; the wrapper multiplies by
+    ``∂L_test/∂f = 2(f(x̂) − ŷ)`` (chain rule) to attribute the test loss. traker 0.3.2
+    frees the CPU projector's matrix in ``finalize_features`` and then fails in
+    ``score`` (``AttributeError: proj_matrix``); resetting the projector's model id makes
+    it regenerate the same matrix (same seed and model id) before scoring.
+    """
+    def fn(problem):
+        import logging
+        import tempfile
+
+        import torch
+        from trak import TRAKer
+        from trak.modelout_functions import AbstractModelOutput
+
+        class RegressionOutput(AbstractModelOutput):
+            def __init__(self):
+                super().__init__()
+
+            @staticmethod
+            def get_output(model, weights, buffers, x, y):
+                return torch.func.functional_call(model, (weights, buffers),
+                                                  x.unsqueeze(0)).sum()
+
+            def get_out_to_loss_grad(self, model, weights, buffers, batch):
+                x, y = batch
+                f = torch.func.functional_call(model, (weights, buffers), x)
+                return (2.0 * (y - f)).clone().detach()
+
+        model = problem.torch_model(torch.float32)
+        X, y, X_test, y_test = problem.torch_data(torch.float32)
+        options = ({"proj_dim": problem.d, "use_half_precision": False}
+                   if setting == "fair" else {})
+        with tempfile.TemporaryDirectory() as tmp:
+            tr = TRAKer(model=model, task=RegressionOutput(), train_set_size=problem.n_train,
+                        save_dir=tmp, device="cpu", logging_level=logging.ERROR, **options)
+            state = model.state_dict()
+            tr.load_checkpoint(state, model_id=0)
+            tr.featurize(batch=(X, y), num_samples=problem.n_train)
+            tr.finalize_features()
+            tr.projector.model_id = -1        # see the docstring: regenerate the matrix
+            tr.start_scoring_checkpoint(exp_name="conformance", checkpoint=state,
+                                        model_id=0, num_targets=problem.n_test)
+            tr.score(batch=(X_test, y_test), num_samples=problem.n_test)
+            scores = np.asarray(tr.finalize_scores(exp_name="conformance"),
+                                dtype=np.float64).T
+        r_test = problem.X_test @ problem.theta_star - problem.y_test
+        return scores * (2.0 * r_test)[:, None]
+
+    fn.__name__ = f"traker.TRAKer[{setting}]"
+    return fn
+
+
+def traker_attributors(setting="fair"):
+    """traker's TRAK as a declared :class:`Attributor` (kind ``"if"``).
+
+    ``"default"``: TRAKer's defaults (``proj_dim = 2048``, half precision);
+    ``"fair"``: ``proj_dim = d`` (no compression, so ``ΦᵀΦ`` is invertible) in float32.
+    Raises ``ImportError`` when traker cannot be imported.
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    import trak  # noqa: F401
+    precision = "float32"
+    return [Attributor(_traker_trak(setting), kind="if", sign="loss_up",
+                       precision=precision)]
