@@ -161,3 +161,25 @@ def test_torch_models_are_float64_and_match_their_data(case):
     out = case["model"](case["X"])
     assert out.dtype == torch.float64 and out.shape == case["y"].shape
     assert case["X_test"].shape[1] == case["X"].shape[1]
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    ({"X": np.ones(5)}, ValueError, "X must have 2"),
+    ({"y": np.ones(4)}, ValueError, "same number of rows"),
+    ({"X_test": np.ones((2, 3))}, ValueError, "X_test must have d"),
+    ({"y": np.array([1.0, np.nan, 0, 0, 0])}, ValueError, "non-finite"),
+    ({"lam": 0.0}, ValueError, "lam"),
+    ({"K": 0}, ValueError, "K"),
+    ({"checkpoints": (2, 1)}, ValueError, "checkpoints"),
+    ({"baseline": "zero"}, ValueError, "baseline"),
+])
+def test_attribution_problem_rejects_bad_fields(change, exc, match):
+    fields = {"name": "p", "X": np.arange(10.0).reshape(5, 2), "y": np.arange(5.0),
+              "X_test": np.ones((2, 2)), "y_test": np.zeros(2), **change}
+    with pytest.raises(exc, match=match):
+        AttributionProblem(**fields)
+
+
+def test_check_attributor_rejects_problems_of_the_wrong_type():
+    with pytest.raises(TypeError, match="problems"):
+        check_attributor(lambda p: 0, kind="if", problems=[{"X": 1}])

@@ -1,7 +1,8 @@
 """Peer libraries' attributors behind the conformance protocol (optional dependencies).
 
 Wraps the influence-function attributors of ``dattri`` (explicit, CG, LiSSA, Arnoldi,
-EK-FAC, DataInf — those the installed version has), its TracIn and TRAK, so that
+EK-FAC, DataInf — those the installed version has), its TracIn and TRAK, and the
+``TRAKer`` of ``traker`` (:func:`traker_attributors`), so that
 :func:`~iif_ref.testing.check_attributor` can hold them to the exact least-squares
 answers. Each wrapper builds, for every problem, the bias-free ``torch.nn.Linear(d, 1)``
 at θ* with the squared error, and returns the peer's scores transposed to

@@ -34,6 +34,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from iif_ref._validation import (
+    as_float_array,
+    check_nonnegative_real,
+    check_positive_int,
+    check_positive_real,
+    check_same_length,
+)
+
 __all__ = ["KINDS", "SIGNS", "NORMALISATIONS", "BASELINES", "CAPABILITIES",
            "AttributionProblem", "Attributor", "as_attributor"]
 
@@ -101,12 +109,28 @@ class AttributionProblem:
     seed: int | None = None
 
     def __post_init__(self):
-        for attr in ("X", "y", "X_test", "y_test"):
-            arr = np.array(getattr(self, attr), dtype=np.float64)  # private copy
+        for attr, ndim in (("X", 2), ("y", 1), ("X_test", 2), ("y_test", 1)):
+            arr = np.array(as_float_array(getattr(self, attr), attr, ndim=ndim),
+                           dtype=np.float64)          # a private, read-only copy
             arr.setflags(write=False)
             object.__setattr__(self, attr, arr)
+        check_same_length(self.X, "X", self.y, "y")
+        check_same_length(self.X_test, "X_test", self.y_test, "y_test")
+        if self.X_test.shape[1] != self.X.shape[1]:
+            raise ValueError(f"X_test must have d = {self.X.shape[1]} columns like X, "
+                             f"got shape {self.X_test.shape}")
+        object.__setattr__(self, "lam", check_positive_real(self.lam, "lam"))
+        object.__setattr__(self, "K", check_positive_int(self.K, "K", allow_none=True))
+        object.__setattr__(self, "lr", check_nonnegative_real(self.lr, "lr"))
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        checkpoints = tuple(self.checkpoints)
+        if (not checkpoints or any(isinstance(c, bool) or not isinstance(c, numbers.Integral)
+                                   or c < 0 for c in checkpoints)
+                or any(b <= a for a, b in zip(checkpoints, checkpoints[1:]))):
+            raise ValueError(f"checkpoints must be strictly increasing non-negative "
+                             f"iteration indices, got {self.checkpoints!r}")
+        object.__setattr__(self, "checkpoints", tuple(int(c) for c in checkpoints))
 
     @property
     def n_train(self):
