@@ -197,3 +197,13 @@ def test_linear_iif_lds_does_not_depend_on_K():
         np.testing.assert_allclose(lds(scores, masks, losses), ref, rtol=0, atol=1e-12)
     # ... while IF, a different vector, does change the LDS at this size.
     assert np.max(np.abs(lds(linear.influence_function(*args), masks, losses) - ref)) > 1e-3
+
+
+def test_results_do_not_depend_on_jobs(tmp_path):
+    # Each trial has its own SeedSequence([seed, trial]); worker processes change nothing.
+    module = _load("table4")
+    module.main(TINY + ["--out", str(tmp_path / "one")])
+    module.main(TINY + ["--jobs", "2", "--out", str(tmp_path / "two")])
+    one = json.loads((tmp_path / "one" / "table4.json").read_text())["rows"]
+    two = json.loads((tmp_path / "two" / "table4.json").read_text())["rows"]
+    assert one == two

@@ -13,9 +13,9 @@ Measured in one run:
 2. the ratio of the vectorised LDS (one ranking of the losses shared by six methods) to
    the reference loop of ``scipy.stats.spearmanr`` over methods and test points, on the
    same inputs (and their agreement);
-3. the wall time of ``table1 --full`` and ``table4 --full`` (their JSON/markdown land in
-   ``--results-out``), with the load average before and after, since this machine is
-   shared.
+3. the wall time and the CPU time of ``table1 --full`` and ``table4 --full`` (their
+   JSON/markdown land in ``--results-out``), with the load average before and after:
+   on a shared machine the wall time also counts waiting for a core.
 """
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ def main(argv=None):
     p.add_argument("--skip-full", action="store_true",
                    help="only the breakdown and the LDS ratio, not the full tables")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes for the tables")
     p.add_argument("--out", type=Path, default=protocol.DEFAULT_OUT,
                    help="directory of bench_linear_protocol.json")
     p.add_argument("--results-out", type=Path, default=protocol.DEFAULT_OUT,
@@ -113,26 +114,32 @@ def main(argv=None):
     print(f"vectorised LDS vs spearmanr loop: {ratio['speedup']:.1f}x faster "
           f"(max |difference| {ratio['max_abs_difference']:.1e})")
 
-    tables = {}
+    tables, tables_cpu = {}, {}
     if not args.skip_full:
         import table1
         import table4
         common = ["--trials", str(args.trials), "--subsets", str(args.subsets),
-                  "--out", str(args.results_out)] + (["--no-progress"] if args.no_progress else [])
+                  "--out", str(args.results_out), "--jobs", str(args.jobs)] + (
+                      ["--no-progress"] if args.no_progress else [])
         for name, module in (("table1", table1), ("table4", table4)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), protocol.cpu_seconds()
             module.main(common)
             tables[name] = time.perf_counter() - t0
-            print(f"{name}: {tables[name]:.1f} s")
+            tables_cpu[name] = protocol.cpu_seconds() - c0
+            print(f"{name}: {tables[name]:.1f} s wall, {tables_cpu[name]:.1f} CPU s")
         total = sum(tables.values())
         n_trials = 6 * args.trials
         print(f"full protocol (6 settings × {args.trials} trials × {args.subsets} subsets): "
               f"{total:.1f} s = {total / n_trials * 1e3:.0f} ms per trial; breakdown "
-              f"predicted {rows[-1]['median_s'] * n_trials:.1f} s")
+              f"predicted {rows[-1]['median_s'] * n_trials:.1f} s; "
+              f"{sum(tables_cpu.values()):.1f} CPU s")
     load_after = os.getloadavg()
     meta = {"benchmark": "bench_linear_protocol", "config": {"trials": args.trials,
-            "subsets": args.subsets, "n_train": cfg.n_train, "d": cfg.d, "n_test": cfg.n_test},
+            "subsets": args.subsets, "n_train": cfg.n_train, "d": cfg.d, "n_test": cfg.n_test,
+            "jobs": args.jobs},
             "lds_vs_spearmanr_loop": ratio, "tables_wall_s": tables,
+            "tables_cpu_s": tables_cpu,
+            "full_protocol_cpu_s": sum(tables_cpu.values()) if tables_cpu else None,
             "full_protocol_wall_s": sum(tables.values()) if tables else None,
             "load_average_before": load_before, "load_average_after": load_after,
             "argv": list(argv) if argv is not None else sys.argv[1:]}
