@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from iif_ref.testing.problems import default_problems, hessian_condition, max_test_leverage
+from iif_ref.testing.problems import default_problems, hessian_condition
 from iif_ref.testing.protocol import AttributionProblem, Attributor, as_attributor
 
 __all__ = ["CheckResult", "ConformanceReport", "ConformanceError", "CHECKS",
