@@ -92,38 +92,37 @@ def _solve(factor, rhs):
 
 
 def _slice_term(phi, psi, gamma, lam):
-    """``-gamma F^{-1} psi^T`` (T, N) for one slice, or None when F is not PD."""
-    phi = np.asarray(phi, dtype=np.float64)
-    psi = np.asarray(psi, dtype=np.float64)
-    gamma = np.asarray(gamma, dtype=np.float64)
+    """``-gamma F^{-1} psi^T`` (T, N) for one slice, or None when F is not PD.
+
+    ``F^{-1}`` is applied to whichever of ``gamma^T`` (T columns) or ``psi^T``
+    (N columns) has fewer columns, with one Cholesky factor.
+    """
     n, p = phi.shape
-    t = gamma.shape[0]
+    gamma_is_rhs = gamma.shape[0] <= n
+    rhs = np.asarray(gamma if gamma_is_rhs else psi, dtype=np.float64).T   # (P, R)
+    phi = np.asarray(phi, dtype=np.float64)
     if n >= p:
-        # Direct form: F = Phi^T Phi + lam I (P x P).
+        # Direct form: Z = F^{-1} rhs with F = Phi^T Phi + lam I (P x P).
         fisher = phi.T @ phi
         fisher[np.diag_indices(p)] += lam
         factor = _factor(fisher)
         if factor is None:
             return None
-        if t <= n:  # solve against the fewer right-hand sides
-            return -(psi @ _solve(factor, np.ascontiguousarray(gamma.T))).T
-        return -(gamma @ _solve(factor, np.ascontiguousarray(psi.T)))
-    # N < P: Woodbury / push-through with the N x N kernel K = Phi Phi^T,
-    # F^{-1} = (I - Phi^T (K + lam I)^{-1} Phi) / lam, which needs lam > 0.
-    if lam <= 0.0:
-        return None
-    kernel = phi @ phi.T
-    kernel[np.diag_indices(n)] += lam
-    factor = _factor(kernel)
-    if factor is None:
-        return None
-    gamma_phi = gamma @ phi.T          # (T, N)
-    phi_psi = phi @ psi.T              # (N, N)
-    if t <= n:
-        correction = _solve(factor, np.ascontiguousarray(gamma_phi.T)).T @ phi_psi
+        z = _solve(factor, np.ascontiguousarray(rhs))
     else:
-        correction = gamma_phi @ _solve(factor, phi_psi)
-    return -(gamma @ psi.T - correction) / lam
+        # N < P, push-through (Woodbury) form with the N x N kernel K = Phi Phi^T:
+        # F^{-1} = (I - Phi^T (K + lam I)^{-1} Phi) / lam, which needs lam > 0.
+        if lam <= 0.0:
+            return None
+        kernel = phi @ phi.T
+        kernel[np.diag_indices(n)] += lam
+        factor = _factor(kernel)
+        if factor is None:
+            return None
+        z = (rhs - phi.T @ _solve(factor, phi @ rhs)) / lam
+    if gamma_is_rhs:
+        return -(np.asarray(psi, dtype=np.float64) @ z).T
+    return -(np.asarray(gamma, dtype=np.float64) @ z)
 
 
 def suggest_damping(Phi, damping, failed):
