@@ -242,12 +242,17 @@ def integrated_influence(model, loss, X_train, y_train, X_test, y_test, *, confi
     --------
     >>> import torch
     >>> from iif_ref.neural import integrated_influence
-    >>> torch.manual_seed(0); X = torch.randn(30, 3, dtype=torch.float64)
-    >>> net = torch.nn.Linear(3, 1, bias=False).double(); y = X @ torch.ones(3, 1, dtype=torch.float64)
-    >>> r = integrated_influence(net, "mse", X, y, X[:2], y[:2], K=2, proj_dim=None,
-    ...                          progress=False)
-    >>> r.scores.shape
+    >>> _ = torch.manual_seed(0)
+    >>> X = torch.randn(30, 3, dtype=torch.float64)
+    >>> y = X @ torch.ones(3, 1, dtype=torch.float64) + 0.1 * torch.randn(30, 1, dtype=torch.float64)
+    >>> net = torch.nn.Linear(3, 1, bias=False).double()
+    >>> r = integrated_influence(net, "mse", X, y, X[:2] + 1, y[:2], K=1,
+    ...                          baseline="prediction", proj_dim=None, damping=0.0,
+    ...                          curvature="hessian", progress=False)
+    >>> r.scores.shape                      # K = 1 at θ' = θ*: the influence function
     (2, 30)
+    >>> bool((r.delta == 0).all())
+    True
     """
     if config is not None and options:
         raise TypeError("pass either config= or keyword options, not both")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from iif_ref._validation import check_nonnegative_real, check_positive_int, check_positive_real
 
@@ -125,7 +125,6 @@ class IIFConfig:
     dtype: str | None = None
     progress: bool = True
     cache_dir: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.validate()
