@@ -431,6 +431,7 @@ def test_lemma_2_5_constant_G_H_gives_gradient_difference(seed, shape, c, noise,
 # Path (Eq. 2, 4, 14)
 # --------------------------------------------------------------------------------------
 
+@settings(max_examples=25)
 @given(seed=seeds, shape=shapes, c=log_conds, noise=noises, ridge=ridges,
        t=st.floats(-0.5, 1.5))
 def test_path_derivative_eq4_equals_central_difference(seed, shape, c, noise, ridge, t):
@@ -496,6 +497,7 @@ def test_leave_one_out_equals_refits(seed, shape, c, noise, ridge):
         assert np.all(np.abs(loo[:, i] - want) <= tol(kappa, 2 * r_abs * r_mag, sum(shape)))
 
 
+@settings(max_examples=25)
 @given(seed=seeds, shape=shapes, c=st.floats(0.0, 3.0), noise=noises, ridge=ridges)
 def test_subset_test_losses_equal_looped_lstsq(seed, shape, c, noise, ridge):
     X, y, X_test, y_test = make_problem(seed, *shape, c, noise)
