@@ -57,7 +57,14 @@ def _own_attributors():
               for t in p.checkpoint_params()]
         return _run(p, "tracin", checkpoints=ck, lrs=[p.lr] * len(ck))
 
+    def neural_iif(p):
+        baseline = "per_test" if p.baseline == "unlearn" else "prediction"
+        return _run(p, "iif", K=p.K, lam=p.lam, baseline=baseline,
+                    unlearn_optimizer="lbfgs", path_models="refit", curvature="hessian",
+                    proj_dim=None, damping=0.0)
+
     linear_if.__name__ = "iif_ref.linear.influence_function"
+    neural_iif.__name__ = "iif_ref.attribute[iif, L-BFGS refits, exact Hessian]"
     linear_tracin.__name__ = "iif_ref.linear.tracin"
     linear_iif.__name__ = "iif_ref.linear.integrated_influence"
     neural_if.__name__ = "iif_ref.attribute[if, exact]"
@@ -65,7 +72,11 @@ def _own_attributors():
     caps = {"prediction_baseline", "exact_integral", "exact_path"}
     return [Attributor(linear_if, kind="if"), Attributor(linear_tracin, kind="tracin"),
             Attributor(linear_iif, kind="iif", capabilities=caps),
-            Attributor(neural_if, kind="if"), Attributor(neural_tracin, kind="tracin")]
+            Attributor(neural_if, kind="if"), Attributor(neural_tracin, kind="tracin"),
+            # L-BFGS stops at a relative gradient of 1e-10: parameter error ≤ κ(H)·1e-10,
+            # κ(H) ≤ 1e4 here, ×10 for the score products (tests/test_testing_neural.py).
+            Attributor(neural_iif, kind="iif", rtol=1e-5,
+                       capabilities={"prediction_baseline", "exact_path"})]
 
 
 def _plan(att, problems):
@@ -110,7 +121,10 @@ def _markdown(rows, versions, meta):
         "converted from each method's declared sign and normalisation to ours before "
         "comparison (dattri: proponent-positive, so `sign=\"loss_down\"`). Tolerances are "
         "`10·(n+d)·κ(H)·γ·eps` of the declared precision unless an `rtol` is declared "
-        "(iterative solvers). See `docs/testing-guide.md` for what each check proves.",
+        "(iterative solvers). See `docs/testing-guide.md` for what each check proves. "
+        "The `iif_ref.linear` rows compare the oracle with itself in the exactness checks "
+        "(they test the invariances and the check machinery); the `iif_ref.attribute` "
+        "rows are the independent torch implementation.",
         "",
         "## Peers",
         "",
