@@ -207,3 +207,25 @@ def test_results_do_not_depend_on_jobs(tmp_path):
     one = json.loads((tmp_path / "one" / "table4.json").read_text())["rows"]
     two = json.loads((tmp_path / "two" / "table4.json").read_text())["rows"]
     assert one == two
+
+
+def test_ill_posed_unlearning_drops_and_counts_test_points_never_scores_them():
+    # λ = 0.1 is below the leverage h_t = x̂ᵀ(XᵀX)⁻¹x̂ (≈ ‖x̂‖²/100, spread 0.02–0.3) of
+    # some test points: Eq. 12 has no minimiser there. Those points must be dropped and
+    # counted; the others must get exactly the scores of a direct call.
+    sys.path.insert(0, str(VALIDATION))
+    import _linear_protocol as protocol
+    from iif_ref import linear
+    from iif_ref.synthetic import make_linear_problem
+    cfg = protocol.Config(n_test=20, lam=0.1, trials=1, subsets=30)
+    problem = make_linear_problem(sigma_n=1.0, sigma_s=1.0, n_test=20, seed=0)
+    scores, kept = protocol.method_scores(problem, cfg, ("iif_exact",))["iif_exact"]
+    assert kept.any() and not kept.all()
+    direct = linear.integrated_influence(problem.X, problem.y, problem.X_test[kept],
+                                         problem.y_test[kept], lam=0.1)
+    np.testing.assert_array_equal(scores, direct)
+    setting = protocol.Setting("s", "s", 1.0, 1.0)
+    trial = protocol.run_trial(setting, cfg, 0, methods=("iif_exact", "if"))
+    assert trial["dropped_test_points"]["iif_exact"] > 0
+    assert trial["dropped_test_points"]["if"] == 0
+    assert "completeness_residual" not in trial   # not claimed for a partial score set
