@@ -220,14 +220,26 @@ def test_attribute_dispatch_and_unknown_method():
     assert r.method == "tracin" and r.scores.shape == (3, 40)
 
 
-def test_attribute_with_client_needs_the_distributed_module():
+def test_attribute_with_client_delegates_to_the_distributed_engine(monkeypatch):
+    X, y, Xt, yt = _data(0)
     try:
         import iif_ref.distributed  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="attribute_distributed"):
-            attribute(_mlp(0), "cross_entropy", *_data(0), client=object())
-    else:
-        pytest.skip("iif_ref.distributed exists; delegation is tested with it")
+            attribute(_mlp(0), "cross_entropy", X, y, Xt, yt, client=object())
+        return
+    seen = {}
+
+    def fake(model, loss, X_train, y_train, X_test, y_test, **kwargs):
+        seen.update(kwargs, n_train=len(X_train))
+        return "delegated"
+
+    monkeypatch.setattr("iif_ref.distributed.attribute_distributed", fake)
+    client = object()
+    out = attribute(_mlp(0), "cross_entropy", X, y, Xt, yt, method="iif", seed=4,
+                    client=client, K=2)
+    assert out == "delegated"
+    assert seen == {"method": "iif", "seed": 4, "client": client, "K": 2, "n_train": 30}
 
 
 # ---- results, reproducibility, resumability -----------------------------------------

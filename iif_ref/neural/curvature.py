@@ -26,7 +26,7 @@ __all__ = ["dense_curvature", "dense_scores", "resolve_damping", "condition_esti
            "RELATIVE_DAMPING"]
 
 #: Largest ``n_params`` for which the dense ``(n_params, n_params)`` path is allowed.
-MAX_DENSE_PARAMS = 20_000
+MAX_DENSE_PARAMS = 5_000
 
 
 def resolve_damping(damping, C_trace, dim):
@@ -69,8 +69,9 @@ def dense_curvature(fm, loss, params, X, rho, *, kind, U=None, chunk_size=256):
     """
     M = fm.n_params
     if M > MAX_DENSE_PARAMS:
-        raise ValueError(f"the unprojected path forms a {M} x {M} matrix; n_params={M} exceeds "
-                         f"{MAX_DENSE_PARAMS}: pass proj_dim (e.g. 512)")
+        raise ValueError(f"the unprojected path forms a {M} x {M} float64 matrix; n_params={M} "
+                         f"exceeds {MAX_DENSE_PARAMS}: pass proj_dim (e.g. 512), or for the "
+                         "influence function solver='projected' or solver='cg'")
     if kind == "fisher":
         U = np.asarray(U, dtype=np.float64)
         return U.T @ U
