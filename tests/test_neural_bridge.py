@@ -62,11 +62,13 @@ def test_bridge_linear_completeness_residual_shrinks_with_K():
     opts = dict(baseline="per_test", unlearn_optimizer="lbfgs", unlearn_epochs=1,
                 path_models="refit", curvature="gauss_newton", proj_dim=None, damping=0.0,
                 progress=False)
-    res = [np.abs(integrated_influence(net, "mse", X, y, Xt, yt, K=K, **opts).residual).max()
+    res = [np.abs(integrated_influence(net, "mse", X, y, Xt, yt, K=K, **opts).residual)
            for K in (1, 4, 16)]
-    # Right-endpoint Euler rule: the residual is O(1/K) for the smooth linear-path integrand.
-    assert res[1] < res[0] and res[2] < res[1]
-    assert res[2] < 0.5 * res[0] * 4 / 16 * 4  # at least ~1/K: 16x the steps, ≥ 2x smaller
+    # Right-endpoint Euler rule on a smooth integrand: residual = c/K + O(1/K²), so each
+    # 4x refinement divides it by 4 up to the O(1/K) relative correction (≤ 10% here).
+    np.testing.assert_allclose(4 * res[1], res[0], rtol=0.1)
+    np.testing.assert_allclose(4 * res[2], res[1], rtol=0.1)
+    assert np.all(res[2] > 0)
 
 
 def _classifier(seed, n=60, d=5, hidden=6, classes=3):
