@@ -91,13 +91,17 @@ class _Residual(nn.Module):
         return x + self.body(x)
 
 
-def make_resnet9(*, in_channels=3, n_classes=10, dropout=0.1, seed=0):
+def make_resnet9(*, in_channels=3, n_classes=10, dropout=0.1, widths=(64, 128, 256, 512),
+                 seed=0):
     """ResNet-9 with the widths of Table 5, initialised deterministically from ``seed``.
 
     Parameters
     ----------
     in_channels : int, keyword-only
     n_classes : int, keyword-only
+    widths : tuple of 4 int, keyword-only
+        Channels of the stem and the three stages (Table 5: 64, 128, 256, 512). Smaller
+        widths keep the topology for smoke tests on a CPU.
     dropout : float, keyword-only
         Before the final linear layer (Table 5: 0.1); inactive in eval mode.
     seed : int, keyword-only
@@ -109,14 +113,17 @@ def make_resnet9(*, in_channels=3, n_classes=10, dropout=0.1, seed=0):
     """
     in_channels = check_positive_int(in_channels, "in_channels")
     n_classes = check_positive_int(n_classes, "n_classes")
+    if len(widths) != 4:
+        raise ValueError(f"widths must have 4 entries (stem, 3 stages), got {widths!r}")
+    w0, w1, w2, w3 = (check_positive_int(w, "widths") for w in widths)
     with _seeded_init(seed):
         model = nn.Sequential(
-            _conv_bn(in_channels, 64),
-            _conv_bn(64, 128, pool=True), _Residual(128),
-            _conv_bn(128, 256, pool=True),
-            _conv_bn(256, 512, pool=True), _Residual(512),
+            _conv_bn(in_channels, w0),
+            _conv_bn(w0, w1, pool=True), _Residual(w1),
+            _conv_bn(w1, w2, pool=True),
+            _conv_bn(w2, w3, pool=True), _Residual(w3),
             nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-            nn.Linear(512, n_classes),
+            nn.Linear(w3, n_classes),
         )
     return model.eval()
 

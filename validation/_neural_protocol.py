@@ -31,7 +31,7 @@ CACHE_DIR = REPO / ".iif_cache"
 
 #: Relative damping grid: λ_d = r · tr(C)/dim for each method's own curvature C.
 #: Six decades, one point per decade; the same grid for every method.
-RELATIVE_DAMPING_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+RELATIVE_DAMPING_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -319,3 +319,113 @@ def markdown_table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- dattri bridge
+
+def dattri_available():
+    """``(True, "")`` if dattri imports, else ``(False, reason)``."""
+    try:
+        import dattri  # noqa: F401
+        from dattri.algorithm.influence_function import IFAttributorExplicit  # noqa: F401
+        from dattri.algorithm.trak import TRAKAttributor  # noqa: F401
+    except Exception as exc:  # any import failure is a reason to skip, reported as such
+        return False, f"dattri not importable: {type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def dattri_scores(model, X_train, y_train, X_test, y_test, *, method, damping, proj_dim=None,
+                  seed=0):
+    """Scores of dattri's explicit-Hessian IF or TRAK, in *our* layout and sign.
+
+    dattri returns ``(n_train, n_test)`` with "positive = helpful" (the test loss goes
+    down); ours is ``(n_test, n_train)`` with "positive = pushes the loss up", so the
+    result is ``−dattri.T``. Its loss is the *summed* cross-entropy, matching
+    docs/conventions.md; its model is a float64 copy in eval mode.
+
+    Parameters
+    ----------
+    method : {"if", "trak"}
+    damping : float
+        dattri's ``regularization`` (added as ``λ I``), our ``damping``.
+    proj_dim : int, optional
+        TRAK's projection dimension (dattri's own Gaussian projector).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dattri.task import AttributionTask
+
+    net = copy.deepcopy(model).double().eval()
+    Xtr = torch.as_tensor(np.asarray(X_train), dtype=torch.float64)
+    ytr = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
+    Xte = torch.as_tensor(np.asarray(X_test), dtype=torch.float64)
+    yte = torch.as_tensor(np.asarray(y_test), dtype=torch.long)
+
+    def batch(data):
+        x, y = data
+        return (x.unsqueeze(0), y.unsqueeze(0)) if y.ndim == 0 else (x, y)
+
+    def ce_sum(params, data):
+        x, y = batch(data)
+        return F.cross_entropy(functional_call(net, params, (x,)), y, reduction="sum")
+
+    def margin(params, data):  # TRAK's log(p / (1 − p)), as f_y − logsumexp(others)
+        x, y = batch(data)
+        f = functional_call(net, params, (x,))
+        f_y = f.gather(1, y[:, None])[:, 0]
+        # Compare with arange instead of F.one_hot, which reads a value (not vmappable).
+        others = f.masked_fill(torch.arange(f.shape[1]) == y[:, None], -torch.inf)
+        return (f_y - torch.logsumexp(others, dim=1)).sum()
+
+    def p_correct(params, data):
+        return torch.exp(-ce_sum(params, data))
+
+    train_loader = DataLoader(TensorDataset(Xtr, ytr), batch_size=len(Xtr), shuffle=False)
+    test_loader = DataLoader(TensorDataset(Xte, yte), batch_size=len(Xte), shuffle=False)
+    if method == "if":
+        from dattri.algorithm.influence_function import IFAttributorExplicit
+
+        task = AttributionTask(loss_func=ce_sum, model=net, checkpoints=net.state_dict())
+        attributor = IFAttributorExplicit(task, regularization=float(damping))
+        attributor.cache(train_loader)
+        with torch.no_grad():
+            out = attributor.attribute(train_loader, test_loader)
+    elif method == "trak":
+        from dattri.algorithm.trak import TRAKAttributor
+
+        task = AttributionTask(loss_func=margin, model=net, checkpoints=net.state_dict())
+        kwargs = {"proj_dim": int(proj_dim), "proj_max_batch_size": 32, "proj_seed": int(seed),
+                  "device": "cpu"}
+        attributor = TRAKAttributor(task, correct_probability_func=p_correct,
+                                    projector_kwargs=kwargs, regularization=float(damping))
+        attributor.cache(train_loader)
+        with torch.no_grad():
+            out = attributor.attribute(test_loader)
+    else:
+        raise ValueError(f"method must be 'if' or 'trak', got {method!r}")
+    return -out.detach().double().numpy().T
+
+
+def per_test_spearman(a, b):
+    """Spearman correlation of rows ``a[t]`` and ``b[t]`` (scores over training samples)."""
+    from scipy.stats import spearmanr
+
+    return np.array([spearmanr(a[t], b[t]).statistic for t in range(a.shape[0])])
+
+
+def dattri_lds(scores, masks, losses):
+    """dattri's LDS of our-layout ``scores`` on our ground truth (``masks``, ``losses``)."""
+    import torch
+    from dattri.metric import lds as _dattri_lds
+
+    masks = np.asarray(masks, dtype=bool)
+    size = masks.sum(axis=1)
+    if not np.all(size == size[0]):
+        raise ValueError("dattri's LDS takes equal-size subsets (index arrays)")
+    idx = torch.as_tensor(np.stack([np.flatnonzero(m) for m in masks]))
+    corr, _ = _dattri_lds(torch.as_tensor(np.asarray(scores).T),
+                          (torch.as_tensor(np.asarray(losses)), idx))
+    return corr.double().numpy()

@@ -162,7 +162,7 @@ def main(argv=None):
     torch.set_num_threads(2)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     n_train, n_test, P = (200, 20, 128) if args.quick else (1000, 100, 512)
-    chunk = 500
+    chunk = 1000   # one chunk: A is generated once per projection call
     t0 = time.perf_counter()
     net, split, acc = _model_and_data(n_train, n_test)
     print(f"model trained in {time.perf_counter() - t0:.1f}s, test accuracy {acc:.3f}; "

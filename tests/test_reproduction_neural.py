@@ -1,0 +1,226 @@
+"""The neural reproductions: protocol pieces checked against independent computations,
+and smoke runs of Table 2, Table 3 and Figure 2 with tiny settings.
+
+The smoke runs check structure and invariants of what they write (disjoint tuning and
+evaluation subsets, damping from the grid, correlations in [−1, 1], AUCs in [0, 1],
+a real PNG), not numbers: tiny runs carry no statistical meaning.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the neural reproductions need torch")
+
+VALIDATION = Path(__file__).resolve().parent.parent / "validation"
+sys.path.insert(0, str(VALIDATION))
+import _neural_protocol as proto  # noqa: E402
+
+from iif_ref.datasets import load_digits_split  # noqa: E402
+from iif_ref.metrics import lds, random_subset_masks  # noqa: E402
+from iif_ref.models import TrainConfig, make_mlp, train  # noqa: E402
+
+from test_datasets import write_cifar, write_idx  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    split = load_digits_split(60, 4, seed=0)
+    model = make_mlp(64, hidden=(8,), seed=0)
+    train(model, split.X_train, split.y_train, config=TrainConfig(epochs=20, batch_size=16),
+          seed=0)
+    return split, model
+
+
+def _dense_gn(model, split):
+    """Brute force: form the 610 × 610 Gauss–Newton matrix, gradients U and G."""
+    J, F = proto._logit_jacobians(model, split.X_train)
+    Jt, Ft = proto._logit_jacobians(model, split.X_test)
+    p = np.exp(F - F.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    pt = np.exp(Ft - Ft.max(1, keepdims=True))
+    pt /= pt.sum(1, keepdims=True)
+    C = sum(J[i].T @ (np.diag(p[i]) - np.outer(p[i], p[i])) @ J[i] for i in range(len(J)))
+    U = np.stack([J[i].T @ (p[i] - np.eye(10)[split.y_train[i]]) for i in range(len(J))])
+    G = np.stack([Jt[i].T @ (pt[i] - np.eye(10)[split.y_test[i]]) for i in range(len(Jt))])
+    return C, U, G
+
+
+def test_exact_gauss_newton_if_equals_dense_solve(small_problem):
+    split, model = small_problem
+    ex = proto.exact_gauss_newton_if(model, split.X_train, split.y_train, split.X_test,
+                                     split.y_test, n_classes=10)
+    assert ex.complement < 1e-10  # training gradients lie in the range of Bᵀ
+    C, U, G = _dense_gn(model, split)
+    for r in (1e-4, 1e-2):
+        lam = r * np.trace(C) / len(C)
+        F = C + lam * np.eye(len(C))
+        ref, cond = -G @ np.linalg.solve(F, U.T), np.linalg.cond(F)
+        got = ex.scores(lam)
+        # Both solves are backward stable: relative error <~ cond · eps · (a few) — use
+        # 100 · cond · eps (cond <= 1e6 here, so the bound is ~2e-8 at worst).
+        tol = 100 * cond * np.finfo(float).eps
+        assert np.max(np.abs(got - ref)) <= tol * np.max(np.abs(ref))
+
+
+def test_exact_gauss_newton_if_equals_neural_dense_gauss_newton(small_problem):
+    """Bridge: the sample-space reference equals iif_ref.neural's dense GN influence
+    (IIF with K = 1, baseline f(x; θ*), unmasked = IF, Lemma 2.5)."""
+    neural = pytest.importorskip("iif_ref.neural", reason="iif_ref.neural not importable")
+    split, model = small_problem
+    ex = proto.exact_gauss_newton_if(model, split.X_train, split.y_train, split.X_test,
+                                     split.y_test, n_classes=10)
+    lam = 1e-3 * ex.trace / ex.n_params
+    res = neural.integrated_influence(model, "cross_entropy", split.X_train, split.y_train,
+                                      split.X_test, split.y_test, K=1, baseline="prediction",
+                                      mask_path=False, proj_dim=None, curvature="gauss_newton",
+                                      damping=lam, dtype="float64", progress=False)
+    cond = float(res.diagnostics["condition"][0])
+    tol = 100 * cond * np.finfo(float).eps
+    assert np.max(np.abs(res.scores - ex.scores(lam))) <= tol * np.max(np.abs(res.scores))
+
+
+def test_residual_datamodel_recovers_an_additive_truth_from_a_wrong_prior():
+    rng = np.random.default_rng(0)
+    n_train, n_sub, n_test = 30, 400, 3
+    masks = random_subset_masks(n_train, n_sub, alpha=0.5, seed=1)
+    w = rng.normal(size=(n_test, n_train))
+    losses = masks @ w.T                       # exactly additive, noiseless
+    prior = rng.normal(size=(n_test, n_train))  # unrelated prior
+    tune, evaluate = proto.split_subsets(n_sub, seed=2)
+    out = proto.residual_datamodel_ceiling(prior, masks, losses, tune, evaluate)
+    # 200 tuning subsets for 30 weights, no noise: the fit is exact up to the ridge's
+    # shrinkage, which does not change ranks here; Spearman ≥ 0.99 on held-out subsets.
+    assert np.all(out["ceiling"] > 0.99)
+    assert np.all(lds(prior, masks, losses, subset_index=evaluate) < 0.6)
+
+
+def test_residual_datamodel_with_infinite_ridge_is_the_prior_ranking():
+    rng = np.random.default_rng(3)
+    masks = random_subset_masks(20, 60, alpha=0.5, seed=4)
+    prior = rng.normal(size=(2, 20))
+    losses = masks @ prior.T + 0.5 * rng.normal(size=(60, 2))
+    tune, evaluate = proto.split_subsets(60, seed=5)
+    out = proto.residual_datamodel_ceiling(prior, masks, losses, tune, evaluate, ridges=(1e12,))
+    # μ = 1e12 leaves r ≈ 0: the prediction is a·(m·prior) + b with a > 0, same ranks.
+    assert np.allclose(out["ceiling"], lds(prior, masks, losses, subset_index=evaluate),
+                       atol=1e-12)
+
+
+def test_choose_damping_selects_the_best_on_tuning_subsets_only():
+    rng = np.random.default_rng(0)
+    masks = random_subset_masks(10, 40, alpha=0.5, seed=0)
+    w = rng.normal(size=(2, 10))
+    losses = masks @ w.T
+    tune, evaluate = proto.split_subsets(40, seed=1)
+    assert not set(tune) & set(evaluate) and len(tune) + len(evaluate) == 40
+
+    def run(r):  # r = 1e-2 returns the truth, other values noise
+        return (w if r == 1e-2 else rng.normal(size=w.shape)), r, None
+
+    choice = proto.choose_damping(run, masks, losses, tune, grid=(1e-3, 1e-2, 1e-1))
+    assert choice.relative == 1e-2 and set(choice.tune_lds) == {1e-3, 1e-2, 1e-1}
+
+
+def test_mean_se_counts_nan_and_uses_sample_std():
+    s = proto.mean_se([1.0, 2.0, 3.0, np.nan])
+    assert s["n"] == 3 and s["n_nan"] == 1 and s["mean"] == 2.0
+    assert np.isclose(s["se"], 1.0 / np.sqrt(3))
+
+
+# --------------------------------------------------------------------------- smoke runs
+
+def _load_json(path):
+    return json.loads(Path(path).read_text())
+
+
+TABLE2_TINY = ["--n-train", "60", "--n-test", "4", "--n-subsets", "12", "--n-noise", "4",
+               "--epochs", "3", "--K", "2", "--grid", "1e-3", "1e-2", "--workers", "1",
+               "--no-benchmark"]
+
+
+def test_table2_smoke_digits(tmp_path):
+    import table2
+
+    rc = table2.main(TABLE2_TINY + ["--methods", "exact_gn_if", "trak", "iif",
+                                    "--results-dir", str(tmp_path), "--cache-dir",
+                                    str(tmp_path / "cache"), "--name", "t2"])
+    assert rc == 0
+    out = _load_json(tmp_path / "t2.json")
+    meta, rows = out["meta"], out["rows"]
+    assert meta["n_tune"] + meta["n_eval"] == 12
+    assert [r["method"] for r in rows] == ["exact_gn_if", "trak", "iif"]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert -1 <= r["lds"]["mean"] <= 1 or r["lds"]["mean"] is None
+        if r["method"] != "tracin":
+            assert r["relative_damping"] in (1e-3, 1e-2)
+    assert out["machine"]["logical_cores"] >= 1
+    # The retraining cache makes a second run train nothing.
+    rc = table2.main(TABLE2_TINY + ["--methods", "tracin", "--results-dir", str(tmp_path),
+                                    "--cache-dir", str(tmp_path / "cache"), "--name", "t2b"])
+    assert _load_json(tmp_path / "t2b.json")["meta"]["retraining"]["n_cached"] == 12
+
+
+def test_table2_smoke_mnist_idx(tmp_path):
+    import table2
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 80), ("t10k", 10)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte",
+                  rng.integers(0, 256, size=(n, 6, 6), dtype=np.uint8))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte",
+                  rng.integers(0, 10, size=n, dtype=np.uint8))
+    rc = table2.main(TABLE2_TINY + ["--mnist", str(tmp_path), "--methods", "tracin",
+                                    "--results-dir", str(tmp_path), "--cache-dir",
+                                    str(tmp_path / "cache"), "--name", "t2m"])
+    assert rc == 0
+    meta = _load_json(tmp_path / "t2m.json")["meta"]
+    assert "MNIST IDX" in meta["data"] and meta["model"]["kwargs"]["in_features"] == 36
+
+
+def test_table3_smoke_digits(tmp_path):
+    import table3
+
+    rc = table3.main(["--n-train", "40", "--epochs", "3", "--grid", "1e-3",
+                      "--n-eval-replicates", "1", "--results-dir", str(tmp_path),
+                      "--name", "t3"])
+    assert rc == 0
+    out = _load_json(tmp_path / "t3.json")
+    assert {r["method"] for r in out["rows"]} == {"if", "tracin", "trak", "iif"}
+    for r in out["rows"]:
+        assert r["error"] is None and 0 <= r["auc"]["mean"] <= 1
+    assert out["meta"]["replicates"][0]["n_flipped"] == 4
+
+
+def test_table3_smoke_cifar10_batches(tmp_path):
+    import table3
+
+    write_cifar(tmp_path, n_per_batch=8, n_batches=2, n_test=3)
+    rc = table3.main(["--cifar10", str(tmp_path), "--n-train", "12", "--epochs", "1",
+                      "--methods", "tracin", "--proj-dim", "16", "--chunk-size", "4",
+                      "--resnet-widths", "4", "8", "8", "16",
+                      "--n-eval-replicates", "1", "--results-dir", str(tmp_path),
+                      "--name", "t3c"])
+    assert rc == 0
+    out = _load_json(tmp_path / "t3c.json")
+    assert out["meta"]["arch"] == "resnet9" and out["meta"]["dataset"] == "CIFAR-10"
+    assert 0 <= out["rows"][0]["auc"]["mean"] <= 1
+
+
+def test_figure2_smoke_writes_png_and_labels(tmp_path):
+    import figure2
+
+    rc = figure2.main(["--n-train", "40", "--n-test", "40", "--epochs", "3", "--K", "2",
+                       "--n-top", "3", "--results-dir", str(tmp_path), "--name", "f2"])
+    assert rc == 0
+    png = tmp_path / "f2.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = _load_json(tmp_path / "f2.json")
+    assert out["meta"]["test_label"] == 4
+    for r in out["rows"]:
+        assert len(r["proponents"]) == 3 and len(r["opponents"]) == 3
+        if r["method"] != "iif":  # one score matrix ranked both ways: no sample is both
+            assert not set(r["proponents"]) & set(r["opponents"])

@@ -1,0 +1,190 @@
+"""Figures 2 and 3: top-8 proponents and opponents of one test image, per method.
+
+The test image is, by default, the test "4" that θ* finds most like a "9" (largest
+``p_9``), the kind of image the paper shows; ``--test-index`` picks another. IF, TracIn
+and TRAK rank one score matrix both ways (most negative = proponents, most positive =
+opponents, docs/conventions.md). IIF uses the two opposite baselines of Sec. 3.2
+(:func:`iif_ref.neural.proponents_opponents`): proponents from the path that starts at
+the unlearned model (the test loss falls along it), opponents from the path that starts
+at the model that fits the test point better (the loss rises along it).
+
+Writes a PNG grid (Figure 2) and the labels of the selected images (Figure 3) into the
+results JSON. ``iif-ref reproduce figure2`` (quick) or ``--full`` (all 1,797 − n_test
+digits as training set).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _neural_protocol as proto  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="iif-ref reproduce figure2", description=__doc__.split("\n")[0])
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--n-test", type=int, default=200, help="test pool the image is chosen from")
+    p.add_argument("--test-index", type=int, help="index into the test pool")
+    p.add_argument("--true-class", type=int, default=4)
+    p.add_argument("--confused-class", type=int, default=9)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--n-top", type=int, default=8)
+    p.add_argument("--K", type=int, default=5)
+    p.add_argument("--lam", type=float, default=0.5)
+    p.add_argument("--methods", nargs="+", default=["if", "tracin", "trak", "iif"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results-dir", default=str(proto.RESULTS_DIR))
+    p.add_argument("--name")
+    args = p.parse_args(argv)
+    if args.n_train is None:
+        args.n_train = (1797 - args.n_test if not args.mnist else 5000) if args.full else 500
+    if args.name is None:
+        args.name = "figure2" + ("_full" if args.full else "") + ("_mnist" if args.mnist else "")
+    return args
+
+
+def log(msg):
+    print(f"[figure2] {msg}", file=sys.stderr, flush=True)
+
+
+def choose_test_point(model, split, true_class, confused_class):
+    """Index of the test image of ``true_class`` with the largest ``p_confused``."""
+    import torch
+
+    with torch.no_grad():
+        p = torch.softmax(model(torch.as_tensor(split.X_test, dtype=torch.float32)), 1).numpy()
+    candidates = np.flatnonzero(split.y_test == true_class)
+    if candidates.size == 0:
+        raise ValueError(f"no test image of class {true_class}; pass --test-index")
+    return int(candidates[np.argmax(p[candidates, confused_class])]), p
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from iif_ref import attribute
+    from iif_ref.datasets import load_digits_split, load_mnist_idx
+    from iif_ref.models import PAPER_TRAINING, TrainConfig, make_mlp, train
+    from iif_ref.neural import proponents_opponents
+
+    t_start = time.perf_counter()
+    if args.mnist:
+        split = load_mnist_idx(args.mnist, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    else:
+        split = load_digits_split(args.n_train, args.n_test, seed=args.seed)
+    model = make_mlp(split.X_train.shape[1], seed=args.seed)
+    tc = TrainConfig(**{**PAPER_TRAINING["mlp"].to_dict(), "epochs": args.epochs})
+    checkpoints = []
+    every = max(1, args.epochs // 5)
+    train(model, split.X_train, split.y_train, config=tc, seed=args.seed, threads=2,
+          callback=lambda e, m: checkpoints.append(copy.deepcopy(m.state_dict()))
+          if e % every == 0 or e == tc.epochs else None)
+    if args.test_index is None:
+        t, probs = choose_test_point(model, split, args.true_class, args.confused_class)
+    else:
+        t = args.test_index
+        _, probs = choose_test_point(model, split, int(split.y_test[t]), args.confused_class)
+    X_t, y_t = split.X_test[t:t + 1], split.y_test[t:t + 1]
+    log(f"test image {t}: label {int(y_t[0])}, p = {np.round(probs[t], 3).tolist()}")
+
+    data = (split.X_train, split.y_train, X_t, y_t)
+    picks, timings = {}, {}
+    for method in args.methods:
+        t0 = time.perf_counter()
+        if method == "iif":
+            po = proponents_opponents(model, "cross_entropy", *data, n_top=args.n_top,
+                                      K=args.K, lam=args.lam, proj_dim=256, seed=args.seed,
+                                      progress=False)
+            picks[method] = {"proponents": po.proponents[0].tolist(),
+                             "opponents": po.opponents[0].tolist(),
+                             "delta_unlearned": float(po.unlearned.delta[0]),
+                             "delta_learned": float(po.learned.delta[0])}
+        else:
+            options = {"tracin": dict(checkpoints=checkpoints,
+                                      lrs=[tc.lr] * len(checkpoints)),
+                       "trak": dict(proj_dim=256),
+                       "if": dict(solver="projected", proj_dim=256, damping="auto")}[method]
+            res = attribute(model, "cross_entropy", *data, method=method, seed=args.seed,
+                            **options)
+            picks[method] = {"proponents": res.top(args.n_top, kind="proponents")[0].tolist(),
+                             "opponents": res.top(args.n_top, kind="opponents")[0].tolist()}
+        timings[method] = time.perf_counter() - t0
+        for kind in ("proponents", "opponents"):
+            picks[method][f"{kind}_labels"] = [int(split.y_train[i])
+                                               for i in picks[method][kind]]
+        log(f"{method}: proponents {picks[method]['proponents_labels']}, "
+            f"opponents {picks[method]['opponents_labels']} ({timings[method]:.1f}s)")
+
+    results_dir = Path(args.results_dir)
+    png = results_dir / f"{args.name}.png"
+    plot(split, t, picks, args, png)
+    rows = [{"method": m, **picks[m], "seconds": timings[m]} for m in args.methods]
+    meta = {"reproduction": "figure2", "argv": list(argv or []), "data": split.source,
+            "n_train": len(split.X_train), "test_pool": len(split.X_test), "test_index": t,
+            "test_label": int(y_t[0]), "test_probabilities": probs[t].tolist(),
+            "png": str(png.relative_to(proto.REPO)) if png.is_relative_to(proto.REPO) else str(png),
+            "K": args.K, "lam": args.lam, "wall_seconds": time.perf_counter() - t_start}
+    path = proto.write_json(args.name, rows, meta, directory=results_dir)
+    print(render(rows, meta))
+    print(f"\nwritten {path} and {png}")
+    return 0
+
+
+NAMES = {"if": "IF", "tracin": "TracIn", "trak": "TRAK", "iif": "IIF"}
+
+
+def plot(split, t, picks, args, path):
+    """Rows: methods; columns: the test image, 8 proponents, 8 opponents."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(picks)
+    n = args.n_top
+    fig, axes = plt.subplots(len(methods), 2 * n + 1, figsize=(1.0 * (2 * n + 1), 1.25 * len(methods) + 0.5),
+                             squeeze=False)
+    test_img = split.images(split.X_test[t:t + 1])[0]
+    for r, m in enumerate(methods):
+        imgs = [(test_img, f"test: {int(split.y_test[t])}", "black")]
+        for kind, colour in (("proponents", "tab:blue"), ("opponents", "tab:red")):
+            for i in picks[m][kind]:
+                imgs.append((split.images(split.X_train[i:i + 1])[0],
+                             f"{int(split.y_train[i])}", colour))
+        for c, (img, title, colour) in enumerate(imgs):
+            ax = axes[r, c]
+            ax.imshow(img if img.ndim == 2 else np.moveaxis(img, 0, -1), cmap="gray_r",
+                      vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8, color=colour)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(NAMES.get(m, m), fontsize=10)
+    fig.text(0.5 * (1 + 1 / (2 * n + 1)) * 0.5 + 0.03, 0.99, "proponents (blue)",
+             ha="center", va="top", color="tab:blue")
+    fig.text(0.78, 0.99, "opponents (red)", ha="center", va="top", color="tab:red")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def render(rows, meta):
+    """Figure 3 as a markdown table: labels of the test image, proponents, opponents."""
+    header = ["method", "test"] + [f"P{i + 1}" for i in range(len(rows[0]["proponents"]))] + \
+        [f"O{i + 1}" for i in range(len(rows[0]["opponents"]))]
+    body = [[NAMES.get(r["method"], r["method"]), meta["test_label"]] + r["proponents_labels"]
+            + r["opponents_labels"] for r in rows]
+    return proto.markdown_table(header, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
