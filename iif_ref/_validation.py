@@ -15,6 +15,7 @@ __all__ = [
     "check_positive_real",
     "check_nonnegative_real",
     "check_same_length",
+    "as_generator",
 ]
 
 
@@ -107,3 +108,15 @@ def check_same_length(a, a_name, b, b_name):
         raise ValueError(
             f"{a_name} and {b_name} must have the same number of rows, "
             f"got {a.shape[0]} and {b.shape[0]}")
+
+
+def as_generator(seed, name="seed"):
+    """Return a ``numpy.random.Generator`` from an int >= 0 or a Generator (passed through)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative integer or a numpy.random.Generator, "
+                        f"got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"{name} must be >= 0, got {seed}")
+    return np.random.default_rng(int(seed))

@@ -20,7 +20,8 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 from scipy.stats import ConstantInputWarning
 
-from iif_ref._validation import as_float_array, check_nonnegative_real, check_positive_int
+from iif_ref._validation import (as_float_array, as_generator, check_nonnegative_real,
+                                 check_positive_int)
 
 __all__ = [
     "random_subset_masks",
@@ -30,18 +31,6 @@ __all__ = [
     "DatamodelCeiling",
     "auc",
 ]
-
-
-def _check_rng(seed, name="seed"):
-    """Return a ``numpy.random.Generator`` from an int >= 0 or a Generator."""
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be a non-negative integer or a numpy.random.Generator, "
-                        f"got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"{name} must be >= 0, got {seed}")
-    return np.random.default_rng(int(seed))
 
 
 def _check_fraction(value, name):
@@ -110,7 +99,7 @@ def random_subset_masks(n_train, n_subsets, *, alpha=0.5, seed):
     n_train = check_positive_int(n_train, "n_train")
     n_subsets = check_positive_int(n_subsets, "n_subsets")
     size = subset_size(n_train, alpha)
-    rng = _check_rng(seed)
+    rng = as_generator(seed)
     base = np.zeros(n_train, dtype=bool)
     base[:size] = True
     # An independent uniform permutation of the same row per subset: exact size, uniform.
@@ -357,7 +346,7 @@ def lds_ceiling(masks, subset_losses, *, fit_fraction=0.5, ridge=1e-3, seed):
                          f"{n_subsets} subsets")
     fit_fraction = _check_fraction(fit_fraction, "fit_fraction")
     ridge = check_nonnegative_real(ridge, "ridge")
-    rng = _check_rng(seed)
+    rng = as_generator(seed)
     n_fit = int(np.floor(fit_fraction * n_subsets + 0.5))
     if n_fit < 2 or n_subsets - n_fit < 2:
         raise ValueError(f"fit_fraction={fit_fraction} of {n_subsets} subsets leaves "

@@ -6,12 +6,11 @@ or ``sigma_s`` (test). Gaussian or Laplace noise (Table 4's "N" and "L").
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from iif_ref._validation import check_nonnegative_real, check_positive_int
+from iif_ref._validation import as_generator, check_nonnegative_real, check_positive_int
 
 __all__ = ["LinearProblem", "make_linear_problem", "NOISE_KINDS"]
 
@@ -112,15 +111,8 @@ def make_linear_problem(n_train=100, d=10, n_test=50, *, sigma_n, sigma_s,
     sigma_s = check_nonnegative_real(sigma_s, "sigma_s")
     train_noise = _check_kind(train_noise, "train_noise")
     test_noise = _check_kind(test_noise, "test_noise")
-    if isinstance(seed, np.random.Generator):
-        rng, seed_value = seed, None
-    elif isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        rng, seed_value = np.random.default_rng(int(seed)), int(seed)
-    else:
-        raise TypeError(f"seed must be a non-negative integer or a numpy.random.Generator, "
-                        f"got {type(seed).__name__}")
+    rng = as_generator(seed)
+    seed_value = None if isinstance(seed, np.random.Generator) else int(seed)
     X = rng.standard_normal((n_train, d))
     X_test = rng.standard_normal((n_test, d))
     w = rng.standard_normal(d)
