@@ -37,7 +37,7 @@ import _neural_protocol as proto  # noqa: E402
 
 PAPER = {"IF": 0.1035, "TracIn": 0.1379, "TRAK": 0.1115, "IIF": 0.1635}
 
-QUICK = dict(n_train=500, n_test=20, n_subsets=100, grid=(1e-3, 1e-2, 1e-1), n_noise=24,
+QUICK = dict(n_train=500, n_test=20, n_subsets=100, grid=(1e-3, 1e-2, 1e-1, 1.0), n_noise=24,
              epochs=50, K=5)
 FULL = dict(n_train=1000, n_test=100, n_subsets=1000, grid=proto.RELATIVE_DAMPING_GRID,
             n_noise=100, epochs=50, K=5)
