@@ -44,11 +44,17 @@ Every backend module exposes exactly these names (and may have private helpers):
     ``(B, T, N)``. A slice whose ``F_b`` is not (numerically) positive definite raises
     :class:`iif_ref.errors.NotPositiveDefiniteError` naming every failing ``b`` and a
     damping that fixes it (build it with
-    :func:`iif_ref.kernels._fisher.not_positive_definite_error`); never NaN.
+    :func:`iif_ref.kernels._fisher.not_positive_definite_error` and
+    :func:`iif_ref.kernels._fisher.suggest_damping`, so every backend says the same);
+    never NaN. A slice is "not positive definite" when its Cholesky factorisation fails
+    or its reciprocal condition estimate is below ``n * eps64`` (``n`` the order of
+    the factored matrix); for ``N < P`` the ``N x N`` Woodbury form may be used and
+    then needs ``damping[b] > 0``.
 
 The NumPy backend is the float64 oracle every other backend is tested against; the
 backend-agnostic tests are parametrised over :func:`backend_names`, so a module
-registered here is tested automatically (skipped, with its reason, where unavailable).
+registered here is tested automatically (skipped, with its reason, where unavailable);
+:func:`backend_status` gives that reason.
 
 Importing this module imports no backend: ``import iif_ref.kernels`` needs neither
 numba nor cupy.
