@@ -262,3 +262,19 @@ def test_projected_scores_bad_inputs_raise_naming_the_argument(change, exc, matc
     kwargs = {**GOOD, "damping": 1.0, "backend": "numpy", **change}
     with pytest.raises(exc, match=match):
         projected_scores(kwargs.pop("Phi"), kwargs.pop("Psi"), kwargs.pop("Gamma"), **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("N,P", [(30, 8), (6, 20)])
+def test_permuting_samples_permutes_score_columns(backend, N, P):
+    # F_b = sum_i phi_i phi_i^T does not depend on the order of the samples, and column
+    # i of the score depends on Psi[i] only; equal up to the rounding of the Gram sum.
+    rng = np.random.default_rng(12)
+    Phi, Psi, Gamma = rng.standard_normal((2, N, P)), rng.standard_normal((2, N, P)), \
+        rng.standard_normal((2, 3, P))
+    perm = rng.permutation(N)
+    base = projected_scores(Phi, Psi, Gamma, damping=0.3, backend=backend)
+    permuted = projected_scores(Phi[:, perm], Psi[:, perm], Gamma, damping=0.3,
+                                backend=backend)
+    _, bounds = _reference_terms(Phi, Psi, Gamma, np.full(2, 0.3))
+    assert np.max(np.abs(permuted - base[:, perm])) <= 2 * bounds.sum()
