@@ -58,12 +58,21 @@ def as_float_array(value, name, *, ndim=None, dtype=np.float64, allow_dtypes=Non
                 f"got shape {out.shape}")
     if out.ndim >= 1 and out.shape[0] < min_rows:
         raise ValueError(f"{name} is empty (shape {out.shape}); at least {min_rows} row(s) needed")
-    if not np.all(np.isfinite(out)):
+    if not _all_finite(out):
         bad = np.argwhere(~np.isfinite(out))
         where = tuple(int(i) for i in bad[0])
         raise ValueError(
             f"{name} contains {len(bad)} non-finite value(s) (NaN or Inf), first at index {where}")
     return out
+
+
+def _all_finite(arr):
+    # A float64 sum is non-finite iff some entry is NaN/Inf or the sum overflows; it needs
+    # O(1) memory, unlike a boolean mask the size of the input. Overflow (entries near
+    # 1e308) falls back to the exact element-wise test.
+    if arr.size == 0 or np.isfinite(np.sum(arr, dtype=np.float64)):
+        return True
+    return bool(np.all(np.isfinite(arr)))
 
 
 def check_positive_int(value, name, *, allow_none=False):
