@@ -70,8 +70,11 @@ def _all_finite(arr):
     # A float64 sum is non-finite iff some entry is NaN/Inf or the sum overflows; it needs
     # O(1) memory, unlike a boolean mask the size of the input. Overflow (entries near
     # 1e308) falls back to the exact element-wise test.
-    if arr.size == 0 or np.isfinite(np.sum(arr, dtype=np.float64)):
+    if arr.size == 0:
         return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(arr, dtype=np.float64)):
+            return True
     return bool(np.all(np.isfinite(arr)))
 
 
