@@ -13,7 +13,8 @@ backends load lazily (see :mod:`iif_ref.kernels._registry` for the backend proto
 """
 from iif_ref.kernels._frontend import (DEFAULT_MEMORY_BUDGET, project, projected_scores,
                                        projection_matrix)
+from iif_ref.kernels._fisher import RELATIVE_DAMPING
 from iif_ref.kernels._registry import available_backends
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "available_backends", "project", "projected_scores",
+__all__ = ["DEFAULT_MEMORY_BUDGET", "RELATIVE_DAMPING", "available_backends", "project", "projected_scores",
            "projection_matrix"]
