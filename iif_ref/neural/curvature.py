@@ -19,7 +19,7 @@ import torch
 from torch.func import hessian, vmap
 
 from iif_ref.errors import NotPositiveDefiniteError
-from iif_ref.kernels._fisher import RELATIVE_DAMPING
+from iif_ref.kernels import RELATIVE_DAMPING
 from iif_ref.neural.functional import chunks
 
 __all__ = ["dense_curvature", "dense_scores", "resolve_damping", "condition_estimate",
