@@ -14,14 +14,61 @@ from scipy.linalg import lapack
 
 from iif_ref.errors import NotPositiveDefiniteError
 
-__all__ = ["RELATIVE_DAMPING", "relative_damping", "suggest_damping",
-           "not_positive_definite_error", "projected_scores_host"]
+__all__ = ["RELATIVE_DAMPING", "FisherFactor", "relative_damping", "slice_traces",
+           "damping_from_traces", "suggest_damping", "suggest_damping_from_traces",
+           "not_positive_definite_error", "factor_slice", "factor_gram", "factor_stack",
+           "projected_scores_host"]
 
 #: Default damping relative to the mean eigenvalue ``tr(Phi_b^T Phi_b) / P`` of each
 #: slice's Gram. It caps ``cond(F_b) <= 1 + P / RELATIVE_DAMPING`` (docs/kernels.md).
 RELATIVE_DAMPING = 1e-3
 
 _EPS64 = np.finfo(np.float64).eps
+
+
+def slice_traces(Phi):
+    """``tr(Phi_b^T Phi_b) = ||Phi_b||_F^2`` per slice, summed in float64.
+
+    Parameters
+    ----------
+    Phi : ndarray, shape (B, N, P)
+
+    Returns
+    -------
+    ndarray, shape (B,), float64
+    """
+    return np.array([np.sum(np.square(Phi[b], dtype=np.float64)) for b in range(Phi.shape[0])])
+
+
+def damping_from_traces(traces, P, damping):
+    """Absolute damping per slice from the Gram traces and the user's ``damping``.
+
+    Parameters
+    ----------
+    traces : ndarray, shape (B,)
+        ``tr(Phi_b^T Phi_b)`` of each slice.
+    P : int
+        Order of the Fisher.
+    damping : None, float or callable
+        None: the relative default ``RELATIVE_DAMPING * tr_b / P``; a float: that
+        absolute value for every slice (already checked finite and >= 0 by the caller);
+        a callable: ``damping(tr_b, P) -> lam_b`` per slice, whose results must be
+        finite and >= 0.
+
+    Returns
+    -------
+    ndarray, shape (B,), float64
+    """
+    traces = np.asarray(traces, dtype=np.float64)
+    if damping is None:
+        return RELATIVE_DAMPING * traces / P
+    if callable(damping):
+        lam = np.array([float(damping(float(tr), P)) for tr in traces])
+        if not np.all(np.isfinite(lam) & (lam >= 0)):
+            raise ValueError(f"damping(trace, P) must return finite values >= 0, got "
+                             f"{lam.tolist()}")
+        return lam
+    return np.full(traces.shape[0], float(damping))
 
 
 def relative_damping(Phi, factor=RELATIVE_DAMPING):
@@ -36,9 +83,7 @@ def relative_damping(Phi, factor=RELATIVE_DAMPING):
     -------
     ndarray, shape (B,), float64
     """
-    B, _, P = Phi.shape
-    traces = np.array([np.sum(np.square(Phi[b], dtype=np.float64)) for b in range(B)])
-    return factor * traces / P
+    return factor * slice_traces(Phi) / Phi.shape[2]
 
 
 def not_positive_definite_error(slices, damping, suggested_damping, detail=""):
@@ -91,35 +136,75 @@ def _solve(factor, rhs):
     return x
 
 
+class SliceFactor:
+    """One slice's factored damped Fisher, in the direct or the push-through form.
+
+    ``form == "direct"``: ``chol`` is the lower Cholesky factor of
+    ``F = Phi^T Phi + lam I`` (P x P). ``form == "woodbury"``: ``chol`` factors
+    ``K = Phi Phi^T + lam I`` (N x N) and ``phi`` (float64, N x P) is kept, since
+    ``F^{-1} = (I - Phi^T K^{-1} Phi) / lam``.
+    """
+
+    __slots__ = ("form", "chol", "phi", "lam")
+
+    def __init__(self, form, chol, phi, lam):
+        self.form, self.chol, self.phi, self.lam = form, chol, phi, lam
+
+    def apply_inverse(self, rhs):
+        """``F^{-1} rhs`` for float64 ``rhs`` of shape (P, R)."""
+        rhs = np.ascontiguousarray(rhs, dtype=np.float64)
+        if self.form == "direct":
+            return _solve(self.chol, rhs)
+        return (rhs - self.phi.T @ _solve(self.chol, self.phi @ rhs)) / self.lam
+
+
+def factor_gram(gram, lam, *, overwrite=False):
+    """:class:`SliceFactor` of ``gram + lam I`` (P x P), or None when it is not positive
+    definite to working precision. ``gram`` is left unchanged unless ``overwrite`` (then
+    it must be a float64 array the caller no longer needs)."""
+    fisher = gram if overwrite else np.array(gram, dtype=np.float64, copy=True)
+    fisher[np.diag_indices(fisher.shape[0])] += lam
+    chol = _factor(fisher)
+    return None if chol is None else SliceFactor("direct", chol, None, lam)
+
+
+def factor_slice(phi, lam):
+    """:class:`SliceFactor` of ``F = phi^T phi + lam I`` for ``phi`` (N, P), or None when
+    ``F`` (or, for N < P, ``phi phi^T + lam I`` with ``lam > 0`` required) is not
+    positive definite to working precision.
+
+    The Gram is formed from ``phi`` promoted to float64. For ``N >= P`` the P x P
+    Fisher is factored; for ``N < P`` the N x N push-through (Woodbury) kernel, since
+    the Gram has rank <= N < P and the smaller factorisation is cheaper.
+    """
+    n, p = phi.shape
+    phi = np.asarray(phi, dtype=np.float64)
+    if n >= p:
+        return factor_gram(phi.T @ phi, lam, overwrite=True)
+    if lam <= 0.0:
+        return None
+    kernel = phi @ phi.T
+    kernel[np.diag_indices(n)] += lam
+    chol = _factor(kernel)
+    return None if chol is None else SliceFactor("woodbury", chol, phi, lam)
+
+
+WOODBURY_DETAIL = ("With N < P the Gram Phi_b^T Phi_b has rank <= N < P, so damping "
+                   "must be > 0 (the N x N Woodbury form is used).")
+
+
 def _slice_term(phi, psi, gamma, lam):
     """``-gamma F^{-1} psi^T`` (T, N) for one slice, or None when F is not PD.
 
     ``F^{-1}`` is applied to whichever of ``gamma^T`` (T columns) or ``psi^T``
     (N columns) has fewer columns, with one Cholesky factor.
     """
-    n, p = phi.shape
-    gamma_is_rhs = gamma.shape[0] <= n
-    rhs = np.asarray(gamma if gamma_is_rhs else psi, dtype=np.float64).T   # (P, R)
-    phi = np.asarray(phi, dtype=np.float64)
-    if n >= p:
-        # Direct form: Z = F^{-1} rhs with F = Phi^T Phi + lam I (P x P).
-        fisher = phi.T @ phi
-        fisher[np.diag_indices(p)] += lam
-        factor = _factor(fisher)
-        if factor is None:
-            return None
-        z = _solve(factor, np.ascontiguousarray(rhs))
-    else:
-        # N < P, push-through (Woodbury) form with the N x N kernel K = Phi Phi^T:
-        # F^{-1} = (I - Phi^T (K + lam I)^{-1} Phi) / lam, which needs lam > 0.
-        if lam <= 0.0:
-            return None
-        kernel = phi @ phi.T
-        kernel[np.diag_indices(n)] += lam
-        factor = _factor(kernel)
-        if factor is None:
-            return None
-        z = (rhs - phi.T @ _solve(factor, phi @ rhs)) / lam
+    factor = factor_slice(phi, lam)
+    if factor is None:
+        return None
+    gamma_is_rhs = gamma.shape[0] <= phi.shape[0]
+    z = factor.apply_inverse(np.asarray(gamma if gamma_is_rhs else psi,
+                                        dtype=np.float64).T)            # (P, R)
     if gamma_is_rhs:
         return -(np.asarray(psi, dtype=np.float64) @ z).T
     return -(np.asarray(gamma, dtype=np.float64) @ z)
@@ -138,14 +223,106 @@ def suggest_damping(Phi, damping, failed):
     damping : ndarray, shape (B,)
     failed : sequence of int
     """
-    rel = relative_damping(Phi[np.asarray(failed)])
-    best = float(np.max(rel))
-    if not best > float(np.max(damping[failed])):
-        best = max(1.0, 10.0 * float(np.max(damping[failed])))
+    failed = np.asarray(failed)
+    return suggest_damping_from_traces(slice_traces(Phi[failed]), Phi.shape[2],
+                                       np.asarray(damping)[failed])
+
+
+def suggest_damping_from_traces(traces, P, used):
+    """:func:`suggest_damping` from the failing slices' Gram traces and used dampings.
+
+    Parameters
+    ----------
+    traces, used : ndarray, shape (n_failed,)
+    P : int
+    """
+    best = float(np.max(RELATIVE_DAMPING * np.asarray(traces) / P))
+    if not best > float(np.max(used)):
+        best = max(1.0, 10.0 * float(np.max(used)))
     return best
 
 
 _suggest = suggest_damping  # name used by the device backend
+
+
+class FisherFactor:
+    """Factored damped projected Fishers ``F_b = Phi_b^T Phi_b + lam_b I``, one per slice.
+
+    Built by :func:`iif_ref.kernels.factor_fisher`; apply ``F_b^{-1}`` with
+    :meth:`solve`. Each slice holds one float64 Cholesky factor: of the ``P x P`` Fisher,
+    or, when it was built from ``Phi_b`` with ``N < P``, of the ``N x N`` push-through
+    kernel ``Phi_b Phi_b^T + lam_b I`` (see ``docs/kernels.md``).
+
+    Attributes
+    ----------
+    damping : ndarray, shape (B,), float64
+        Absolute damping ``lam_b`` of each slice.
+    proj_dim : int
+        ``P``, the order of each ``F_b``.
+    forms : tuple of str
+        ``"direct"`` or ``"woodbury"`` per slice.
+    """
+
+    def __init__(self, slices, damping, proj_dim):
+        self._slices = tuple(slices)
+        self.damping = np.asarray(damping, dtype=np.float64)
+        self.proj_dim = int(proj_dim)
+        self.forms = tuple(f.form for f in self._slices)
+
+    def __len__(self):
+        return len(self._slices)
+
+    def __repr__(self):
+        return (f"FisherFactor(B={len(self)}, P={self.proj_dim}, "
+                f"forms={sorted(set(self.forms))})")
+
+    def lower(self, b):
+        """Lower Cholesky factor ``L`` of slice ``b``: ``F_b = L L^T`` (direct form) or
+        ``Phi_b Phi_b^T + lam_b I = L L^T`` (Woodbury form); a read-only view."""
+        view = self._slices[b].chol.view()
+        view.flags.writeable = False
+        return view
+
+    def solve(self, rhs, *, index=None):
+        """``F_b^{-1} rhs`` for every slice, or for slice ``index`` only.
+
+        See :func:`iif_ref.kernels.solve_factored` for shapes and validation.
+        """
+        from iif_ref.kernels._frontend import solve_factored
+        return solve_factored(self, rhs, index=index)
+
+    def _apply(self, b, rhs):
+        """Unvalidated ``F_b^{-1} rhs`` for float64 ``rhs`` of shape (P, R)."""
+        return self._slices[b].apply_inverse(rhs)
+
+
+def factor_stack(*, damping, Phi=None, gram=None):
+    """Factor every slice of ``Phi`` (B, N, P) or of ``gram`` (B, P, P); validated input.
+
+    ``damping`` is the absolute float64 damping per slice, shape (B,). Raises
+    :class:`iif_ref.errors.NotPositiveDefiniteError` naming every failing slice and a
+    damping that fixes them (the same test and suggestion as :func:`projected_scores_host`).
+    """
+    source = Phi if gram is None else gram
+    B, P = source.shape[0], source.shape[2]
+    slices, failed = [], []
+    for b in range(B):
+        f = factor_slice(Phi[b], float(damping[b])) if gram is None \
+            else factor_gram(gram[b], float(damping[b]))
+        if f is None:
+            failed.append(b)
+        elif not failed:
+            slices.append(f)
+    if failed:
+        if gram is None:
+            suggestion = suggest_damping(Phi, damping, failed)
+            detail = WOODBURY_DETAIL if Phi.shape[1] < P else ""
+        else:
+            traces = np.trace(gram[np.asarray(failed)], axis1=1, axis2=2)
+            suggestion = suggest_damping_from_traces(traces, P, damping[np.asarray(failed)])
+            detail = ""
+        raise not_positive_definite_error(failed, damping, suggestion, detail)
+    return FisherFactor(slices, damping, P)
 
 
 def projected_scores_host(Phi, Psi, Gamma, *, damping, reduce):
@@ -169,10 +346,7 @@ def projected_scores_host(Phi, Psi, Gamma, *, damping, reduce):
         else:
             out[b] = term
     if failed:
-        detail = ""
-        if Phi.shape[1] < Phi.shape[2]:
-            detail = ("With N < P the Gram Phi_b^T Phi_b has rank <= N < P, so damping "
-                      "must be > 0 (the N x N Woodbury form is used).")
+        detail = WOODBURY_DETAIL if Phi.shape[1] < Phi.shape[2] else ""
         raise not_positive_definite_error(failed, damping, suggest_damping(Phi, damping, failed),
                                           detail)
     return out

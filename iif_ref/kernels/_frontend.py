@@ -1,6 +1,12 @@
 """Public kernel functions: validate once, then dispatch to a backend.
 
 The backends (``_registry``) receive clean arrays and resolved options only.
+
+Device arrays (CuPy arrays, torch CUDA tensors, any array whose DLPack device is not the
+CPU) are validated on their own device -- shape and dtype from their attributes,
+finiteness and Gram traces as on-device reductions of which only a scalar per slice
+comes back -- and are handed to the ``"cupy"`` backend unchanged, never copied to the
+host. Host arrays are validated with NumPy exactly as before.
 """
 from __future__ import annotations
 
@@ -13,12 +19,120 @@ from iif_ref.kernels import _fisher
 from iif_ref.kernels._philox import COL_LIMIT, ROW_LIMIT, check_kind, check_seed
 from iif_ref.kernels._registry import get_backend
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "project", "projection_matrix", "projected_scores"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "project", "projection_matrix", "projected_scores",
+           "resolve_damping", "factor_fisher", "solve_factored", "is_device_array"]
 
 #: Bytes of ``A`` that :func:`project` may hold at once by default (64 MiB).
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
 
 _KERNEL_DTYPES = (np.float32, np.float64)
+#: Backends that accept device arrays (the backend protocol's "device backend").
+_DEVICE_BACKENDS = ("cupy",)
+_DLPACK_CPU = 1  # DLDeviceType kDLCPU
+
+
+# --------------------------------------------------------------------------- device arrays
+def is_device_array(value):
+    """Whether ``value`` lives in accelerator memory (and must not go through NumPy).
+
+    True for arrays with ``__cuda_array_interface__`` or whose ``__dlpack_device__`` is
+    not the CPU (CuPy arrays, torch CUDA tensors); False for NumPy arrays, CPU tensors,
+    lists and scalars.
+    """
+    if isinstance(value, np.ndarray):
+        return False
+    probe = getattr(value, "__dlpack_device__", None)
+    if probe is not None:
+        try:
+            return int(probe()[0]) != _DLPACK_CPU
+        except Exception:  # noqa: BLE001 -- an unusable probe: treat as a host array
+            return False
+    try:
+        return getattr(value, "__cuda_array_interface__", None) is not None
+    except Exception:  # noqa: BLE001 -- torch raises for CPU tensors
+        return False
+
+
+def _namespace(x, name):
+    """The array library of device array ``x``: its ``__array_namespace__``, else the
+    module it comes from (torch, cupy), each of which has ``sum(x, dtype=)``,
+    ``isfinite``, ``all``, ``asarray(x, dtype=)`` and ``float64`` acting on the device."""
+    root = type(x).__module__.split(".")[0]
+    if root == "torch":
+        import torch
+        return torch
+    if hasattr(x, "__array_namespace__"):
+        return x.__array_namespace__()
+    if root == "cupy":
+        import cupy
+        return cupy.get_array_module(x)
+    raise TypeError(f"{name} is a device array of type {type(x).__name__} whose array "
+                    f"library is unknown (it has no __array_namespace__); pass a CuPy "
+                    f"array or a torch tensor")
+
+
+def _device_all_finite(x, xp):
+    # As _validation: a float64 sum is finite iff every entry is and the sum does not
+    # overflow; only on overflow is the element-wise test (a device-sized mask) needed.
+    if np.isfinite(float(xp.sum(x, dtype=xp.float64))):
+        return True
+    return bool(xp.all(xp.isfinite(x)))
+
+
+def _device_float_array(x, name, *, ndim, backend):
+    """Validate device array ``x`` without moving it; returns it unchanged.
+
+    Raises ``TypeError`` unless ``backend`` accepts device arrays and the dtype is
+    float32 or float64 (device data is not converted), ``ValueError`` for a wrong number
+    of dimensions, an empty array or a NaN/Inf entry.
+    """
+    if backend not in _DEVICE_BACKENDS:
+        raise TypeError(f"{name} is a device array ({type(x).__module__}."
+                        f"{type(x).__name__}); pass backend=\"cupy\" to compute on its "
+                        f"device, or copy it to the host first (backend {backend!r} runs "
+                        f"on the host)")
+    xp = _namespace(x, name)
+    dtype = str(x.dtype).rsplit(".", 1)[-1]  # "float32", or "torch.float32"
+    if dtype not in ("float32", "float64"):
+        raise TypeError(f"{name} must be float32 or float64 (device arrays are not "
+                        f"converted), got {x.dtype}")
+    shape = tuple(int(d) for d in x.shape)
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if len(shape) not in allowed:
+        raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimension(s), "
+                         f"got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"{name} is empty (shape {shape})")
+    if not _device_all_finite(x, xp):
+        raise ValueError(f"{name} contains non-finite values (NaN or Inf)")
+    return x
+
+
+def _kernel_array(value, name, *, ndim, backend):
+    """A validated float32/float64 array: device arrays as they are (``backend`` must
+    accept them), everything else through NumPy as :func:`as_float_array`."""
+    if is_device_array(value):
+        return _device_float_array(value, name, ndim=ndim, backend=backend)
+    return as_float_array(value, name, ndim=ndim, allow_dtypes=_KERNEL_DTYPES)
+
+
+def _traces(Phi):
+    """``tr(Phi_b^T Phi_b)`` per slice (float64, host) of a validated (B, N, P) array."""
+    if not is_device_array(Phi):
+        return _fisher.slice_traces(Phi)
+    xp = _namespace(Phi, "Phi")
+    out = np.empty(Phi.shape[0])
+    for b in range(Phi.shape[0]):  # one float64 slice at a time on the device
+        slab = xp.asarray(Phi[b], dtype=xp.float64)
+        out[b] = float(xp.sum(slab * slab))
+    return out
+
+
+def _check_damping(damping):
+    """None, a callable ``damping(trace, P)``, or a finite float >= 0."""
+    if damping is None or callable(damping):
+        return damping
+    return check_nonnegative_real(damping, "damping")
 
 
 def _check_proj_dim(proj_dim):
@@ -111,6 +225,9 @@ def project(G, proj_dim, *, seed=0, kind="rademacher", backend="numba",
         Gradients (or any row vectors) to project; float32 or float64 are kept (other
         real dtypes become float64); C- or F-ordered. A single vector must be passed
         as ``G[None, :]``.
+        With ``backend="cupy"``, ``G`` may be a CuPy array or a torch CUDA tensor
+        (float32 or float64): it is validated on its device, never copied to the host,
+        and ``Phi`` is returned as the same kind of array.
     proj_dim : int
         ``P``, ``1 <= P < 2**32``.
     seed : int, optional
@@ -126,7 +243,7 @@ def project(G, proj_dim, *, seed=0, kind="rademacher", backend="numba",
 
     Returns
     -------
-    Phi : ndarray, shape (n, proj_dim), dtype of ``G``
+    Phi : ndarray (or the device array kind of ``G``), shape (n, proj_dim), dtype of ``G``
 
     Notes
     -----
@@ -144,21 +261,27 @@ def project(G, proj_dim, *, seed=0, kind="rademacher", backend="numba",
     >>> bool(np.allclose(Phi, G @ projection_matrix(300, 16, seed=1)))
     True
     """
-    if np.ndim(G) == 1:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    device = is_device_array(G)
+    shape = tuple(G.shape) if device else np.shape(G)
+    if len(shape) == 1:
         raise ValueError(f"G must be 2-D (n, n_params), got a 1-D array of shape "
-                         f"{np.shape(G)}; pass a single vector as G[None, :]")
-    G = as_float_array(G, "G", ndim=2, allow_dtypes=_KERNEL_DTYPES)
-    if G.shape[1] < 1:
-        raise ValueError(f"G has no columns (shape {G.shape}); n_params must be >= 1")
+                         f"{shape}; pass a single vector as G[None, :]")
+    G = _kernel_array(G, "G", ndim=2, backend=backend)
+    if int(G.shape[1]) < 1:
+        raise ValueError(f"G has no columns (shape {tuple(G.shape)}); n_params must be >= 1")
     proj_dim = _check_proj_dim(proj_dim)
     seed = check_seed(seed)
     kind = check_kind(kind)
     memory_budget = check_positive_int(memory_budget, "memory_budget")
-    row_bytes = proj_dim * G.dtype.itemsize
+    # Device dtypes (torch.float32, ...) are matched by name; validation allowed only two.
+    itemsize = 4 if str(G.dtype).endswith("float32") else 8
+    row_bytes = proj_dim * itemsize
     if memory_budget < row_bytes:
         raise ValueError(f"memory_budget={memory_budget} bytes cannot hold one row of A: "
                          f"proj_dim={proj_dim} entries of {G.dtype} need {row_bytes} bytes")
-    chunk_rows = min(memory_budget // row_bytes, G.shape[1])
+    chunk_rows = min(memory_budget // row_bytes, int(G.shape[1]))
     return get_backend(backend).project(G, proj_dim, seed=seed, kind=kind,
                                         chunk_rows=chunk_rows)
 
@@ -175,11 +298,15 @@ def projected_scores(Phi, Psi, Gamma, *, damping=None, backend="numba", reduce=T
         Projected directions ``(J_i Δy)^T A``.
     Gamma : array_like, shape (B, T, P) or (T, P)
         Projected test gradients ``G A``.
-    damping : float or None, optional
+    damping : float, None or callable, optional
         Absolute ``lam_d >= 0`` used for every slice, or None (default) for the
         relative default ``1e-3 * tr(Phi_b^T Phi_b) / P`` per slice, which bounds
-        ``cond(F_b) <= 1 + 1000 P`` and scales with the data (docs/kernels.md).
+        ``cond(F_b) <= 1 + 1000 P`` and scales with the data (docs/kernels.md), or
+        ``damping(trace, P) -> lam_d`` per slice (see :func:`resolve_damping`).
     backend : str, optional
+        ``"numba"`` (default), ``"numpy"`` or ``"cupy"``. With ``"cupy"`` the inputs may
+        be CuPy arrays or torch CUDA tensors; they are validated on their device and
+        never copied to the host, and the result is of the same kind as ``Phi``.
     reduce : bool, optional
         Sum over ``b`` (default) or return every slice's term.
 
@@ -215,33 +342,213 @@ def projected_scores(Phi, Psi, Gamma, *, damping=None, backend="numba", reduce=T
     >>> bool(np.allclose(S, per.sum(axis=0)))
     True
     """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     arrays = {}
     for name, value in (("Phi", Phi), ("Psi", Psi), ("Gamma", Gamma)):
-        arrays[name] = as_float_array(value, name, ndim=(2, 3), allow_dtypes=_KERNEL_DTYPES)
-    ndims = {a.ndim for a in arrays.values()}
-    if len(ndims) != 1:
+        arrays[name] = _kernel_array(value, name, ndim=(2, 3), backend=backend)
+    shapes = {k: tuple(int(d) for d in v.shape) for k, v in arrays.items()}
+    if len({len(sh) for sh in shapes.values()}) != 1:
         raise ValueError("Phi, Psi and Gamma must all be 2-D or all be 3-D, got shapes "
-                         + ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
-    if ndims == {2}:
-        arrays = {k: v[None] for k, v in arrays.items()}
+                         + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+    if len(shapes["Phi"]) == 2:
+        arrays = {k: v[None, ...] for k, v in arrays.items()}
+        shapes = {k: (1,) + v for k, v in shapes.items()}
     Phi, Psi, Gamma = arrays["Phi"], arrays["Psi"], arrays["Gamma"]
-    for name, arr in arrays.items():
-        if 0 in arr.shape:
-            raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if not (Phi.shape[0] == Psi.shape[0] == Gamma.shape[0]):
+    for name, shape in shapes.items():
+        if 0 in shape:
+            raise ValueError(f"{name} is empty (shape {shape})")
+    sPhi, sPsi, sGamma = shapes["Phi"], shapes["Psi"], shapes["Gamma"]
+    if not (sPhi[0] == sPsi[0] == sGamma[0]):
         raise ValueError(f"Phi, Psi and Gamma must have the same batch size B, got shapes "
-                         f"{Phi.shape}, {Psi.shape}, {Gamma.shape}")
-    if not (Phi.shape[2] == Psi.shape[2] == Gamma.shape[2]):
+                         f"{sPhi}, {sPsi}, {sGamma}")
+    if not (sPhi[2] == sPsi[2] == sGamma[2]):
         raise ValueError(f"Phi, Psi and Gamma must have the same proj_dim P (last axis), "
-                         f"got shapes {Phi.shape}, {Psi.shape}, {Gamma.shape}")
-    if Phi.shape[1] != Psi.shape[1]:
+                         f"got shapes {sPhi}, {sPsi}, {sGamma}")
+    if sPhi[1] != sPsi[1]:
         raise ValueError(f"Phi and Psi must have the same number of samples N, got shapes "
-                         f"{Phi.shape} and {Psi.shape}")
+                         f"{sPhi} and {sPsi}")
     if not isinstance(reduce, (bool, np.bool_)):
         raise TypeError(f"reduce must be a bool, got {type(reduce).__name__}")
-    if damping is None:
-        lam = _fisher.relative_damping(Phi)
-    else:
-        lam = np.full(Phi.shape[0], check_nonnegative_real(damping, "damping"))
+    lam = _fisher.damping_from_traces(_traces(Phi), sPhi[2], _check_damping(damping))
     return get_backend(backend).projected_scores(Phi, Psi, Gamma, damping=lam,
                                                  reduce=bool(reduce))
+
+
+def resolve_damping(Phi, damping=None, *, backend="numpy"):
+    """The absolute damping ``lam_b`` of every slice that :func:`projected_scores` and
+    :func:`factor_fisher` use for ``damping``.
+
+    Parameters
+    ----------
+    Phi : array_like, shape (B, N, P) or (N, P)
+        Projected per-sample gradients; a device array needs ``backend="cupy"`` (the
+        traces are then reduced on its device).
+    damping : None, float or callable, optional
+        None (default): the relative default
+        ``RELATIVE_DAMPING * tr(Phi_b^T Phi_b) / P`` per slice; a float ``>= 0``: that
+        absolute value for every slice; a callable ``damping(trace, P) -> lam``: called
+        with each slice's ``tr(Phi_b^T Phi_b)`` (its results must be finite and >= 0).
+    backend : str, optional
+        Only decides whether device arrays are accepted (``"cupy"``).
+
+    Returns
+    -------
+    lam : ndarray, shape (B,), float64 (``B = 1`` for 2-D ``Phi``)
+
+    Notes
+    -----
+    The damping of the Fisher of Eq. (31); the relative default bounds
+    ``cond(F_b) <= 1 + P / RELATIVE_DAMPING`` (docs/kernels.md).
+
+    Examples
+    --------
+    >>> Phi = np.ones((2, 4, 3))
+    >>> resolve_damping(Phi)             # 1e-3 * tr / P = 1e-3 * 12 / 3
+    array([0.004, 0.004])
+    >>> resolve_damping(Phi, 0.5).tolist()
+    [0.5, 0.5]
+    """
+    Phi = _kernel_array(Phi, "Phi", ndim=(2, 3), backend=backend)
+    if len(Phi.shape) == 2:
+        Phi = Phi[None, ...]
+    return _fisher.damping_from_traces(_traces(Phi), int(Phi.shape[2]),
+                                       _check_damping(damping))
+
+
+def factor_fisher(Phi=None, *, gram=None, damping=None):
+    """Factor the damped projected Fishers ``F_b = Phi_b^T Phi_b + lam_b I`` once.
+
+    Exactly one of ``Phi`` and ``gram`` is given.
+
+    Parameters
+    ----------
+    Phi : array_like, shape (B, N, P) or (N, P), optional
+        Projected per-sample gradients; float32 or float64 (other real dtypes become
+        float64), promoted to float64 before the Gram product.
+    gram : array_like, shape (B, P, P) or (P, P), optional
+        Undamped Grams ``Phi_b^T Phi_b`` already accumulated (e.g. by a distributed
+        reduction); float64, symmetric to within ``1e-8 tr(gram_b)``.
+    damping : None, float or callable, optional
+        As in :func:`resolve_damping`; for ``gram`` the trace is ``tr(gram_b)``, the same
+        number as ``tr(Phi_b^T Phi_b)``.
+
+    Returns
+    -------
+    FisherFactor
+        ``len(factor) == B``; ``factor.damping`` the absolute ``lam_b``; apply
+        ``F_b^{-1}`` with ``factor.solve(rhs)`` (:func:`solve_factored`).
+
+    Raises
+    ------
+    iif_ref.errors.NotPositiveDefiniteError
+        Some ``F_b`` is not positive definite to float64 working precision (LAPACK
+        ``potrf`` fails or the ``pocon`` reciprocal condition estimate is below
+        ``n eps64``); ``slices`` names every failing ``b`` and ``suggested_damping`` a
+        damping that fixes them. Never returns a factor that would give NaN.
+
+    Notes
+    -----
+    The Fisher of Eq. (31) in the projected space of Eq. (17), factored exactly as
+    :func:`projected_scores` factors it (the same code): from ``Phi`` with ``N < P`` the
+    ``N x N`` push-through kernel ``Phi_b Phi_b^T + lam_b I`` is factored instead, which
+    needs ``lam_b > 0``. Only host (NumPy) input is accepted.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> Phi, Psi, Gamma = rng.standard_normal((2, 30, 5)), rng.standard_normal((2, 30, 5)), rng.standard_normal((2, 3, 5))
+    >>> W = factor_fisher(Phi, damping=0.1).solve(Gamma.transpose(0, 2, 1))   # (2, 5, 3)
+    >>> S = -np.einsum("bpt,bnp->tn", W, Psi)
+    >>> bool(np.allclose(S, projected_scores(Phi, Psi, Gamma, damping=0.1, backend="numpy")))
+    True
+    """
+    if (Phi is None) == (gram is None):
+        raise TypeError("factor_fisher needs exactly one of Phi and gram=")
+    damping = _check_damping(damping)
+    if gram is None:
+        if is_device_array(Phi):
+            raise TypeError("factor_fisher runs on the host: Phi is a device array; use "
+                            "projected_scores(..., backend=\"cupy\") or copy Phi to the "
+                            "host")
+        Phi = as_float_array(Phi, "Phi", ndim=(2, 3), allow_dtypes=_KERNEL_DTYPES)
+        if Phi.ndim == 2:
+            Phi = Phi[None]
+        if 0 in Phi.shape:
+            raise ValueError(f"Phi is empty (shape {Phi.shape})")
+        lam = _fisher.damping_from_traces(_fisher.slice_traces(Phi), Phi.shape[2], damping)
+        return _fisher.factor_stack(damping=lam, Phi=Phi)
+    if is_device_array(gram):
+        raise TypeError("factor_fisher runs on the host: gram is a device array")
+    gram = as_float_array(gram, "gram", ndim=(2, 3))
+    if gram.ndim == 2:
+        gram = gram[None]
+    if 0 in gram.shape:
+        raise ValueError(f"gram is empty (shape {gram.shape})")
+    if gram.shape[1] != gram.shape[2]:
+        raise ValueError(f"gram must hold square (P, P) matrices, got shape {gram.shape}")
+    traces = np.trace(gram, axis1=1, axis2=2)
+    # A Gram's rounding asymmetry is <= N eps64 tr (each entry is a length-N float64
+    # sum of products bounded by the diagonal), far below 1e-8 tr for any N < 4e7;
+    # more than that means the input is not a Gram.
+    asym = np.max(np.abs(gram - gram.transpose(0, 2, 1)), axis=(1, 2))
+    bad = np.flatnonzero(asym > 1e-8 * np.abs(traces))
+    if bad.size:
+        raise ValueError(f"gram must be symmetric: slice(s) {bad[:10].tolist()} differ from "
+                         f"their transpose by up to {float(np.max(asym[bad])):.3g}")
+    lam = _fisher.damping_from_traces(traces, gram.shape[1], damping)
+    return _fisher.factor_stack(damping=lam, gram=gram)
+
+
+def solve_factored(factor, rhs, *, index=None):
+    """Apply ``F_b^{-1}`` from a :class:`FisherFactor` to right-hand sides.
+
+    Parameters
+    ----------
+    factor : FisherFactor
+        From :func:`factor_fisher`.
+    rhs : array_like
+        With ``index=None``: shape (B, P) (one vector per slice) or (B, P, K).
+        With an integer ``index``: shape (P,) or (P, K), for slice ``index`` only.
+        Real, finite; used in float64.
+    index : int, optional
+        Solve with slice ``index`` (``0 <= index < B``) only.
+
+    Returns
+    -------
+    x : ndarray, float64, shape of ``rhs``
+        ``x[b] = F_b^{-1} rhs[b]`` (or ``F_index^{-1} rhs``).
+
+    Notes
+    -----
+    With the Cholesky factor ``L_b`` of Eq. (31)'s Fisher (LAPACK ``potrs``), or the
+    push-through form ``(rhs - Phi_b^T K_b^{-1} Phi_b rhs) / lam_b``. Forward error
+    ``<= c P eps64 cond(F_b) ||F_b^{-1}|| ||rhs||`` (docs/kernels.md).
+    """
+    if not isinstance(factor, _fisher.FisherFactor):
+        raise TypeError(f"factor must be a FisherFactor from factor_fisher, got "
+                        f"{type(factor).__name__}")
+    B, P = len(factor), factor.proj_dim
+    if index is not None:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not 0 <= int(index) < B:
+            raise ValueError(f"index must satisfy 0 <= index < B={B}, got {index}")
+        rhs = as_float_array(rhs, "rhs", ndim=(1, 2))
+        if rhs.shape[0] != P:
+            raise ValueError(f"rhs must have P={P} rows for slice {index}, got shape "
+                             f"{rhs.shape}")
+        if rhs.ndim == 2 and rhs.shape[1] == 0:
+            raise ValueError(f"rhs is empty (shape {rhs.shape})")
+        x = factor._apply(int(index), rhs.reshape(P, -1))
+        return x.reshape(rhs.shape)
+    rhs = as_float_array(rhs, "rhs", ndim=(2, 3))
+    if rhs.shape[0] != B or rhs.shape[1] != P:
+        raise ValueError(f"rhs must have shape (B, P) or (B, P, K) with B={B}, P={P}, got "
+                         f"{rhs.shape}; pass index= to solve with one slice")
+    if rhs.ndim == 3 and rhs.shape[2] == 0:
+        raise ValueError(f"rhs is empty (shape {rhs.shape})")
+    out = np.empty(rhs.shape)
+    for b in range(B):
+        out[b] = factor._apply(b, rhs[b].reshape(P, -1)).reshape(rhs.shape[1:])
+    return out
