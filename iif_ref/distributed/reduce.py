@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from iif_ref.distributed import _executor
-from iif_ref.kernels import _fisher
+from iif_ref.kernels import FisherFactor, factor_fisher
 
 __all__ = ["FisherFactors", "fisher_grams", "factor_fishers", "score_blocks", "topk_merge"]
 
@@ -80,21 +80,22 @@ class FisherFactors:
 
     Attributes
     ----------
-    factors : ndarray, shape (n_steps, P, P)
-        Lower Cholesky factors ``L_s`` with ``F_s = L_s L_sᵀ``.
+    factor : iif_ref.kernels.FisherFactor
+        The factored ``F_s = Gram_s + lam_d,s I`` of every step (lower Cholesky
+        ``L_s``, ``F_s = L_s L_sᵀ``; ``factor.lower(s)``).
     damping : ndarray, shape (n_steps,)
         Absolute damping ``lam_d,s`` used per step.
     condition : ndarray, shape (n_steps,)
         2-norm condition number of each ``F_s``.
     """
 
-    factors: np.ndarray
+    factor: FisherFactor
     damping: np.ndarray
     condition: np.ndarray
 
     def solve(self, s, rhs):
         """``F_s⁻¹ rhs`` for ``rhs`` of shape ``(P, k)``."""
-        return _fisher._solve(self.factors[s], np.ascontiguousarray(rhs, dtype=np.float64))
+        return self.factor.solve(rhs, index=s)
 
 
 def factor_fishers(grams, *, damping=None):
@@ -118,41 +119,25 @@ def factor_fishers(grams, *, damping=None):
     Raises
     ------
     iif_ref.errors.NotPositiveDefiniteError
-        A damped Fisher is not positive definite to float64 working precision (the same
-        test as the kernels: LAPACK ``potrf`` fails or ``rcond < P eps``); the error
-        names every failing step and a damping that fixes them.
+        A damped Fisher is not positive definite to float64 working precision (the
+        kernels' own test and error, from :func:`iif_ref.kernels.factor_fisher`); the
+        error names every failing step and a damping that fixes them.
     """
+    if not (damping is None or callable(damping)):
+        try:
+            ok = np.isfinite(float(damping)) and float(damping) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"damping must be finite and >= 0, got {damping!r}")
     grams = np.asarray(grams, dtype=np.float64)
-    n_steps, P, _ = grams.shape
-    traces = np.trace(grams, axis1=1, axis2=2)
-    if damping is None:
-        lam = _fisher.RELATIVE_DAMPING * traces / P
-    elif callable(damping):
-        lam = np.array([float(damping(float(tr), P)) for tr in traces])
-    else:
-        lam = np.full(n_steps, float(damping))
-    if not np.all(np.isfinite(lam) & (lam >= 0)):
-        raise ValueError(f"damping must be finite and >= 0, got {lam.tolist()}")
-    factors = np.empty_like(grams)
-    condition = np.empty(n_steps)
-    failed = []
-    for s in range(n_steps):
-        F = grams[s].copy()
-        F[np.diag_indices(P)] += lam[s]
-        condition[s] = np.linalg.cond(F) if np.all(np.isfinite(F)) else np.inf
-        L = _fisher._factor(F)
-        if L is None:
-            failed.append(s)
-        else:
-            factors[s] = L
-    if failed:
-        # As the kernels suggest: the relative default of the failing steps, or a
-        # tenfold (at least 1) increase when that is no larger than what was used.
-        best = float(np.max(_fisher.RELATIVE_DAMPING * traces[failed] / P))
-        if not best > float(np.max(lam[failed])):
-            best = max(1.0, 10.0 * float(np.max(lam[failed])))
-        raise _fisher.not_positive_definite_error(failed, lam, best)
-    return FisherFactors(factors=factors, damping=lam, condition=condition)
+    factor = factor_fisher(gram=grams, damping=damping)
+    P = grams.shape[1]
+    condition = np.empty(len(factor))
+    for s in range(len(factor)):
+        F = grams[s] + factor.damping[s] * np.eye(P)
+        condition[s] = np.linalg.cond(F)
+    return FisherFactors(factor=factor, damping=factor.damping, condition=condition)
 
 
 # --------------------------------------------------------------------------- top-k
