@@ -128,6 +128,14 @@ def _traces(Phi):
     return out
 
 
+def _resolve(Phi, B, P, damping):
+    """Absolute damping (B,) for a checked ``damping``; the traces (device reductions for
+    a device ``Phi``) are computed only when the rule needs them."""
+    if damping is None or callable(damping):
+        return _fisher.damping_from_traces(_traces(Phi), P, damping)
+    return np.full(B, float(damping))
+
+
 def _check_damping(damping):
     """None, a callable ``damping(trace, P)``, or a finite float >= 0."""
     if damping is None or callable(damping):
@@ -370,7 +378,7 @@ def projected_scores(Phi, Psi, Gamma, *, damping=None, backend="numba", reduce=T
                          f"{sPhi} and {sPsi}")
     if not isinstance(reduce, (bool, np.bool_)):
         raise TypeError(f"reduce must be a bool, got {type(reduce).__name__}")
-    lam = _fisher.damping_from_traces(_traces(Phi), sPhi[2], _check_damping(damping))
+    lam = _resolve(Phi, sPhi[0], sPhi[2], _check_damping(damping))
     return get_backend(backend).projected_scores(Phi, Psi, Gamma, damping=lam,
                                                  reduce=bool(reduce))
 
@@ -412,8 +420,7 @@ def resolve_damping(Phi, damping=None, *, backend="numpy"):
     Phi = _kernel_array(Phi, "Phi", ndim=(2, 3), backend=backend)
     if len(Phi.shape) == 2:
         Phi = Phi[None, ...]
-    return _fisher.damping_from_traces(_traces(Phi), int(Phi.shape[2]),
-                                       _check_damping(damping))
+    return _resolve(Phi, int(Phi.shape[0]), int(Phi.shape[2]), _check_damping(damping))
 
 
 def factor_fisher(Phi=None, *, gram=None, damping=None):
