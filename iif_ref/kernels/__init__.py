@@ -16,10 +16,10 @@ available_backends   backends that can run here ("numpy", "numba", "cupy")
 default in ``docs/kernels.md``. Importing this package imports neither numba nor cupy;
 backends load lazily (see :mod:`iif_ref.kernels._registry` for the backend protocol).
 """
+from iif_ref.kernels._fisher import RELATIVE_DAMPING, FisherFactor
 from iif_ref.kernels._frontend import (DEFAULT_MEMORY_BUDGET, factor_fisher,
                                        is_device_array, project, projected_scores,
                                        projection_matrix, resolve_damping, solve_factored)
-from iif_ref.kernels._fisher import RELATIVE_DAMPING, FisherFactor
 from iif_ref.kernels._registry import available_backends
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "RELATIVE_DAMPING", "FisherFactor", "available_backends",
