@@ -322,12 +322,9 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
     """
     import torch
 
-    from iif_ref.neural.attribution import _groups, _test_losses, prepare_problem
-    from iif_ref.neural.cache import StepCache
     from iif_ref.neural.curvature import resolve_damping
-    from iif_ref.neural.features import test_features
     from iif_ref.neural.functional import eval_mode
-    from iif_ref.neural.path import path_model_step, path_targets, predictions
+    from iif_ref.neural.plan import plan_path
     from iif_ref.neural.result import AttributionResult
     from iif_ref.distributed.torch_features import TorchPathFeatures
 
@@ -341,54 +338,40 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
         raise ValueError("client is required (a distributed.Client or scheduler address)")
     client, owned = connect(client, timeout=connect_timeout)
     try:
-        with eval_mode(model):
-            prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test,
-                                   dtype=cfg.dtype)
-            fm, loss_obj = prob.fm, prob.loss
-            mask = cfg.mask_path if cfg.mask_path is not None else loss_obj.classification
-            config = cfg.to_dict()
-            config.update(method=method, loss=loss_obj.name, n_params=fm.n_params,
-                          n_train=prob.n_train, n_test=prob.n_test,
-                          torch_dtype=str(fm.dtype).replace("torch.", ""),
-                          mask_path_resolved=bool(mask), torch_version=torch.__version__,
-                          distributed={"chunk_rows": chunk_rows, "test_block": test_block,
+        with eval_mode(model):   # also the mode the model is pickled to workers in
+            # The sequential part (baselines, path models θ_k, test gradients) is the
+            # single-process run's own plan; only the per-sample featurisation is farmed out.
+            plan = plan_path(model, loss, X_train, y_train, X_test, y_test, config=cfg,
+                             baseline_params=baseline_params, method=method)
+            prob, fm = plan.problem, plan.problem.fm
+            config = plan.run_config
+            config.update(distributed={"chunk_rows": chunk_rows, "test_block": test_block,
                                        "top_k": top_k})
-            groups = _groups(prob, cfg, baseline_params, StepCache(None, "", config))
             scores = np.zeros((prob.n_test, prob.n_train))
-            loss_star = _test_losses(prob, fm.theta_star, np.arange(prob.n_test))
-            loss_prime = np.zeros(prob.n_test)
+            loss_star, loss_prime = plan.loss_star, np.zeros(prob.n_test)
             diag = {"condition": [], "damping": [], "unlearning_trajectory": [],
                     "path_trajectory": [], "distributed": []}
             X_np = prob.X.detach().cpu().numpy()
-            common = dict(proj_dim=cfg.proj_dim, seed=cfg.seed, kind=cfg.kind,
-                          chunk_size=cfg.chunk_size, backend=cfg.backend)
-            for g, (rows, theta_prime, traj) in enumerate(groups):
-                diag["unlearning_trajectory"].append(list(map(float, traj)))
-                loss_prime[rows] = _test_losses(prob, theta_prime, rows)
-                Ybar = predictions(fm, loss_obj, theta_prime, prob.X,
-                                   chunk_size=cfg.chunk_size)
-                # Path models θ_K = θ* down to θ_1 (Eq. 16), sequential, on the driver.
-                thetas = [None] * cfg.K
-                theta = fm.theta_star
-                for k in range(cfg.K, 0, -1):
-                    if k < cfg.K:
-                        rho_k = path_targets(prob.Y, Ybar, k / cfg.K, mask=mask)
-                        theta, ptraj = path_model_step(fm, loss_obj, theta, prob.X, rho_k,
-                                                       cfg, k=k)
-                        diag["path_trajectory"].append(list(map(float, ptraj)))
-                    thetas[k - 1] = theta
-                Gamma = np.stack([test_features(fm, loss_obj, thetas[k - 1],
-                                                prob.X_test[rows], prob.Y_test[rows],
-                                                step=k, **common)
-                                  for k in range(1, cfg.K + 1)])
-                flat = np.stack([fm.flatten(t).detach().cpu().numpy() for t in thetas])
+            common = plan.feature_options
+            for group in plan.groups:
+                rows = group.rows
+                diag["unlearning_trajectory"].append(group.unlearning_trajectory)
+                loss_prime[rows] = group.loss_prime
+                steps = list(plan.steps(group))          # k = K..1, sequential (Eq. 16)
+                for step in steps:
+                    if step.path_trajectory is not None:
+                        diag["path_trajectory"].append(step.path_trajectory)
+                steps = steps[::-1]                     # k = 1..K, the feature function's order
+                Gamma = np.stack([plan.test_features(step) for step in steps])
+                flat = np.stack([fm.flatten(step.theta).detach().cpu().numpy()
+                                 for step in steps])
                 fn = TorchPathFeatures(model, loss, flat, n_out=prob.Y.shape[1],
-                                       mask=mask, dtype=cfg.dtype, tag={"group": g},
-                                       **common)
-                Yboth = torch.cat([prob.Y, Ybar], dim=1).detach().cpu().numpy()
+                                       mask=plan.mask, dtype=cfg.dtype,
+                                       tag={"group": group.index}, **common)
+                Yboth = torch.cat([prob.Y, group.Ybar], dim=1).detach().cpu().numpy()
                 out = attribute_features(
                     fn, X_np, Yboth, Gamma, client=client,
-                    store=None if store is None else f"{store}/group_{g}",
+                    store=None if store is None else f"{store}/group_{group.index}",
                     chunk_rows=chunk_rows, test_block=test_block,
                     damping=lambda tr, P: resolve_damping(cfg.damping, tr, P),
                     top_k=top_k, return_scores=True)

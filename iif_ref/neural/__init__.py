@@ -26,6 +26,10 @@ train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
 test_features(model, loss, params, X_test, y_test, *, proj_dim, ...) -> Gamma (n_test, P)
 gradient_features(model, fn, params, X, Y, *, proj_dim, ...) -> (n, P)
     Any per-sample output function's gradient, projected (TRAK's margin, TracIn).
+plan_path(model, loss, X_train, y_train, X_test, y_test, *, config=None,
+          baseline_params=None, **options) -> PathPlan
+    The sequential part of Algorithm 1 (baselines, path targets and models θ_k, test
+    features), shared by the single-process run and the distributed engine.
 path_targets(Y, Ybar, t, *, mask), path_model_step(...), unlearn(...)
     Eq. (15), (16), (12).
 FunctionalModel(model, dtype=None)
@@ -45,6 +49,7 @@ from iif_ref.neural.losses import TargetLinearLoss, check_target_linear, resolve
 from iif_ref.neural.methods import influence_function, tracin, trak, trak_margin
 from iif_ref.neural.optimise import DivergenceError
 from iif_ref.neural.path import path_model_step, path_targets
+from iif_ref.neural.plan import PathGroup, PathPlan, PathStep, plan_path
 from iif_ref.neural.result import AttributionResult
 from iif_ref.neural.tasks import (ProponentsOpponents, SelfInfluenceResult,
                                   proponents_opponents, self_influence)
@@ -57,4 +62,5 @@ __all__ = [
     "path_targets", "path_model_step", "unlearn", "per_sample_baselines",
     "FunctionalModel", "TargetLinearLoss", "resolve_loss", "check_target_linear",
     "trak_margin", "prepare_problem", "DivergenceError",
+    "plan_path", "PathPlan", "PathGroup", "PathStep",
 ]

@@ -14,109 +14,28 @@ Data flow (docs/algorithm1.md maps each line to the paper)::
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from iif_ref.neural.baseline import per_sample_losses, unlearn
-from iif_ref.neural.cache import StepCache, fingerprint
 from iif_ref.neural.config import IIFConfig
 from iif_ref.neural.curvature import (condition_estimate, dense_curvature, dense_scores,
                                       resolve_damping)
-from iif_ref.neural.features import test_features, train_features
-from iif_ref.neural.functional import FunctionalModel, as_inputs, as_targets, eval_mode
-from iif_ref.neural.losses import MSE, CROSS_ENTROPY, check_target_linear, resolve_loss
-from iif_ref.neural.path import path_model_step, path_targets, predictions
+from iif_ref.neural.features import train_features
+from iif_ref.neural.functional import eval_mode
+from iif_ref.neural.plan import Problem, plan_problem, prepare_problem
 from iif_ref.neural.result import AttributionResult
 
 __all__ = ["integrated_influence", "attribute", "prepare_problem", "Problem"]
 
 
-class Problem:
-    """Validated tensors of one attribution problem (built by :func:`prepare_problem`)."""
-
-    def __init__(self, fm, loss, X, Y, X_test, Y_test):
-        self.fm, self.loss = fm, loss
-        self.X, self.Y, self.X_test, self.Y_test = X, Y, X_test, Y_test
-        self.n_train, self.n_test = X.shape[0], X_test.shape[0]
-
-
-def prepare_problem(model, loss, X_train, y_train, X_test, y_test, *, dtype=None):
-    """Validate the data against the model once, at the boundary.
-
-    Raises
-    ------
-    TypeError
-        ``model`` is not a Module; non-numeric data.
-    ValueError
-        No trainable parameters; empty or non-finite data; row counts that differ;
-        test features whose per-sample shape differs from the training features';
-        targets whose width differs from the model output; a callable loss whose
-        gradient is not affine in the target.
-    """
-    loss = resolve_loss(loss)
-    fm = FunctionalModel(model, dtype=dtype)
-    X = as_inputs(X_train, "X_train", fm)
-    X_test = as_inputs(X_test, "X_test", fm)
-    if tuple(X_test.shape[1:]) != tuple(X.shape[1:]):
-        raise ValueError(f"X_test has per-sample shape {tuple(X_test.shape[1:])} but X_train "
-                         f"has {tuple(X.shape[1:])}")
-    with torch.no_grad():
-        F0 = fm.forward(fm.theta_star, X[:8])
-    n_out = F0.shape[1]
-    Y = as_targets(y_train, "y_train", n_out, loss, fm)
-    Y_test = as_targets(y_test, "y_test", n_out, loss, fm)
-    if Y.shape[0] != X.shape[0]:
-        raise ValueError(f"X_train and y_train must have the same number of rows, got "
-                         f"{X.shape[0]} and {Y.shape[0]}")
-    if Y_test.shape[0] != X_test.shape[0]:
-        raise ValueError(f"X_test and y_test must have the same number of rows, got "
-                         f"{X_test.shape[0]} and {Y_test.shape[0]}")
-    if loss not in (MSE, CROSS_ENTROPY):
-        check_target_linear(loss, F0, Y[:8], generator=torch.Generator().manual_seed(0))
-    return Problem(fm, loss, X, Y, X_test, Y_test)
-
-
-def _test_losses(prob, params, rows):
-    with torch.no_grad():
-        return per_sample_losses(prob.fm, prob.loss, params, prob.X_test[rows],
-                                 prob.Y_test[rows]).double().numpy()
-
-
-def _groups(prob, cfg, baseline_params, cache):
-    """(test rows, θ', unlearning trajectory) for each baseline of the run."""
-    all_rows = np.arange(prob.n_test)
-    if cfg.baseline == "prediction":
-        return [(all_rows, prob.fm.theta_star, [])]
-    if cfg.baseline == "given":
-        if baseline_params is None:
-            raise ValueError("baseline='given' needs baseline_params (a dict of tensors "
-                             "keyed by parameter name)")
-        return [(all_rows, {n: torch.as_tensor(baseline_params[n], dtype=prob.fm.dtype)
-                            for n in prob.fm.names}, [])]
-    row_sets = [all_rows] if cfg.baseline == "joint" else [np.array([t]) for t in all_rows]
-    out = []
-    for g, rows in enumerate(row_sets):
-        hit = cache.load(f"baseline_{g}")
-        if hit is not None:
-            out.append((rows, prob.fm.unflatten(torch.as_tensor(hit["theta"])),
-                        hit["trajectory"].tolist()))
-            continue
-        theta, traj = unlearn(prob.fm, prob.loss, prob.X, prob.Y, prob.X_test[rows],
-                              prob.Y_test[rows], cfg)
-        cache.save(f"baseline_{g}", theta=prob.fm.flatten(theta).numpy(),
-                   trajectory=np.asarray(traj))
-        out.append((rows, theta, traj))
-    return out
-
-
-def _step_scores(prob, cfg, theta, rho_prev, rho_k, rows, k):
-    """The step-k term ``−G_k F_k⁻¹ (J Δy)_kᵀ`` for test ``rows``; (scores, cond, damping)."""
+def _step_scores(plan, step):
+    """The step-k term ``−G_k F_k⁻¹ (J Δy)_kᵀ`` for the group's test rows;
+    (scores, cond, damping)."""
+    prob, cfg, k, theta = plan.problem, plan.config, step.k, step.theta
     fm, loss = prob.fm, prob.loss
-    common = dict(proj_dim=cfg.proj_dim, seed=cfg.seed, kind=cfg.kind,
-                  chunk_size=cfg.chunk_size, backend=cfg.backend, step=k)
-    Phi, Psi = train_features(fm, loss, theta, prob.X, rho_prev, rho_k, **common)
-    Gamma = test_features(fm, loss, theta, prob.X_test[rows], prob.Y_test[rows], **common)
+    Phi, Psi = train_features(fm, loss, theta, prob.X, step.rho_prev, step.rho_k, step=k,
+                              **plan.feature_options)
+    Gamma = plan.test_features(step)
     if cfg.proj_dim is None:
-        C = dense_curvature(fm, loss, theta, prob.X, rho_k, kind=cfg.curvature, U=Phi,
+        C = dense_curvature(fm, loss, theta, prob.X, step.rho_k, kind=cfg.curvature, U=Phi,
                             chunk_size=cfg.chunk_size)
         lam_d = resolve_damping(cfg.damping, np.trace(C), C.shape[0])
         scores, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=k)
@@ -135,57 +54,40 @@ def _step_scores(prob, cfg, theta, rho_prev, rho_k, rows, k):
 
 
 def _run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
-    fm, loss = prob.fm, prob.loss
-    mask = cfg.mask_path if cfg.mask_path is not None else loss.classification
-    config = cfg.to_dict()
-    config.update(method=method, loss=loss.name, n_params=fm.n_params, n_train=prob.n_train,
-                  n_test=prob.n_test, torch_dtype=str(fm.dtype).replace("torch.", ""),
-                  mask_path_resolved=bool(mask), torch_version=torch.__version__)
-    key = fingerprint(config=config, model=fm.model, loss_name=loss.name,
-                      arrays=[prob.X, prob.Y, prob.X_test, prob.Y_test,
-                              baseline_params if baseline_params is not None else 0])
-    cache = StepCache(cfg.cache_dir, key, config)
-    groups = _groups(prob, cfg, baseline_params, cache)
-
+    plan = plan_problem(prob, cfg, baseline_params=baseline_params, method=method)
     scores = np.zeros((prob.n_test, prob.n_train))
-    delta = np.zeros(prob.n_test)
-    loss_star = _test_losses(prob, fm.theta_star, np.arange(prob.n_test))
     loss_prime = np.zeros(prob.n_test)
     diag = {"condition": [], "damping": [], "unlearning_trajectory": [],
             "path_trajectory": []}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(groups) * cfg.K, desc=f"{method} steps", disable=not cfg.progress)
-    for g, (rows, theta_prime, traj) in enumerate(groups):
-        diag["unlearning_trajectory"].append(list(map(float, traj)))
-        loss_prime[rows] = _test_losses(prob, theta_prime, rows)
-        delta[rows] = loss_star[rows] - loss_prime[rows]
-        Ybar = predictions(fm, loss, theta_prime, prob.X, chunk_size=cfg.chunk_size)
-        theta = fm.theta_star
-        for k in range(cfg.K, 0, -1):
-            name = f"group{g}_step{k}"
-            rho_k = path_targets(prob.Y, Ybar, k / cfg.K, mask=mask)
-            rho_prev = path_targets(prob.Y, Ybar, (k - 1) / cfg.K, mask=mask)
-            hit = cache.load(name)
+    bar = tqdm(total=len(plan.groups) * cfg.K, desc=f"{method} steps",
+               disable=not cfg.progress)
+    for group in plan.groups:
+        diag["unlearning_trajectory"].append(group.unlearning_trajectory)
+        loss_prime[group.rows] = group.loss_prime
+        for step in plan.steps(group):
+            if step.path_trajectory is not None:
+                diag["path_trajectory"].append(step.path_trajectory)
+            hit = step.cached
             if hit is not None:
-                theta = fm.unflatten(torch.as_tensor(hit["theta"], dtype=fm.dtype))
                 term, cond, lam_d = hit["scores"], float(hit["cond"]), float(hit["damping"])
             else:
-                if k < cfg.K:
-                    theta, ptraj = path_model_step(fm, loss, theta, prob.X, rho_k, cfg, k=k)
-                    diag["path_trajectory"].append(list(map(float, ptraj)))
-                term, cond, lam_d = _step_scores(prob, cfg, theta, rho_prev, rho_k, rows, k)
-                cache.save(name, scores=term, theta=fm.flatten(theta).numpy(),
-                           cond=np.float64(cond), damping=np.float64(lam_d))
-            scores[rows] += term
+                term, cond, lam_d = _step_scores(plan, step)
+                plan.cache.save(step.name, scores=term,
+                                theta=prob.fm.flatten(step.theta).numpy(),
+                                cond=np.float64(cond), damping=np.float64(lam_d))
+            scores[group.rows] += term
             diag["condition"].append(cond)
             diag["damping"].append(lam_d)
             bar.update(1)
             if callback is not None:
-                callback(name)
+                callback(step.name)
     bar.close()
-    diag["loss_star"], diag["loss_prime"] = loss_star, loss_prime
-    diag["cached_steps"] = list(cache.loaded)
+    delta = plan.loss_star - loss_prime
+    diag["loss_star"], diag["loss_prime"] = plan.loss_star, loss_prime
+    diag["cached_steps"] = list(plan.cache.loaded)
+    config = plan.run_config
     config["damping_used"] = list(diag["damping"])
     return AttributionResult(scores=scores, delta=delta, residual=scores.sum(axis=1) - delta,
                              config=config, diagnostics=diag, method=method)

@@ -83,16 +83,23 @@ def _parallel_factor(w_to, w_from, w_d):
     """``α`` with ``w_d = α w_to`` row-wise to rounding, or None if some row is not so.
 
     The tolerance is the rounding error ``w_d`` already carries as a difference of two
-    computed weights, ``64 eps (‖w_to‖ + ‖w_from‖)``; substituting ``α w_to`` for ``w_d``
-    therefore perturbs ``J_iΔy`` by no more than the two-row computation's own rounding.
+    computed weights, ``64 eps (‖w_to‖ + ‖w_from‖)`` with ``eps`` of the compute dtype;
+    substituting ``α w_to`` for ``w_d`` therefore perturbs ``J_iΔy`` by no more than the
+    two-row computation's own rounding.
+
+    The test runs in float64 on these ``(n, n_out)`` weights (negligible next to the
+    VJPs): for a confident float32 classifier ``p − e_y`` has entries near 1e-30 whose
+    float32 squares underflow to 0, which would make every such chunk fall back to the
+    two-row computation. A row with ``w_to = 0`` exactly is parallel when ``w_d`` is 0
+    within the tolerance (α = 0: then ``u_i = 0`` and ``J_iΔy = 0`` to rounding).
     """
     eps = torch.finfo(w_to.dtype).eps
-    nt2 = (w_to * w_to).sum(1)
-    if not bool((nt2 > 0).all()):
-        return None
-    alpha = (w_d * w_to).sum(1) / nt2
-    resid = torch.linalg.vector_norm(w_d - alpha[:, None] * w_to, dim=1)
-    tol = 64 * eps * (torch.sqrt(nt2) + torch.linalg.vector_norm(w_from, dim=1))
+    to64, from64, d64 = w_to.double(), w_from.double(), w_d.double()
+    nt2 = (to64 * to64).sum(1)
+    alpha = torch.where(nt2 > 0, (d64 * to64).sum(1) / torch.where(nt2 > 0, nt2, 1.0),
+                        torch.zeros_like(nt2))
+    resid = torch.linalg.vector_norm(d64 - alpha[:, None] * to64, dim=1)
+    tol = 64 * eps * (torch.sqrt(nt2) + torch.linalg.vector_norm(from64, dim=1))
     return alpha if bool((resid <= tol).all()) else None
 
 

@@ -1,0 +1,316 @@
+"""The sequential part of Algorithm 1, planned once for every engine.
+
+:func:`plan_path` validates the data, derives the run configuration and its cache,
+computes the baselines θ' (Eq. 12) with their targets ``ȳ`` (Eq. 13) and the test
+losses at θ* and θ', and hands out the path steps ``k = K..1`` of each baseline group:
+targets ``ρ(t_{k−1}), ρ(t_k)`` (Eq. 15), the path model θ_k (Eq. 16, ``θ_K = θ*``) and
+the projected test gradients at θ_k (Eq. 7, 17). What an engine does with a step (the
+single-process solve of :mod:`iif_ref.neural.attribution`, or the Dask featurisation
+of :mod:`iif_ref.distributed.api`) is its own business; the orchestration exists here.
+
+Path models are computed lazily, in order, because each starts from the previous one
+(Eq. 16) and a resumed run takes a cached θ_k instead of recomputing it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from iif_ref.neural.baseline import per_sample_losses, unlearn
+from iif_ref.neural.cache import StepCache, fingerprint
+from iif_ref.neural.config import IIFConfig
+from iif_ref.neural.features import test_features
+from iif_ref.neural.functional import FunctionalModel, as_inputs, as_targets, eval_mode
+from iif_ref.neural.losses import CROSS_ENTROPY, MSE, check_target_linear, resolve_loss
+from iif_ref.neural.path import path_model_step, path_targets, predictions
+
+__all__ = ["plan_path", "PathPlan", "PathGroup", "PathStep", "Problem", "prepare_problem"]
+
+
+class Problem:
+    """Validated tensors of one attribution problem (built by :func:`prepare_problem`)."""
+
+    def __init__(self, fm, loss, X, Y, X_test, Y_test):
+        self.fm, self.loss = fm, loss
+        self.X, self.Y, self.X_test, self.Y_test = X, Y, X_test, Y_test
+        self.n_train, self.n_test = X.shape[0], X_test.shape[0]
+
+
+def prepare_problem(model, loss, X_train, y_train, X_test, y_test, *, dtype=None):
+    """Validate the data against the model once, at the boundary.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a Module; non-numeric data.
+    ValueError
+        No trainable parameters; empty or non-finite data; row counts that differ;
+        test features whose per-sample shape differs from the training features';
+        targets whose width differs from the model output; a callable loss whose
+        gradient is not affine in the target.
+    """
+    loss = resolve_loss(loss)
+    fm = FunctionalModel(model, dtype=dtype)
+    X = as_inputs(X_train, "X_train", fm)
+    X_test = as_inputs(X_test, "X_test", fm)
+    if tuple(X_test.shape[1:]) != tuple(X.shape[1:]):
+        raise ValueError(f"X_test has per-sample shape {tuple(X_test.shape[1:])} but X_train "
+                         f"has {tuple(X.shape[1:])}")
+    with torch.no_grad():
+        F0 = fm.forward(fm.theta_star, X[:8])
+    n_out = F0.shape[1]
+    Y = as_targets(y_train, "y_train", n_out, loss, fm)
+    Y_test = as_targets(y_test, "y_test", n_out, loss, fm)
+    if Y.shape[0] != X.shape[0]:
+        raise ValueError(f"X_train and y_train must have the same number of rows, got "
+                         f"{X.shape[0]} and {Y.shape[0]}")
+    if Y_test.shape[0] != X_test.shape[0]:
+        raise ValueError(f"X_test and y_test must have the same number of rows, got "
+                         f"{X_test.shape[0]} and {Y_test.shape[0]}")
+    if loss not in (MSE, CROSS_ENTROPY):
+        check_target_linear(loss, F0, Y[:8], generator=torch.Generator().manual_seed(0))
+    return Problem(fm, loss, X, Y, X_test, Y_test)
+
+
+@dataclass
+class PathGroup:
+    """One baseline and the test points it serves.
+
+    Attributes
+    ----------
+    index : int
+    rows : ndarray of int, shape (n_rows,)
+        Test rows (all of them for a joint baseline, one for ``"per_test"``).
+    theta_prime : dict of str -> tensor
+        θ' (Eq. 12).
+    unlearning_trajectory : list of float
+        The unlearning objective per epoch (empty when θ' was given or cached).
+    loss_prime : ndarray, shape (n_rows,)
+        Test losses at θ', float64.
+    Ybar : tensor, shape (n_train, n_out)
+        Baseline targets ``prediction(f(x_i; θ'))`` (Eq. 13).
+    """
+
+    index: int
+    rows: np.ndarray
+    theta_prime: dict
+    unlearning_trajectory: list
+    loss_prime: np.ndarray
+    Ybar: torch.Tensor
+
+
+@dataclass
+class PathStep:
+    """Path step ``k`` of one group: what every engine needs to score it.
+
+    Attributes
+    ----------
+    group : PathGroup
+    k : int
+        ``K..1``.
+    name : str
+        Cache key ``"group{g}_step{k}"``.
+    theta : dict of str -> tensor
+        θ_k (Eq. 16; θ* for ``k = K``).
+    rho_prev, rho_k : tensors, shape (n_train, n_out)
+        Targets ``ρ(t_{k−1})``, ``ρ(t_k)`` (Eq. 15).
+    path_trajectory : list of float or None
+        ``L_train(Γ(t_k))`` before and after the step; None when nothing was computed
+        (``k = K``, or θ_k from the cache).
+    cached : dict or None
+        The cache entry of a finished step (``scores``, ``theta``, ``cond``, ``damping``).
+    """
+
+    group: PathGroup
+    k: int
+    name: str
+    theta: dict
+    rho_prev: torch.Tensor
+    rho_k: torch.Tensor
+    path_trajectory: list | None
+    cached: dict | None
+
+
+class PathPlan:
+    """Baselines, path steps and test features of one run (built by :func:`plan_path`).
+
+    Attributes
+    ----------
+    problem : Problem
+    config : IIFConfig
+    mask : bool
+        Appendix E's target mask, resolved (default: on for classification losses).
+    run_config : dict
+        The run's configuration, as recorded in ``AttributionResult.config``.
+    cache : StepCache
+        Step cache (a no-op unless ``config.cache_dir``).
+    loss_star : ndarray, shape (n_test,)
+        Test losses at θ*, float64.
+    groups : list of PathGroup
+    """
+
+    def __init__(self, problem, config, mask, run_config, cache, loss_star, groups):
+        self.problem, self.config, self.mask = problem, config, mask
+        self.run_config, self.cache = run_config, cache
+        self.loss_star, self.groups = loss_star, groups
+
+    @property
+    def feature_options(self):
+        """Projection options shared by every featurisation of the run."""
+        c = self.config
+        return dict(proj_dim=c.proj_dim, seed=c.seed, kind=c.kind, chunk_size=c.chunk_size,
+                    backend=c.backend)
+
+    def steps(self, group):
+        """Path steps ``k = K..1`` of ``group``, each path model computed when reached.
+
+        Yields
+        ------
+        PathStep
+            θ_k is computed from θ_{k+1} (Eq. 16) unless the cache holds the step, in
+            which case θ_k (and, for the caller, the step's scores) comes from it.
+        """
+        prob, cfg = self.problem, self.config
+        fm = prob.fm
+        theta = fm.theta_star
+        for k in range(cfg.K, 0, -1):
+            name = f"group{group.index}_step{k}"
+            rho_k = path_targets(prob.Y, group.Ybar, k / cfg.K, mask=self.mask)
+            rho_prev = path_targets(prob.Y, group.Ybar, (k - 1) / cfg.K, mask=self.mask)
+            hit = self.cache.load(name)
+            ptraj = None
+            if hit is not None:
+                theta = fm.unflatten(torch.as_tensor(hit["theta"], dtype=fm.dtype))
+            elif k < cfg.K:
+                with eval_mode(fm.model):
+                    theta, traj = path_model_step(fm, prob.loss, theta, prob.X, rho_k, cfg,
+                                                  k=k)
+                ptraj = list(map(float, traj))
+            yield PathStep(group=group, k=k, name=name, theta=theta, rho_prev=rho_prev,
+                           rho_k=rho_k, path_trajectory=ptraj, cached=hit)
+
+    def test_features(self, step):
+        """Projected test-loss gradients of the group's rows at θ_k, ``(n_rows, P)``
+        (``(n_rows, n_params)`` without projection); Eq. (7), (17)."""
+        prob, rows = self.problem, step.group.rows
+        with eval_mode(prob.fm.model):
+            return test_features(prob.fm, prob.loss, step.theta, prob.X_test[rows],
+                                 prob.Y_test[rows], step=step.k, **self.feature_options)
+
+
+def _test_losses(prob, params, rows):
+    with torch.no_grad():
+        return per_sample_losses(prob.fm, prob.loss, params, prob.X_test[rows],
+                                 prob.Y_test[rows]).double().numpy()
+
+
+def _baselines(prob, cfg, baseline_params, cache):
+    """(test rows, θ', unlearning trajectory) for each baseline of the run."""
+    all_rows = np.arange(prob.n_test)
+    if cfg.baseline == "prediction":
+        return [(all_rows, prob.fm.theta_star, [])]
+    if cfg.baseline == "given":
+        if baseline_params is None:
+            raise ValueError("baseline='given' needs baseline_params (a dict of tensors "
+                             "keyed by parameter name)")
+        return [(all_rows, {n: torch.as_tensor(baseline_params[n], dtype=prob.fm.dtype)
+                            for n in prob.fm.names}, [])]
+    row_sets = [all_rows] if cfg.baseline == "joint" else [np.array([t]) for t in all_rows]
+    out = []
+    for g, rows in enumerate(row_sets):
+        hit = cache.load(f"baseline_{g}")
+        if hit is not None:
+            out.append((rows, prob.fm.unflatten(torch.as_tensor(hit["theta"])),
+                        hit["trajectory"].tolist()))
+            continue
+        theta, traj = unlearn(prob.fm, prob.loss, prob.X, prob.Y, prob.X_test[rows],
+                              prob.Y_test[rows], cfg)
+        cache.save(f"baseline_{g}", theta=prob.fm.flatten(theta).numpy(),
+                   trajectory=np.asarray(traj))
+        out.append((rows, theta, traj))
+    return out
+
+
+def plan_problem(prob, cfg, *, baseline_params=None, method="iif"):
+    """:func:`plan_path` for an already prepared :class:`Problem` (``cfg`` validated)."""
+    fm, loss = prob.fm, prob.loss
+    mask = bool(cfg.mask_path if cfg.mask_path is not None else loss.classification)
+    config = cfg.to_dict()
+    config.update(method=method, loss=loss.name, n_params=fm.n_params, n_train=prob.n_train,
+                  n_test=prob.n_test, torch_dtype=str(fm.dtype).replace("torch.", ""),
+                  mask_path_resolved=mask, torch_version=torch.__version__)
+    key = fingerprint(config=config, model=fm.model, loss_name=loss.name,
+                      arrays=[prob.X, prob.Y, prob.X_test, prob.Y_test,
+                              baseline_params if baseline_params is not None else 0])
+    cache = StepCache(cfg.cache_dir, key, config)
+    with eval_mode(fm.model):
+        loss_star = _test_losses(prob, fm.theta_star, np.arange(prob.n_test))
+        groups = []
+        for g, (rows, theta_prime, traj) in enumerate(
+                _baselines(prob, cfg, baseline_params, cache)):
+            groups.append(PathGroup(
+                index=g, rows=rows, theta_prime=theta_prime,
+                unlearning_trajectory=list(map(float, traj)),
+                loss_prime=_test_losses(prob, theta_prime, rows),
+                Ybar=predictions(fm, loss, theta_prime, prob.X, chunk_size=cfg.chunk_size)))
+    return PathPlan(prob, cfg, mask, config, cache, loss_star, groups)
+
+
+def plan_path(model, loss, X_train, y_train, X_test, y_test, *, config=None,
+              baseline_params=None, method="iif", **options):
+    """Plan Algorithm 1: baselines, path targets and models, test features.
+
+    Parameters
+    ----------
+    model, loss, X_train, y_train, X_test, y_test
+        As in :func:`iif_ref.neural.integrated_influence`.
+    config : IIFConfig, optional
+        All options at once; or pass them as keywords (``**options``), not both.
+    baseline_params : dict of str -> tensor, optional
+        θ' for ``baseline="given"``.
+    method : str
+        Recorded in ``run_config`` (``"iif"``, or ``"if"`` for its K = 1 case).
+
+    Returns
+    -------
+    PathPlan
+        Baselines computed (Eq. 12–13); :meth:`PathPlan.steps` yields the path steps
+        of a group with θ_k (Eq. 15–16), :meth:`PathPlan.test_features` their projected
+        test gradients.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad data or options (named), as :func:`iif_ref.neural.integrated_influence`.
+    iif_ref.neural.optimise.DivergenceError
+        The unlearning objective diverged.
+
+    Notes
+    -----
+    The sequential part of Algorithm 1 (Eq. 12–16): engines that score the steps
+    differently share it, so their baselines, path models and test gradients are the
+    same computation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from iif_ref.neural import plan_path
+    >>> _ = torch.manual_seed(0)
+    >>> X = torch.randn(20, 3, dtype=torch.float64); y = X.sum(1, keepdim=True)
+    >>> net = torch.nn.Linear(3, 1).double()
+    >>> plan = plan_path(net, "mse", X, y, X[:2], y[:2], K=3, baseline="joint",
+    ...                  proj_dim=4, progress=False)
+    >>> [step.k for step in plan.steps(plan.groups[0])]
+    [3, 2, 1]
+    >>> plan.test_features(next(plan.steps(plan.groups[0]))).shape
+    (2, 4)
+    """
+    if config is not None and options:
+        raise TypeError("pass either config= or keyword options, not both")
+    cfg = config if config is not None else IIFConfig.from_options(options)
+    cfg.validate()
+    with eval_mode(model):
+        prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test, dtype=cfg.dtype)
+    return plan_problem(prob, cfg, baseline_params=baseline_params, method=method)
