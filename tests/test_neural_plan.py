@@ -1,0 +1,123 @@
+"""The shared path plan (plan_path) and the fused feature path on saturated float32 models."""
+import numpy as np
+import pytest
+import torch
+
+from iif_ref.neural import (IIFConfig, integrated_influence, path_model_step, path_targets,
+                            plan_path, test_features, train_features, unlearn)
+from iif_ref.neural.features import _parallel_factor
+from iif_ref.neural.functional import FunctionalModel, output_weights
+from iif_ref.neural.losses import resolve_loss
+
+EPS32 = np.finfo(np.float32).eps
+
+
+def _problem(seed=0, n=25, n_test=3):
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 3)).double()
+    return (net, rng.standard_normal((n, 4)), rng.integers(0, 3, n),
+            rng.standard_normal((n_test, 4)), rng.integers(0, 3, n_test))
+
+
+def test_plan_steps_are_the_chain_of_eq_16_from_theta_star_with_eq_15_targets():
+    net, X, y, Xt, yt = _problem()
+    opts = dict(K=3, baseline="joint", proj_dim=6, unlearn_epochs=2, unlearn_lr=1e-2,
+                path_lr=1e-2, progress=False)
+    plan = plan_path(net, "cross_entropy", X, y, Xt, yt, **opts)
+    cfg = IIFConfig.from_options(opts)
+    # Independent recomputation from the public building blocks.
+    fm = FunctionalModel(net)
+    loss = resolve_loss("cross_entropy")
+    Xtt, Y = torch.as_tensor(X), torch.as_tensor(np.eye(3)[y])
+    Ytt = torch.as_tensor(np.eye(3)[yt])
+    theta_p, _ = unlearn(fm, loss, Xtt, Y, torch.as_tensor(Xt), Ytt, cfg)
+    (group,) = plan.groups
+    for n in fm.names:
+        torch.testing.assert_close(group.theta_prime[n], theta_p[n], rtol=0, atol=0)
+    with torch.no_grad():
+        Ybar = torch.softmax(fm.forward(theta_p, Xtt), 1)
+    # Same operations in the same order: equal to float64 rounding of softmax (few ulp).
+    torch.testing.assert_close(group.Ybar, Ybar, rtol=4 * np.finfo(float).eps, atol=0)
+    theta = fm.theta_star
+    steps = list(plan.steps(group))
+    assert [s.k for s in steps] == [3, 2, 1]
+    for s in steps:
+        rho_k = path_targets(Y, Ybar, s.k / 3, mask=True)
+        if s.k < 3:
+            theta, _ = path_model_step(fm, loss, theta, Xtt, rho_k, cfg, k=s.k)
+            assert s.path_trajectory is not None and len(s.path_trajectory) == 2
+        else:
+            assert s.path_trajectory is None            # θ_K = θ*, nothing computed
+        for n in fm.names:
+            torch.testing.assert_close(s.theta[n], theta[n], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(s.rho_k, rho_k, rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            s.rho_prev, path_targets(Y, Ybar, (s.k - 1) / 3, mask=True), rtol=1e-12, atol=0)
+        np.testing.assert_allclose(
+            plan.test_features(s),
+            test_features(net, "cross_entropy", theta, Xt, yt, proj_dim=6),
+            rtol=1e-12, atol=1e-14)
+    # Δ = L(θ*) − L(θ') from the plan's losses is what the run reports.
+    run = integrated_influence(net, "cross_entropy", X, y, Xt, yt, **opts)
+    np.testing.assert_allclose(run.delta, plan.loss_star - group.loss_prime, rtol=1e-12,
+                               atol=1e-14)
+
+
+def test_plan_path_refuses_config_and_options_together():
+    net, X, y, Xt, yt = _problem()
+    with pytest.raises(TypeError, match="config"):
+        plan_path(net, "cross_entropy", X, y, Xt, yt, config=IIFConfig(), K=2)
+
+
+def _saturated_float32_classifier():
+    # Large weights: most training samples have p_y = 1 in float32, so p − e_y has
+    # entries ~1e-20..1e-40 whose float32 squares underflow (or are exactly zero).
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(40.0)
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((40, 4)).astype(np.float32)
+    with torch.no_grad():
+        y = net(torch.as_tensor(X)).argmax(1).numpy()
+    y[:5] = (y[:5] + 1) % 3                                # a few confidently wrong samples
+    return net, X, y
+
+
+def test_fused_path_engages_when_float32_weights_underflow():
+    net, X, y = _saturated_float32_classifier()
+    fm = FunctionalModel(net)
+    loss = resolve_loss("cross_entropy")
+    Y = torch.as_tensor(np.eye(3, dtype=np.float32)[y])
+    with torch.no_grad():
+        F = fm.forward(fm.theta_star, torch.as_tensor(X))
+        pbar = torch.softmax(F, 1)
+    rho_k, rho_prev = (path_targets(Y, pbar, t, mask=True) for t in (0.6, 0.4))
+    w_to, w_from = output_weights(loss, F, rho_k), output_weights(loss, F, rho_prev)
+    # The premise: float32 squares of some rows' weights underflow to 0.
+    assert bool(((w_to * w_to).sum(1) == 0).any())
+    alpha = _parallel_factor(w_to, w_from, w_to - w_from)
+    assert alpha is not None
+    a = train_features(net, "cross_entropy", None, X, rho_prev, rho_k, proj_dim=16,
+                       backend="numpy", fuse=True)
+    b = train_features(net, "cross_entropy", None, X, rho_prev, rho_k, proj_dim=16,
+                       backend="numpy", fuse=False)
+    np.testing.assert_array_equal(a[0], b[0])
+    # Ψ: α·(u A) against (J^T w_d) A: both carry the float32 rounding of w_d (64 eps of
+    # the weights, the _parallel_factor tolerance) and of the projection (√M eps per
+    # row, M = 67 here); 1e3 eps of the largest |Ψ| covers both.
+    scale = np.abs(b[1]).max()
+    assert scale > 0
+    np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e3 * EPS32 * scale)
+
+
+def test_parallel_factor_refuses_a_zero_row_with_a_nonzero_direction():
+    w_to = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    w_from = torch.tensor([[0.5, -0.5], [2.0, -2.0]])
+    assert _parallel_factor(w_to, w_from, w_to - w_from) is None
+    w_from = torch.tensor([[0.0, 0.0], [2.0, -2.0]])
+    alpha = _parallel_factor(w_to, w_from, w_to - w_from)
+    np.testing.assert_array_equal(alpha.numpy(), [0.0, -1.0])
