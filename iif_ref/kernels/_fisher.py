@@ -1,7 +1,10 @@
 """Damped projected-Fisher solves on the host: ``-Gamma_b F_b^{-1} Psi_b^T``.
 
-Shared by the host backends (NumPy, Numba), whose work here is all LAPACK/BLAS, and
-by the device backends for the damping default and the error they raise. One
+Shared by the host backends (NumPy, Numba), whose work here is all LAPACK/BLAS, by
+the device backends for the damping default and the error they raise, and by the
+public factor/solve layer (:class:`FisherFactor`, built by
+:func:`iif_ref.kernels.factor_fisher`), which factors with the same per-slice code
+(:func:`factor_slice`, :meth:`SliceFactor.apply_inverse`) as ``projected_scores``. One
 Cholesky factorisation per batch slice ``b`` serves every right-hand side.
 
 Precision: each slice is promoted to float64 before the Gram product, so the Gram of
@@ -265,7 +268,8 @@ class FisherFactor:
 
     def __init__(self, slices, damping, proj_dim):
         self._slices = tuple(slices)
-        self.damping = np.asarray(damping, dtype=np.float64)
+        self.damping = np.array(damping, dtype=np.float64)
+        self.damping.flags.writeable = False  # it describes the factors held here
         self.proj_dim = int(proj_dim)
         self.forms = tuple(f.form for f in self._slices)
 
