@@ -137,7 +137,7 @@ def factor_fishers(grams, *, damping=None):
     for s in range(len(factor)):
         F = grams[s] + factor.damping[s] * np.eye(P)
         condition[s] = np.linalg.cond(F)
-    return FisherFactors(factor=factor, damping=factor.damping, condition=condition)
+    return FisherFactors(factor=factor, damping=factor.damping.copy(), condition=condition)
 
 
 # --------------------------------------------------------------------------- top-k
