@@ -5,6 +5,7 @@ import torch
 
 from iif_ref.neural import (IIFConfig, integrated_influence, path_model_step, path_targets,
                             plan_path, test_features, train_features, unlearn)
+from iif_ref.neural.features import step_features
 from iif_ref.neural.features import _parallel_factor
 from iif_ref.neural.functional import FunctionalModel, output_weights
 from iif_ref.neural.losses import resolve_loss
@@ -121,3 +122,26 @@ def test_parallel_factor_refuses_a_zero_row_with_a_nonzero_direction():
     w_from = torch.tensor([[0.0, 0.0], [2.0, -2.0]])
     alpha = _parallel_factor(w_to, w_from, w_to - w_from)
     np.testing.assert_array_equal(alpha.numpy(), [0.0, -1.0])
+
+
+@pytest.mark.parametrize("mask, chunk_size", [(True, 7), (False, 7), (True, 2), (False, 64)])
+def test_step_features_equal_separate_train_and_test_features(mask, chunk_size):
+    # mask=True fuses u_i and J_iΔy (one row per sample), mask=False needs two rows;
+    # chunk_size=2 < n_test=3 sends the test rows through their own pass.
+    net, X, y, Xt, yt = _problem(seed=5, n=20)
+    Y = torch.as_tensor(np.eye(3)[y])
+    with torch.no_grad():
+        pbar = torch.softmax(net(torch.as_tensor(X)), 1)
+    rho_k, rho_prev = (path_targets(Y, pbar, t, mask=mask) for t in (0.6, 0.4))
+    opts = dict(proj_dim=9, seed=4, chunk_size=chunk_size, backend="numba", step=2)
+    Phi, Psi, Gamma = step_features(net, "cross_entropy", None, X, rho_prev, rho_k, Xt, yt,
+                                    **opts)
+    Phi2, Psi2 = train_features(net, "cross_entropy", None, X, rho_prev, rho_k, **opts)
+    Gamma2 = test_features(net, "cross_entropy", None, Xt, yt, **opts)
+    # Same rows times the same A; only the matrix-product summation order can differ
+    # with the number of rows in a call: float64, M = 57 terms → 1e3 eps of the row scale.
+    for a, b in ((Phi, Phi2), (Psi, Psi2), (Gamma, Gamma2)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e3 * np.finfo(float).eps
+                                   * np.abs(b).max())
+    assert np.abs(Gamma2).max() > 0 and np.abs(Psi2).max() > 0

@@ -5,7 +5,8 @@ Data flow (docs/algorithm1.md maps each line to the paper)::
     θ*, loss, D_train, test points
       → baseline θ' by unlearning (Eq. 12), targets ȳ = prediction(f(x; θ')) (Eq. 13)
       → for k = K..1: targets ρ(t_k) (Eq. 15), path model θ_k (Eq. 16, θ_K = θ*)
-          → per-sample u_i, J_iΔy, test gradients G at θ_k (chunks, torch.func)
+          → per-sample u_i, J_iΔy, test gradients G at θ_k (chunks, torch.func,
+            test rows projected with the last training chunk)
           → projected: Φ, Ψ, Γ = (U, D, G)·A → kernels.projected_scores (Eq. 17, 31)
             unprojected: dense curvature C_k, −G (C_k + λ_d I)⁻¹ Dᵀ in float64
           → I += step term
@@ -18,7 +19,7 @@ import numpy as np
 from iif_ref.neural.config import IIFConfig
 from iif_ref.neural.curvature import (condition_estimate, dense_curvature, dense_scores,
                                       resolve_damping)
-from iif_ref.neural.features import train_features
+from iif_ref.neural.features import step_features
 from iif_ref.neural.functional import eval_mode
 from iif_ref.neural.plan import Problem, plan_problem, prepare_problem
 from iif_ref.neural.result import AttributionResult
@@ -31,9 +32,12 @@ def _step_scores(plan, step):
     (scores, cond, damping)."""
     prob, cfg, k, theta = plan.problem, plan.config, step.k, step.theta
     fm, loss = prob.fm, prob.loss
-    Phi, Psi = train_features(fm, loss, theta, prob.X, step.rho_prev, step.rho_k, step=k,
-                              **plan.feature_options)
-    Gamma = plan.test_features(step)
+    rows = step.group.rows
+    # Training and test rows of the step in one projection pass (A generated once);
+    # equal to train_features + plan.test_features up to float rounding.
+    Phi, Psi, Gamma = step_features(fm, loss, theta, prob.X, step.rho_prev, step.rho_k,
+                                    prob.X_test[rows], prob.Y_test[rows], step=k,
+                                    **plan.feature_options)
     if cfg.proj_dim is None:
         C = dense_curvature(fm, loss, theta, prob.X, step.rho_k, kind=cfg.curvature, U=Phi,
                             chunk_size=cfg.chunk_size)

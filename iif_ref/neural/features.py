@@ -25,7 +25,8 @@ from iif_ref.neural.functional import (FunctionalModel, as_inputs, as_targets, c
                                        output_weights)
 from iif_ref.neural.losses import TargetLinearLoss, resolve_loss
 
-__all__ = ["train_features", "test_features", "gradient_features", "project_rows"]
+__all__ = ["train_features", "test_features", "step_features", "gradient_features",
+           "project_rows"]
 
 
 def project_rows(G, *, proj_dim, seed, kind, backend):
@@ -166,6 +167,44 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
     >>> bool(abs(Psi).max() == 0.0)   # no target change, no direction
     True
     """
+    Phi, Psi, _ = step_features(model, loss, params, X, y_from, y_to, proj_dim=proj_dim,
+                                seed=seed, kind=kind, chunk_size=chunk_size, backend=backend,
+                                sample_offset=sample_offset, step=step, dtype=dtype,
+                                fuse=fuse)
+    return Phi, Psi
+
+
+def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None, *,
+                  proj_dim, seed=0, kind="rademacher", chunk_size=256, backend=None,
+                  sample_offset=0, step=None, dtype=None, fuse=True):
+    """:func:`train_features` and :func:`test_features` of one path step, projected together.
+
+    Parameters
+    ----------
+    model, loss, params, X, y_from, y_to
+        As in :func:`train_features`.
+    X_test : array_like, shape (n_test, ...), optional
+    y_test : array_like, shape (n_test, n_out) or labels, optional
+        Test points whose loss gradients at ``params`` are projected with the last
+        training chunk (when ``n_test <= chunk_size``), so ``A`` is generated once per
+        chunk rather than once more for the test rows.
+    proj_dim, seed, kind, chunk_size, backend, sample_offset, step, dtype, fuse
+        As in :func:`train_features`.
+
+    Returns
+    -------
+    Phi, Psi : ndarray, shape (n, P)
+        As from :func:`train_features`.
+    Gamma : ndarray, shape (n_test, P), or None
+        As from :func:`test_features`; None without ``X_test``.
+
+    Notes
+    -----
+    Implements Eq. (7), (10), (17), (31) for one step. The projection of a row does not
+    depend on the rows projected with it (docs/rng.md: ``A`` is indexed by the flat
+    parameter index only), so the result equals the two separate calls up to the
+    summation order of the matrix product (float rounding).
+    """
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     proj_dim = check_positive_int(proj_dim, "proj_dim", allow_none=True)
     fm, loss, params = _prepare(model, loss, params, dtype)
@@ -179,9 +218,25 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
         if Yv.shape[0] != n:
             raise ValueError(f"X and {name} must have the same number of rows, got {n} "
                              f"and {Yv.shape[0]}")
-    Phi, Psi = [], []
-    for start, stop in chunks(n, chunk_size):
+    Xt = Wt = None
+    if X_test is not None:
+        Xt = (X_test if isinstance(X_test, torch.Tensor) and X_test.dtype == fm.dtype
+              else as_inputs(X_test, "X_test", fm))
+        Yt = _targets(y_test, "y_test", n_out, loss, fm)
+        if Yt.shape[0] != Xt.shape[0]:
+            raise ValueError(f"X_test and y_test must have the same number of rows, got "
+                             f"{Xt.shape[0]} and {Yt.shape[0]}")
+        with torch.no_grad():
+            Wt = output_weights(loss, fm.forward(params, Xt), Yt)
+    n_test = 0 if Xt is None else Xt.shape[0]
+    # Test rows ride with the last chunk when they fit in one more chunk's worth of rows.
+    ride = 0 < n_test <= chunk_size
+    Phi, Psi, Gamma = [], [], None
+    bounds = list(chunks(n, chunk_size))
+    for c, (start, stop) in enumerate(bounds):
+        extra = ride and c == len(bounds) - 1
         Xc = X[start:stop]
+        m = stop - start
         with torch.no_grad():
             F = fm.forward(params, Xc)
         w_to = output_weights(loss, F, Y_to[start:stop])
@@ -190,23 +245,39 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
         alpha = _parallel_factor(w_to, w_from, w_d) if fuse else None
         if alpha is not None:
             # u_i and J_iΔy are multiples of one VJP: one gradient, one projected row.
-            V = fm.per_sample_vjp(params, Xc, w_to[:, None, :])[:, 0]
+            if extra:   # one VJP call for the chunk and the test rows
+                V = fm.per_sample_vjp(params, torch.cat([Xc, Xt]),
+                                      torch.cat([w_to, Wt])[:, None, :])[:, 0]
+            else:
+                V = fm.per_sample_vjp(params, Xc, w_to[:, None, :])[:, 0]
             rows = project_rows(V, proj_dim=proj_dim, seed=seed, kind=kind, backend=backend)
-            _check_finite_rows(torch.from_numpy(rows), start + sample_offset,
+            train_rows = rows[:m]
+            _check_finite_rows(torch.from_numpy(train_rows), start + sample_offset,
                                "per-sample gradient", step)
-            Phi.append(rows)
-            Psi.append(rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
-            continue
-        V = fm.per_sample_vjp(params, Xc, torch.stack([w_to, w_d], dim=1))
-        m = stop - start
-        # One projection call for both row kinds: A is generated once per chunk.
-        both = project_rows(torch.cat([V[:, 0], V[:, 1]]), proj_dim=proj_dim, seed=seed,
-                            kind=kind, backend=backend)
-        _check_finite_rows(torch.from_numpy(np.concatenate([both[:m], both[m:]], axis=1)),
-                           start + sample_offset, "per-sample gradient", step)
-        Phi.append(both[:m])
-        Psi.append(both[m:])
-    return np.concatenate(Phi), np.concatenate(Psi)
+            Phi.append(train_rows)
+            Psi.append(train_rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
+        else:
+            V = fm.per_sample_vjp(params, Xc, torch.stack([w_to, w_d], dim=1))
+            parts = [V[:, 0], V[:, 1]]
+            if extra:
+                parts.append(fm.per_sample_vjp(params, Xt, Wt[:, None, :])[:, 0])
+            # One projection call for every row kind: A is generated once per chunk.
+            rows = project_rows(torch.cat(parts), proj_dim=proj_dim, seed=seed, kind=kind,
+                                backend=backend)
+            _check_finite_rows(torch.from_numpy(np.concatenate([rows[:m], rows[m:2 * m]],
+                                                               axis=1)),
+                               start + sample_offset, "per-sample gradient", step)
+            Phi.append(rows[:m])
+            Psi.append(rows[m:2 * m])
+            rows = rows[m:]      # the test rows, if any, follow the 2m training rows
+        if extra:
+            Gamma = rows[m:]
+            _check_finite_rows(torch.from_numpy(Gamma), 0, "test-loss gradient", step)
+    if n_test and Gamma is None:
+        Gamma = gradient_features(fm, loss, params, Xt, Yt, proj_dim=proj_dim, seed=seed,
+                                  kind=kind, chunk_size=chunk_size, backend=backend,
+                                  step=step, what="test-loss gradient")
+    return np.concatenate(Phi), np.concatenate(Psi), Gamma
 
 
 def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="rademacher",
