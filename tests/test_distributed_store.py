@@ -271,9 +271,9 @@ def test_relative_damping_matches_the_kernels_default(tmp_path):
     Phi, Psi, Gamma, X, y = _problem(rng, 50, 4, 2, 3)
     got = attribute_features(ArrayFeatures(Phi, Psi), X, y, Gamma, client=None,
                              store=tmp_path / "s", chunk_rows=9)
-    from iif_ref.kernels._fisher import relative_damping
+    from iif_ref.kernels import resolve_damping
     # Same rule, traces summed in another order: n*eps relative.
-    assert np.allclose(got.damping, relative_damping(Phi), rtol=50 * EPS, atol=0)
+    assert np.allclose(got.damping, resolve_damping(Phi), rtol=50 * EPS, atol=0)
 
 
 def test_bad_inputs_are_named(tmp_path):

@@ -37,7 +37,8 @@ Every backend module exposes exactly these names (and may have private helpers):
     ``Phi`` and ``Psi`` of shape ``(B, N, P)``, ``Gamma`` of shape ``(B, T, P)``
     (float32 or float64, finite, shapes already checked to agree), ``damping`` a
     float64 NumPy array of shape ``(B,)`` holding the *absolute* damping ``lam_d >= 0``
-    of each slice (the front end resolves the relative default). With
+    of each slice (the front end resolves the default, ``RELATIVE_DAMPING`` times the
+    mean diagonal of each Gram, with ``iif_ref.kernels.resolve_damping``). With
     ``F_b = Phi_b^T Phi_b + damping[b] I`` (Gram accumulated in float64), returns the
     float64 array ``-sum_b Gamma_b F_b^{-1} Psi_b^T`` of shape ``(T, N)`` when ``reduce``
     is true, else the per-slice terms ``-Gamma_b F_b^{-1} Psi_b^T`` of shape
