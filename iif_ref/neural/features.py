@@ -44,9 +44,11 @@ def project_rows(G, *, proj_dim, seed, kind, backend):
 def _check_finite_rows(V, start, what, step):
     # Checked on the projected rows: a NaN or Inf entry of g makes every g·a_p NaN or
     # ±Inf (a_p has no zero entries), so this is as strict as checking g, P/M the cost.
-    bad = ~torch.isfinite(V.reshape(V.shape[0], -1)).all(dim=1)
+    # NumPy, single-threaded: waking torch's thread pool costs more than the check.
+    V = np.asarray(V)
+    bad = ~np.isfinite(V.reshape(V.shape[0], -1)).all(axis=1)
     if bool(bad.any()):
-        idx = (torch.nonzero(bad).reshape(-1) + start).tolist()
+        idx = (np.flatnonzero(bad) + start).tolist()
         shown = ", ".join(map(str, idx[:20])) + (", ..." if len(idx) > 20 else "")
         where = "" if step is None else f" at path step k={step}"
         raise ValueError(f"non-finite {what}{where} for sample(s) [{shown}] "
@@ -252,7 +254,7 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
                 V = fm.per_sample_vjp(params, Xc, w_to[:, None, :])[:, 0]
             rows = project_rows(V, proj_dim=proj_dim, seed=seed, kind=kind, backend=backend)
             train_rows = rows[:m]
-            _check_finite_rows(torch.from_numpy(train_rows), start + sample_offset,
+            _check_finite_rows(train_rows, start + sample_offset,
                                "per-sample gradient", step)
             Phi.append(train_rows)
             Psi.append(train_rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
@@ -264,15 +266,14 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
             # One projection call for every row kind: A is generated once per chunk.
             rows = project_rows(torch.cat(parts), proj_dim=proj_dim, seed=seed, kind=kind,
                                 backend=backend)
-            _check_finite_rows(torch.from_numpy(np.concatenate([rows[:m], rows[m:2 * m]],
-                                                               axis=1)),
+            _check_finite_rows(np.concatenate([rows[:m], rows[m:2 * m]], axis=1),
                                start + sample_offset, "per-sample gradient", step)
             Phi.append(rows[:m])
             Psi.append(rows[m:2 * m])
             rows = rows[m:]      # the test rows, if any, follow the 2m training rows
         if extra:
             Gamma = rows[m:]
-            _check_finite_rows(torch.from_numpy(Gamma), 0, "test-loss gradient", step)
+            _check_finite_rows(Gamma, 0, "test-loss gradient", step)
     if n_test and Gamma is None:
         Gamma = gradient_features(fm, loss, params, Xt, Yt, proj_dim=proj_dim, seed=seed,
                                   kind=kind, chunk_size=chunk_size, backend=backend,
@@ -322,7 +323,7 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
         W = output_weights(loss, F, Y[start:stop])[:, None, :]
         V = fm.per_sample_vjp(params, Xc, W)[:, 0]
         rows = project_rows(V, proj_dim=proj_dim, seed=seed, kind=kind, backend=backend)
-        _check_finite_rows(torch.from_numpy(rows), start, what, step)
+        _check_finite_rows(rows, start, what, step)
         out.append(rows)
     return np.concatenate(out)
 
