@@ -297,7 +297,7 @@ def benchmark_parallelism(spec, X_train, y_train, X_test, y_test, masks, *, seed
         processes are faster), ``pool_startup_s``, the number of trainings and the
         machine description.
     """
-    import torch
+    import torch  # noqa: F401  (its version is recorded below)
 
     from iif_ref.bench import machine_info
     from iif_ref.models import make_model, per_sample_cross_entropy, train

@@ -326,7 +326,7 @@ def markdown_table(header, rows):
 def dattri_available():
     """``(True, "")`` if dattri imports, else ``(False, reason)``."""
     try:
-        import dattri  # noqa: F401
+        import dattri  # noqa: F401  (import is the check)
         from dattri.algorithm.influence_function import IFAttributorExplicit  # noqa: F401
         from dattri.algorithm.trak import TRAKAttributor  # noqa: F401
     except Exception as exc:  # any import failure is a reason to skip, reported as such

@@ -23,7 +23,6 @@ Protocol (docs/reproduction-neural.md has the reasons):
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import sys

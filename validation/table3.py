@@ -21,7 +21,6 @@ Protocol (docs/reproduction-neural.md has the reasons):
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
