@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _backends import PHILOX_KAT  # tests/_backends.py
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -62,18 +63,7 @@ def host_lib(tmp_path_factory):
             os.environ[_host.ENV_VAR] = previous
 
 
-# Random123 kat_vectors, the three philox4x32 10 lines (docs/rng.md): counter, key, result.
-KAT = [
-    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
-     (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
-    ((0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff),
-     (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
-    ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
-     (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1)),
-]
-
-
-@pytest.mark.parametrize("counter, key, expected", KAT)
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KAT)
 def test_host_philox_matches_random123_known_answers(counter, key, expected):
     assert _host.philox4x32_10(counter, key) == expected
 

@@ -6,28 +6,14 @@ the Johnson–Lindenstrauss norm bound; the float32 accumulation bound.
 """
 import numpy as np
 import pytest
+from _backends import BACKEND_PARAMS  # tests/_backends.py
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iif_ref.kernels import project, projection_matrix
-from iif_ref.kernels._registry import backend_names, backend_status
 
 EPS = {np.dtype(np.float32): float(np.finfo(np.float32).eps),
        np.dtype(np.float64): float(np.finfo(np.float64).eps)}
-
-
-def _backend_params():
-    params = []
-    for name in backend_names():
-        ok, reason = backend_status(name)
-        marks = [pytest.mark.skipif(not ok, reason=f"backend {name!r} unavailable: {reason}")]
-        if name == "cupy":
-            marks.append(pytest.mark.gpu)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-BACKEND_PARAMS = _backend_params()
 
 
 def _dot_tolerance(G, A, dtype):

@@ -9,38 +9,15 @@ import sys
 
 import numpy as np
 import pytest
+from _backends import BACKEND_PARAMS, PHILOX_KAT  # tests/_backends.py
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iif_ref.kernels import projection_matrix
 from iif_ref.kernels._philox import philox4x32_10
-from iif_ref.kernels._registry import backend_names, backend_status, get_backend
-
-# Random123 tests/kat_vectors, the three "philox4x32 10" lines (docs/rng.md).
-KAT = [
-    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
-     (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
-    ((0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff),
-     (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
-    ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
-     (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1)),
-]
+from iif_ref.kernels._registry import backend_status, get_backend
 
 U64 = np.uint64
-
-
-def _backend_params():
-    params = []
-    for name in backend_names():
-        ok, reason = backend_status(name)
-        marks = [pytest.mark.skipif(not ok, reason=f"backend {name!r} unavailable: {reason}")]
-        if name == "cupy":
-            marks.append(pytest.mark.gpu)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-BACKEND_PARAMS = _backend_params()
 
 
 def _words(seed, c0, c1, c2, c3):
@@ -50,7 +27,7 @@ def _words(seed, c0, c1, c2, c3):
 
 # ---------------------------------------------------------------- generator
 
-@pytest.mark.parametrize("counter,key,expected", KAT)
+@pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
 def test_philox4x32_10_matches_random123_known_answers(counter, key, expected):
     result = philox4x32_10(*(U64(c) for c in counter), *(U64(k) for k in key))
     assert tuple(int(r) for r in result) == expected

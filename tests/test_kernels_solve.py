@@ -9,29 +9,15 @@ the N x N Woodbury form because cond(Phi Phi^T + lam I) <= cond(F).
 import numpy as np
 import pytest
 import scipy.linalg
+from _backends import BACKEND_PARAMS  # tests/_backends.py
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iif_ref.errors import NotPositiveDefiniteError
 from iif_ref.kernels import projected_scores
-from iif_ref.kernels._registry import backend_names, backend_status
 
 EPS64 = np.finfo(np.float64).eps
 EPS32 = float(np.finfo(np.float32).eps)
-
-
-def _backend_params():
-    params = []
-    for name in backend_names():
-        ok, reason = backend_status(name)
-        marks = [pytest.mark.skipif(not ok, reason=f"backend {name!r} unavailable: {reason}")]
-        if name == "cupy":
-            marks.append(pytest.mark.gpu)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-BACKEND_PARAMS = _backend_params()
 
 
 def _conditioned(rng, B, N, P, log10_cond):
