@@ -23,26 +23,12 @@ from iif_ref.testing import (
     make_problem,
     parametrize_with_checks,
 )
+from iif_ref.testing.own import linear_if, linear_iif, linear_tracin
 
 ALL_IIF_CAPS = frozenset({"prediction_baseline", "exact_integral", "exact_path"})
 
 
 # ----------------------------------------------------------------- correct attributors
-def linear_if(p):
-    return linear.influence_function(p.X, p.y, p.X_test, p.y_test)
-
-
-def linear_tracin(p):
-    return linear.tracin(p.X, p.y, p.X_test, p.y_test, lr=p.lr,
-                         checkpoints=list(p.checkpoints))
-
-
-def linear_iif(p):
-    baseline = p.baseline_targets if p.baseline == "prediction" else None
-    return linear.integrated_influence(p.X, p.y, p.X_test, p.y_test, lam=p.lam, K=p.K,
-                                       baseline_targets=baseline)
-
-
 def normal_equations_if(p):
     """IF from the formula with an explicit Hessian (independent of linear's QR path)."""
     theta = np.linalg.solve(p.X.T @ p.X, p.X.T @ p.y)

@@ -9,37 +9,14 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the neural attributors need torch")
 
-import iif_ref  # noqa: E402
 from iif_ref.testing import Attributor, check_attributor, default_problems  # noqa: E402
+from iif_ref.testing.own import neural_if, neural_iif, neural_tracin  # noqa: E402
 
 # The neural IIF solves Eq. (12) and the path refits (Eq. 2) with L-BFGS, stopped at a
 # gradient tolerance refit_tol = 1e-10 relative to the start. A parameter error of
 # κ(H)·refit_tol follows; with κ(H) ≤ 1e4 on the default problems and a factor 10 for the
 # score products, 1e-5 is the tolerance those stopping rules guarantee (measured: ≤ 2e-8).
 NEURAL_IIF_RTOL = 10 * 1e4 * 1e-10
-
-
-def _run(p, method, **options):
-    X, y, Xt, yt = p.torch_data()
-    return iif_ref.attribute(p.torch_model(), "mse", X, y, Xt, yt, method=method,
-                             progress=False, **options).scores
-
-
-def neural_if(p):
-    return _run(p, "if", solver="exact", damping=0.0)
-
-
-def neural_tracin(p):
-    # Checkpoints by parameter name: the bias-free nn.Linear has only "weight" (1, d).
-    ckpts = [{"weight": torch.as_tensor(theta, dtype=torch.float64)[None, :]}
-             for theta in p.checkpoint_params()]
-    return _run(p, "tracin", checkpoints=ckpts, lrs=[p.lr] * len(ckpts))
-
-
-def neural_iif(p):
-    baseline = "per_test" if p.baseline == "unlearn" else "prediction"
-    return _run(p, "iif", K=p.K, lam=p.lam, baseline=baseline, unlearn_optimizer="lbfgs",
-                path_models="refit", curvature="hessian", proj_dim=None, damping=0.0)
 
 
 def test_neural_influence_function_passes_every_if_check():

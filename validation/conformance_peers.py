@@ -26,57 +26,28 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 def _own_attributors():
     """iif_ref's exact linear attributors and the torch ones (float64, exact Hessian)."""
-    import torch
-
-    import iif_ref
-    from iif_ref import linear
     from iif_ref.testing import Attributor
+    from iif_ref.testing.own import (
+        linear_if,
+        linear_iif,
+        linear_tracin,
+        neural_if,
+        neural_iif,
+        neural_tracin,
+    )
 
-    def linear_if(p):
-        return linear.influence_function(p.X, p.y, p.X_test, p.y_test)
-
-    def linear_tracin(p):
-        return linear.tracin(p.X, p.y, p.X_test, p.y_test, lr=p.lr,
-                             checkpoints=list(p.checkpoints))
-
-    def linear_iif(p):
-        baseline = p.baseline_targets if p.baseline == "prediction" else None
-        return linear.integrated_influence(p.X, p.y, p.X_test, p.y_test, lam=p.lam,
-                                           K=p.K, baseline_targets=baseline)
-
-    def _run(p, method, **options):
-        X, y, Xt, yt = p.torch_data()
-        return iif_ref.attribute(p.torch_model(), "mse", X, y, Xt, yt, method=method,
-                                 progress=False, **options).scores
-
-    def neural_if(p):
-        return _run(p, "if", solver="exact", damping=0.0)
-
-    def neural_tracin(p):
-        ck = [{"weight": torch.as_tensor(t, dtype=torch.float64)[None, :]}
-              for t in p.checkpoint_params()]
-        return _run(p, "tracin", checkpoints=ck, lrs=[p.lr] * len(ck))
-
-    def neural_iif(p):
-        baseline = "per_test" if p.baseline == "unlearn" else "prediction"
-        return _run(p, "iif", K=p.K, lam=p.lam, baseline=baseline,
-                    unlearn_optimizer="lbfgs", path_models="refit", curvature="hessian",
-                    proj_dim=None, damping=0.0)
-
-    linear_if.__name__ = "iif_ref.linear.influence_function"
-    neural_iif.__name__ = "iif_ref.attribute[iif, L-BFGS refits, exact Hessian]"
-    linear_tracin.__name__ = "iif_ref.linear.tracin"
-    linear_iif.__name__ = "iif_ref.linear.integrated_influence"
-    neural_if.__name__ = "iif_ref.attribute[if, exact]"
-    neural_tracin.__name__ = "iif_ref.attribute[tracin]"
     caps = {"prediction_baseline", "exact_integral", "exact_path"}
-    return [Attributor(linear_if, kind="if"), Attributor(linear_tracin, kind="tracin"),
-            Attributor(linear_iif, kind="iif", capabilities=caps),
-            Attributor(neural_if, kind="if"), Attributor(neural_tracin, kind="tracin"),
+    return [Attributor(linear_if, kind="if", name="iif_ref.linear.influence_function"),
+            Attributor(linear_tracin, kind="tracin", name="iif_ref.linear.tracin"),
+            Attributor(linear_iif, kind="iif", capabilities=caps,
+                       name="iif_ref.linear.integrated_influence"),
+            Attributor(neural_if, kind="if", name="iif_ref.attribute[if, exact]"),
+            Attributor(neural_tracin, kind="tracin", name="iif_ref.attribute[tracin]"),
             # L-BFGS stops at a relative gradient of 1e-10: parameter error ≤ κ(H)·1e-10,
             # κ(H) ≤ 1e4 here, ×10 for the score products (tests/test_testing_neural.py).
             Attributor(neural_iif, kind="iif", rtol=1e-5,
-                       capabilities={"prediction_baseline", "exact_path"})]
+                       capabilities={"prediction_baseline", "exact_path"},
+                       name="iif_ref.attribute[iif, L-BFGS refits, exact Hessian]")]
 
 
 def _plan(att, problems):
