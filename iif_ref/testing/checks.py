@@ -462,6 +462,19 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
+def _projector_agreement(name, att, got, want, compared):
+    """Check that two projections the identity says are equal agree to rounding.
+
+    ``compared`` describes the two sides; the relative Frobenius difference is held to
+    :func:`_proj_tol`.
+    """
+    tol, reason = _proj_tol(att)
+    err = _rel(got, want)
+    status = "passed" if err <= tol else "failed"
+    return CheckResult(name, None, status, err, tol, reason,
+                       f"{compared}: relative difference {err:.3g}")
+
+
 def _check_projector_deterministic(att, problem=None):
     G = _proj_inputs()
     a = att.project(G, _PROJ_DIM, 7)
@@ -489,12 +502,9 @@ def _check_projector_batch_split(att, problem=None):
     k = _PROJ_N // 3
     parts = np.vstack([att.project(G[:k], _PROJ_DIM, 7), att.project(G[k:], _PROJ_DIM, 7),
                        ])
-    tol, reason = _proj_tol(att)
-    err = _rel(parts, whole)
-    status = "passed" if err <= tol else "failed"
-    return CheckResult("projector_batch_split", None, status, err, tol, reason,
-                       f"rows [0,{k}) and [{k},{_PROJ_N}) projected separately vs together: "
-                       f"relative difference {err:.3g}")
+    return _projector_agreement("projector_batch_split", att, parts, whole,
+                                f"rows [0,{k}) and [{k},{_PROJ_N}) projected separately vs "
+                                f"together")
 
 
 def _check_projector_linear(att, problem=None):
@@ -503,12 +513,8 @@ def _check_projector_linear(att, problem=None):
     a, b = 0.75, -1.5
     lhs = att.project(a * G1 + b * G2, _PROJ_DIM, 7)
     rhs = a * att.project(G1, _PROJ_DIM, 7) + b * att.project(G2, _PROJ_DIM, 7)
-    tol, reason = _proj_tol(att)
-    err = _rel(lhs, rhs)
-    status = "passed" if err <= tol else "failed"
-    return CheckResult("projector_linear", None, status, err, tol, reason,
-                       f"project(aG1 + bG2) vs a·project(G1) + b·project(G2): relative "
-                       f"difference {err:.3g}")
+    return _projector_agreement("projector_linear", att, lhs, rhs,
+                                "project(aG1 + bG2) vs a·project(G1) + b·project(G2)")
 
 
 def _check_projector_jl(att, problem=None):
