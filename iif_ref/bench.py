@@ -52,6 +52,7 @@ __all__ = [
     "peak_memory",
     "gemm_roofline",
     "write_results",
+    "write_text_atomic",
 ]
 
 # Packages whose versions a benchmark result should record. Versions are read from the
@@ -515,20 +516,42 @@ def write_results(path, rows, meta=None, *, machine=True):
     except ValueError as exc:
         raise ValueError(f"rows or meta contain a non-finite float ({exc}); "
                          "store None and a reason instead") from None
+    return write_text_atomic(path, text + "\n")
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` (UTF-8) to ``path`` so that a reader never sees a partial file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Destination; parent directories are created.
+    text : str
+        The whole content, written as given.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+
+    Notes
+    -----
+    The text goes to a temporary file in the destination directory, is flushed to disk
+    and renamed over ``path`` (``os.replace``, atomic on one file system); the temporary
+    file is removed if anything fails.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-            fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path

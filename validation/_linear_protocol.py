@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import numpy as np
 from scipy.stats import ConstantInputWarning
 
 from iif_ref import linear
-from iif_ref.bench import write_results
+from iif_ref.bench import write_results, write_text_atomic
 from iif_ref.errors import IndefiniteObjectiveError
 from iif_ref.metrics import lds, lds_ceiling, random_subset_masks
 from iif_ref.synthetic import make_linear_problem
@@ -399,20 +398,6 @@ def markdown_table(title, settings, results, cfg, sweep_rows=None):
             lines.append(f"| {sweep} | {value} | {LABELS[method]} | " + " | ".join(cells)
                          + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_text_atomic(path, text):
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- CLI
