@@ -17,20 +17,16 @@ import _neural_protocol as proto  # noqa: E402
 OK, REASON = proto.dattri_available()
 pytestmark = [pytest.mark.peers, pytest.mark.skipif(not OK, reason=REASON or "dattri missing")]
 
-from iif_ref.datasets import load_digits_split  # noqa: E402
 from iif_ref.metrics import lds, random_subset_masks  # noqa: E402
-from iif_ref.models import TrainConfig, make_mlp, train  # noqa: E402
+
+from _helpers import trained_digits_mlp  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def problem():
     # 64 → 4 → 10 MLP: 310 parameters, fewer than the 400 training samples, so the
     # exact Hessian is small and TRAK's Gram ΦᵀΦ (310 × 310) is invertible.
-    split = load_digits_split(400, 8, seed=1)
-    model = make_mlp(64, hidden=(4,), seed=1)
-    train(model, split.X_train, split.y_train, config=TrainConfig(epochs=30, batch_size=32),
-          seed=1)
-    return split, model
+    return trained_digits_mlp(400, 8, hidden=(4,), epochs=30, batch_size=32, seed=1)
 
 
 def test_if_explicit_hessian_matches_dattri(problem):

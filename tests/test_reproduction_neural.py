@@ -18,20 +18,15 @@ VALIDATION = Path(__file__).resolve().parent.parent / "validation"
 sys.path.insert(0, str(VALIDATION))
 import _neural_protocol as proto  # noqa: E402
 
-from iif_ref.datasets import load_digits_split  # noqa: E402
 from iif_ref.metrics import lds, random_subset_masks  # noqa: E402
-from iif_ref.models import TrainConfig, make_mlp, train  # noqa: E402
 
+from _helpers import trained_digits_mlp  # noqa: E402
 from test_datasets import write_cifar, write_idx  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def small_problem():
-    split = load_digits_split(60, 4, seed=0)
-    model = make_mlp(64, hidden=(8,), seed=0)
-    train(model, split.X_train, split.y_train, config=TrainConfig(epochs=20, batch_size=16),
-          seed=0)
-    return split, model
+    return trained_digits_mlp(60, 4, hidden=(8,), epochs=20, batch_size=16, seed=0)
 
 
 def _dense_gn(model, split):
