@@ -169,6 +169,13 @@ def _prepare_test(X_test, y_test, d):
     return X_test, y_test
 
 
+def _prepare_with_test(X, y, X_test, y_test, ridge):
+    """:func:`_prepare` on the training data, then :func:`_prepare_test` against its ``d``."""
+    p = _prepare(X, y, ridge)
+    X_test, y_test = _prepare_test(X_test, y_test, p.d)
+    return p, X_test, y_test
+
+
 def _baseline_array(baseline_targets, n_train, n_test):
     """Validate ``baseline_targets``: (n_train,) shared, or (n_test, n_train) per test point."""
     b = as_float_array(baseline_targets, "baseline_targets", ndim=(1, 2))
@@ -321,8 +328,7 @@ def unlearned_params(X, y, X_test, y_test, *, lam=1.0, ridge=0.0):
     ``θ' = θ* + M⁻¹x̂ · r*/(lam − h)`` with ``r* = x̂ᵀθ* − ŷ`` and leverage
     ``h = x̂ᵀM⁻¹x̂``. The baseline targets of Eq. (13) are ``X θ'``.
     """
-    p = _prepare(X, y, ridge)
-    X_test, y_test = _prepare_test(X_test, y_test, p.d)
+    p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
     lam = check_positive_real(lam, "lam")
     return _unlearned(p, X_test, y_test, lam)
 
@@ -410,8 +416,7 @@ def integrated_influence(X, y, X_test, y_test, *, lam=1.0, K=None, baseline_targ
     >>> np.allclose(I.sum(axis=1), delta(X, y, Xt, yt))   # completeness
     True
     """
-    p = _prepare(X, y, ridge)
-    X_test, y_test = _prepare_test(X_test, y_test, p.d)
+    p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
     lam = check_positive_real(lam, "lam")
     K = check_positive_int(K, "K", allow_none=True)
     Ybar = _baseline_targets(p, X_test, y_test, lam, baseline_targets)
@@ -443,8 +448,7 @@ def delta(X, y, X_test, y_test, *, lam=1.0, baseline_targets=None, ridge=0.0):
     with ``ridge = 0`` and the default baseline it equals θ' of Eq. (12), with ridge it
     does not (``θ(0) = M⁻¹XᵀXθ'``), and completeness holds for ``θ(0)``.
     """
-    p = _prepare(X, y, ridge)
-    X_test, y_test = _prepare_test(X_test, y_test, p.d)
+    p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
     lam = check_positive_real(lam, "lam")
     Ybar = _baseline_targets(p, X_test, y_test, lam, baseline_targets)
     r0, r1 = _endpoint_residuals(p, X_test, y_test, Ybar)
@@ -540,8 +544,7 @@ def influence_function(X, y, X_test, y_test, *, ridge=0.0):
     exactly (factor 1 under the sum / no-½ convention). Koh–Liang's mean-loss IF is
     ``n_train`` times this; Eq. (11) as printed is half of it (``docs/theory.md``).
     """
-    p = _prepare(X, y, ridge)
-    X_test, y_test = _prepare_test(X_test, y_test, p.d)
+    p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
     G = 2.0 * (X_test @ p.theta_star - y_test)[:, None] * X_test     # ∇L_test(θ*)
     U = 2.0 * (p.X @ p.theta_star - p.y)[:, None] * p.X              # ∇l_i(θ*)
     # G H⁻¹ Uᵀ = ½ (G R⁻¹)(U R⁻¹)ᵀ.
@@ -623,8 +626,7 @@ def tracin(X, y, X_test, y_test, *, lr, checkpoints, n_steps=None, ridge=0.0):
     TracIn score is the negative of this. The iterates have the closed form
     ``θ_s = θ* − (I − lr·H)^s θ*``, evaluated through the eigendecomposition of ``H``.
     """
-    p = _prepare(X, y, ridge)
-    X_test, y_test = _prepare_test(X_test, y_test, p.d)
+    p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
     lr = check_positive_real(lr, "lr")
     _, s, Vt = np.linalg.svd(p.R)                         # M = RᵀR = V s² Vᵀ
     mu = 2.0 * s ** 2                                     # eigenvalues of H
@@ -667,8 +669,7 @@ def leave_one_out(X, y, X_test, y_test, *, ridge=0.0):
     residual ``e_i = y_i − x_iᵀθ*`` and leverage ``h_ii = x_iᵀM⁻¹x_i`` (hat matrix
     diagonal); exact with ridge too.
     """
-    p = _prepare(X, y, ridge)
-    X_test, y_test = _prepare_test(X_test, y_test, p.d)
+    p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
     h = np.einsum("id,id->i", p.Q_N, p.Q_N)
     # h has relative error of order d·eps (row norms of an orthonormal Q); 1 − h below a
     # few hundred eps cannot be told from 0.
@@ -717,8 +718,7 @@ def subset_test_losses(X, y, X_test, y_test, masks, *, ridge=0.0):
     normal equations costs accuracy ∝ κ(X_S)²·eps, so a subset with
     ``λ_min(G_S) ≤ λ_max(G_S) · max(n_train, d) · eps`` is rejected as singular.
     """
-    p = _prepare(X, y, ridge)
-    X_test, y_test = _prepare_test(X_test, y_test, p.d)
+    p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
     if isinstance(masks, (str, bytes)) or masks is None:
         raise TypeError(f"masks must be a boolean array, got {type(masks).__name__}")
     masks = np.asarray(masks)
