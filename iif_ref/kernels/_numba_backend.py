@@ -48,6 +48,13 @@ if numba is not None:
     _U64_5 = np.uint64(5)
     _U64_6 = np.uint64(6)
 
+    @numba.njit(inline="always")
+    def _row_counter(row_start, i):
+        # Philox counter words 0 and 1 of row m = row_start + i of A: the low and high
+        # 32 bits of m (docs/rng.md); inlined, so the prange loops pay no call.
+        m = row_start + np.uint64(i)
+        return m & MASK32, m >> _U64_32
+
     @numba.njit(parallel=True, cache=True)
     def _rademacher_block(k0, k1, row_start, value, out):
         # out[i, p] = ±value for row m = row_start + i; bit set -> negative (docs/rng.md).
@@ -56,9 +63,7 @@ if numba is not None:
         n_groups = (proj_dim + 127) // 128
         neg = -value
         for i in numba.prange(n_rows):
-            m = row_start + np.uint64(i)
-            m_lo = m & MASK32
-            m_hi = m >> _U64_32
+            m_lo, m_hi = _row_counter(row_start, i)
             for g in range(n_groups):
                 r0, r1, r2, r3 = _philox(m_lo, m_hi, np.uint64(g), _U64_0, k0, k1)
                 base = g * 128
@@ -83,9 +88,7 @@ if numba is not None:
         n_pairs = (proj_dim + 1) // 2
         two_pi = 2.0 * math.pi
         for i in numba.prange(n_rows):
-            m = row_start + np.uint64(i)
-            m_lo = m & MASK32
-            m_hi = m >> _U64_32
+            m_lo, m_hi = _row_counter(row_start, i)
             for q in range(n_pairs):
                 r0, r1, r2, r3 = _philox(m_lo, m_hi, np.uint64(q), _U64_1, k0, k1)
                 u1 = (float(r0 >> _U64_5) * 67108864.0 + float(r1 >> _U64_6) + 0.5) \
