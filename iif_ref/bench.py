@@ -490,9 +490,8 @@ def write_results(path, rows, meta=None, *, machine=True):
 
     Notes
     -----
-    The JSON is written to a temporary file in the destination directory, flushed to
-    disk and renamed over ``path`` (``os.replace``), so a reader never sees a partial
-    file. Non-finite floats are rejected (strict JSON has no NaN): record a missing
+    Written with :func:`write_text_atomic`, so a reader never sees a partial file.
+    Non-finite floats are rejected (strict JSON has no NaN): record a missing
     value as ``None`` with a reason.
     """
     if isinstance(rows, (str, bytes, dict)) or not hasattr(rows, "__iter__"):
@@ -532,7 +531,7 @@ def write_text_atomic(path, text):
     Returns
     -------
     pathlib.Path
-        The written path.
+        ``path`` as a :class:`pathlib.Path`.
 
     Notes
     -----
