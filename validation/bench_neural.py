@@ -2,7 +2,8 @@
 
 Problem: MLP 64→128→64→10 (ReLU) trained on 1,000 standardised ``load_digits`` samples,
 100 test points, float32, 2 threads, P = 512. Measured per method: wall time of the
-whole attribution call (features, projection, solve), then, in a second call, peak
+whole attribution call (features, projection, solve; median of ``--repeats`` calls),
+then, in one more call, peak
 resident memory above the baseline via :mod:`iif_ref.bench` (its tracemalloc and RSS
 sampler would slow a timed call). Peers run where importable (traker's CPU
 ``BasicProjector``; dattri's TRAK and CG influence function). Ratios are printed and the
@@ -158,11 +159,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 train / 20 test, P=128")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed calls per method; the median is reported (the machine "
+                             "is shared, single calls vary by 2x)")
     parser.add_argument("--previous", default=None,
                         help="JSON of an earlier run to record as meta.previous_run")
     parser.add_argument("--previous-label", default="",
                         help="what the earlier run measured (e.g. its commit)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
 
     import torch
 
@@ -198,14 +204,17 @@ def main(argv=None):
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
     for name, fn in methods.items():
-        # Two calls per method: the first timed alone, the second under the memory
+        # Timed calls alone (median of --repeats), then one call under the memory
         # probe. tracemalloc and the 1 kHz RSS sampler slow Python-heavy code (torch.func,
         # the peers' loops) several-fold on 2 cores, so a time taken under them measures
         # the probe, not the method (iif_ref.bench.peak_memory says so).
         try:
-            start = time.perf_counter()
-            fn()
-            t = time.perf_counter() - start
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            t = float(np.median(times))
             start = time.perf_counter()
             mem = peak_memory(fn)
             t_probe = time.perf_counter() - start
@@ -214,11 +223,12 @@ def main(argv=None):
             print(f"{name:36s} skipped: {skipped[name]}")
             continue
         peak = mem.rss_peak_delta if mem.rss_peak_delta is not None else mem.maxrss_increase
-        rows.append({"method": name, "seconds": t, "peak_rss_increase_bytes": int(peak),
+        rows.append({"method": name, "seconds": t, "seconds_each": times,
+                     "peak_rss_increase_bytes": int(peak),
                      "tracemalloc_peak_bytes": int(mem.tracemalloc_peak),
                      "seconds_under_memory_probe": t_probe})
-        print(f"{name:36s} {t:8.2f} s   peak +{peak / 2**20:8.1f} MiB   "
-              f"({t_probe:.2f} s under the memory probe)")
+        print(f"{name:36s} {t:8.2f} s (median of {', '.join(f'{x:.2f}' for x in times)})"
+              f"   peak +{peak / 2**20:8.1f} MiB ({t_probe:.2f} s under the memory probe)")
 
     by = {r["method"]: r["seconds"] for r in rows}
     ratios = {}
@@ -238,7 +248,8 @@ def main(argv=None):
         print(f"ratio {k:45s} {v:6.2f}")
     meta = {"problem": {"n_train": n_train, "n_test": n_test, "proj_dim": P,
                         "architecture": "64-128-64-10 ReLU", "dtype": "float32",
-                        "threads": 2, "test_accuracy": acc, "chunk_size": chunk},
+                        "threads": 2, "test_accuracy": acc, "chunk_size": chunk,
+                        "timed_calls_per_method": args.repeats, "statistic": "median"},
             "ratios": ratios, "skipped": skipped,
             # The machine is shared: the 1-, 5-, 15-minute load averages around the run.
             "load_average": {"start": load_start,

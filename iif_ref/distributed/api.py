@@ -6,7 +6,9 @@
     the store (resuming), reduce the Fishers, factor, score blockwise, top-k.
 :func:`attribute_distributed`
     ``iif_ref.attribute(..., client=...)`` for torch models: the driver runs the
-    sequential parts (baseline, path models, test gradients), the workers featurise.
+    sequential parts (baseline, path models, test gradients) through
+    :func:`iif_ref.neural.plan_path`, as the single-process run does; the workers
+    featurise.
 :func:`connect`
     A running ``distributed.Client`` from a client or a scheduler address, with a clear
     error when the cluster cannot be reached.
@@ -314,9 +316,10 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
     Notes
     -----
     Implements Eq. (10) with Eq. (12)–(17), (31), like the single-process Algorithm 1.
-    On the driver: the baseline θ' (Eq. 12), baseline targets (Eq. 13), path models
-    θ_k (Eq. 16) and the test gradients ``Gamma`` — each a pass of forward/backward
-    over the data, sequential in k. On the workers: the per-sample projected
+    On the driver, from :func:`iif_ref.neural.plan_path` (the single-process run's
+    own plan): the baseline θ' (Eq. 12), baseline targets (Eq. 13), path models θ_k
+    (Eq. 16) and the test gradients ``Gamma`` — each a pass of forward/backward over
+    the data, sequential in k. On the workers: the per-sample projected
     gradients and directions of every step (the dominant cost, ``K`` per-sample VJPs
     and projections per sample), the Gram partial sums, and the score blocks.
     """
