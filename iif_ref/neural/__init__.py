@@ -24,6 +24,8 @@ train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
     directions ``(J_iΔy) A`` of one path step, streamed in chunks (the ``(n, n_params)``
     gradient matrix never exists). Rows of a shard concatenate to those of the whole.
 test_features(model, loss, params, X_test, y_test, *, proj_dim, ...) -> Gamma (n_test, P)
+step_features(model, loss, params, X, y_from, y_to, X_test, y_test, *, proj_dim, ...)
+    -> (Phi, Psi, Gamma) of one path step, test rows projected with the training rows.
 gradient_features(model, fn, params, X, Y, *, proj_dim, ...) -> (n, P)
     Any per-sample output function's gradient, projected (TRAK's margin, TracIn).
 plan_path(model, loss, X_train, y_train, X_test, y_test, *, config=None,
@@ -43,7 +45,8 @@ The torch side knows no kernel backend: ``backend=`` is passed through to
 from iif_ref.neural.attribution import attribute, integrated_influence, prepare_problem
 from iif_ref.neural.baseline import per_sample_baselines, unlearn
 from iif_ref.neural.config import IIFConfig
-from iif_ref.neural.features import gradient_features, test_features, train_features
+from iif_ref.neural.features import (gradient_features, step_features, test_features,
+                                     train_features)
 from iif_ref.neural.functional import FunctionalModel
 from iif_ref.neural.losses import TargetLinearLoss, check_target_linear, resolve_loss
 from iif_ref.neural.methods import influence_function, tracin, trak, trak_margin
@@ -58,7 +61,7 @@ __all__ = [
     "attribute", "integrated_influence", "influence_function", "tracin", "trak",
     "self_influence", "proponents_opponents",
     "IIFConfig", "AttributionResult", "SelfInfluenceResult", "ProponentsOpponents",
-    "train_features", "test_features", "gradient_features",
+    "train_features", "test_features", "step_features", "gradient_features",
     "path_targets", "path_model_step", "unlearn", "per_sample_baselines",
     "FunctionalModel", "TargetLinearLoss", "resolve_loss", "check_target_linear",
     "trak_margin", "prepare_problem", "DivergenceError",

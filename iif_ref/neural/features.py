@@ -10,7 +10,8 @@ For one path step ``k`` (parameters θ_k, targets ``ρ(t_{k−1}) → ρ(t_k)``)
 All are per-sample VJPs of the network output with an output-space weight, computed
 with ``torch.func`` one chunk of samples at a time and handed to
 :func:`iif_ref.kernels.project` as NumPy arrays, so the ``(n, n_params)`` gradient
-matrix never exists (only one ``(chunk, 2, n_params)`` block does). ``A`` is the
+matrix never exists (only one ``(chunk, 2, n_params)`` block does, or
+``(chunk + n_test, n_params)`` in :func:`step_features`). ``A`` is the
 counter-based matrix of docs/rng.md: its row ``m`` is the flat parameter index of
 :class:`~iif_ref.neural.functional.FunctionalModel`, so the features do not depend on
 the chunk size, and shards computed elsewhere (e.g. by a distributed engine) concatenate.
