@@ -47,6 +47,9 @@ from iif_ref.synthetic import make_linear_problem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "docs" / "results"
+# Quick runs are previews: by default they go to the ignored scratch folder so that they
+# never overwrite the published full-protocol results in docs/results.
+QUICK_OUT = REPO_ROOT / "results"
 
 METHODS = ("iif_exact", "iif_k1", "iif_k5", "if", "tracin", "loo")
 LABELS = {"iif_exact": "IIF exact (K=∞)", "iif_k1": "IIF K=1", "iif_k5": "IIF K=5",
@@ -426,8 +429,9 @@ def build_parser(prog, description):
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes for the trials (results do not depend on it; "
                         "default 1)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="output directory for NAME.json and NAME.md (default docs/results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory for NAME.json and NAME.md (default: docs/results "
+                        "with --full, the scratch folder results/ otherwise)")
     return p
 
 
@@ -472,7 +476,8 @@ def run_table(name, title, settings, argv, description):
     }
     if sweep_rows is not None:
         meta["sweeps"] = sweep_rows
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out is not None else (
+        DEFAULT_OUT if args.full else QUICK_OUT)
     write_results(out_dir / f"{name}.json", rows, meta)
     md = markdown_table(title, settings, results, cfg, sweep_rows)
     write_text_atomic(out_dir / f"{name}.md", md)
