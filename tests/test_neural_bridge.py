@@ -14,6 +14,7 @@ import torch
 import iif_ref.linear as linear
 from iif_ref.kernels import available_backends
 from iif_ref.neural import influence_function, integrated_influence
+from _helpers import fit_summed_cross_entropy
 
 EPS64 = np.finfo(np.float64).eps
 
@@ -82,16 +83,7 @@ def _classifier(seed, n=60, d=5, hidden=6, classes=3):
     yt = rng.integers(0, classes, 4)
     net = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.Tanh(),
                               torch.nn.Linear(hidden, classes)).double()
-    Xtt, ytt = torch.as_tensor(X), torch.as_tensor(y)
-    opt = torch.optim.LBFGS(net.parameters(), max_iter=30, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(Xtt), ytt, reduction="sum")
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    fit_summed_cross_entropy(net, X, y, max_iter=30)
     return X, y, Xt, yt, net
 
 

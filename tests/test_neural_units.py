@@ -11,6 +11,7 @@ from iif_ref.neural import (DivergenceError, FunctionalModel, IIFConfig, attribu
                             proponents_opponents, resolve_loss, self_influence,
                             test_features, tracin, train_features, trak)
 from iif_ref.neural.losses import check_target_linear
+from _helpers import fit_summed_cross_entropy
 
 EPS64 = np.finfo(np.float64).eps
 
@@ -32,16 +33,7 @@ def _trained_classifier(seed, n=40):
     # are O(1) rather than underflowing on a memorised training set.
     X, y, Xt, yt = _data(seed, n=n)
     net = _mlp(seed)
-    opt = torch.optim.LBFGS(net.parameters(), max_iter=8, line_search_fn="strong_wolfe")
-    Xtt, ytt = torch.as_tensor(X), torch.as_tensor(y)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(Xtt), ytt, reduction="sum")
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    fit_summed_cross_entropy(net, X, y, max_iter=8)
     return X, y, Xt, yt, net
 
 

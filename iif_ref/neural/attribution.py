@@ -160,10 +160,7 @@ def integrated_influence(model, loss, X_train, y_train, X_test, y_test, *, confi
     >>> bool((r.delta == 0).all())
     True
     """
-    if config is not None and options:
-        raise TypeError("pass either config= or keyword options, not both")
-    cfg = config if config is not None else IIFConfig.from_options(options)
-    cfg.validate()
+    cfg = IIFConfig.resolve(config, options)
     with eval_mode(model):
         prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test, dtype=cfg.dtype)
         return _run(prob, cfg, baseline_params=baseline_params, callback=callback)

@@ -185,3 +185,12 @@ class IIFConfig:
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
         return cls(**options)
+
+    @classmethod
+    def resolve(cls, config, options):
+        """The validated config of a public call: ``config=`` or keyword options, not both."""
+        if config is not None and options:
+            raise TypeError("pass either config= or keyword options, not both")
+        cfg = config if config is not None else cls.from_options(options)
+        cfg.validate()
+        return cfg

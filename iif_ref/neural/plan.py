@@ -307,10 +307,7 @@ def plan_path(model, loss, X_train, y_train, X_test, y_test, *, config=None,
     >>> plan.test_features(next(plan.steps(plan.groups[0]))).shape
     (2, 4)
     """
-    if config is not None and options:
-        raise TypeError("pass either config= or keyword options, not both")
-    cfg = config if config is not None else IIFConfig.from_options(options)
-    cfg.validate()
+    cfg = IIFConfig.resolve(config, options)
     with eval_mode(model):
         prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test, dtype=cfg.dtype)
     return plan_problem(prob, cfg, baseline_params=baseline_params, method=method)
