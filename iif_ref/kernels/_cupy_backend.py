@@ -14,24 +14,30 @@ Inputs may be NumPy arrays (copied to the device; results come back as NumPy), C
 (results stay CuPy) or any CUDA array with ``__dlpack__`` such as a torch CUDA tensor
 (taken zero-copy through ``cupy.from_dlpack``; ``project`` returns a torch tensor then).
 
-Sources are read from ``kernels/`` beside the package, their local ``#include``\\ s expanded
-in place (so CuPy's on-disk cache key covers the headers too), and compiled once per
-process and device with :data:`NVRTC_OPTIONS`.
+Sources are read from :data:`KERNEL_DIR` (the installed package's ``_kernels/``), their
+local ``#include``\\ s expanded in place (so CuPy's on-disk cache key covers the headers
+too), and compiled once per process and device with :data:`NVRTC_OPTIONS`.
 """
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from iif_ref import _resources
 from iif_ref.kernels import _fisher
 
 NAME = "cupy"
 
-#: Directory of the CUDA sources (``kernels/`` at the repository root).
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+#: Directory of the CUDA sources: ``$IIF_REF_KERNEL_DIR``, else the ``kernels/`` of the source
+#: checkout the package runs from, else the installed package's ``_kernels/``
+#: (:mod:`iif_ref._resources`).
+KERNEL_DIR = (Path(os.environ[_resources.KERNEL_DIR_ENV])
+              if os.environ.get(_resources.KERNEL_DIR_ENV)
+              else _resources.find("_kernels", "", checkout_dir="kernels", checkout_first=True))
 #: Options every source is compiled with (NVRTC has no standard library: philox.cuh brings
 #: its own fixed-width typedefs under ``__CUDACC_RTC__``).
 NVRTC_OPTIONS = ("-std=c++17",)

@@ -12,7 +12,9 @@ the CPU, so that
   Gram), which separates "the kernel's arithmetic is wrong" from "the kernel's tiling is
   wrong".
 
-The library is found at ``$IIF_REF_HOST_LIB`` if set, else ``<repo>/build/libiif_host.so``.
+The library is found at ``$IIF_REF_HOST_LIB`` if set, else in the installed package
+(``iif_ref/_lib/``, put there by ``pip install .``), else, in a source checkout, in the
+developer build ``build/`` (see :mod:`iif_ref._resources`).
 
 Beside it, ``libiif_cuda_emulation.so`` runs the CUDA kernels themselves, compiled unchanged
 for the CPU with one OS thread per CUDA thread (``kernels/host/cuda_emulation.h``); the
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iif_ref import _resources
 from iif_ref._validation import as_float_array, check_nonnegative_real, check_positive_int
 from iif_ref.kernels._philox import COL_LIMIT, ROW_LIMIT, check_kind, check_seed
 
@@ -40,7 +43,6 @@ ENV_VAR = "IIF_REF_HOST_LIB"
 #: The ``kind`` codes of ``kernels/philox.cuh`` (IIF_KIND_RADEMACHER, IIF_KIND_GAUSSIAN).
 KIND_CODES = {"rademacher": 0, "gaussian": 1}
 _ABI_VERSION = 1
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 _SUFFIX = ".dylib" if sys.platform == "darwin" else ".so"
 _LIB_NAME = "libiif_host" + _SUFFIX
 _EMULATION_LIB_NAME = "libiif_cuda_emulation" + _SUFFIX
@@ -55,14 +57,26 @@ class HostLibraryError(OSError):
 
 
 def library_path():
-    """Where the host library is looked for: ``$IIF_REF_HOST_LIB`` or ``<repo>/build/``.
+    """Where the host library is: ``$IIF_REF_HOST_LIB``, else the package's ``_lib/``.
+
+    In a source checkout without an installed build, the developer build ``build/`` is used.
 
     Returns
     -------
     pathlib.Path
+        The file to load; where it should be when it is missing.
     """
     env = os.environ.get(ENV_VAR)
-    return Path(env) if env else _REPO_ROOT / "build" / _LIB_NAME
+    return Path(env) if env else _resources.find("_lib", _LIB_NAME, checkout_dir="build")
+
+
+def _how_to_build():
+    root = _resources.source_checkout()
+    if root is None:
+        return ("reinstall the package: `pip install .` from a source checkout runs "
+                "`cmake --build` and puts the library into the package")
+    return (f"build it with `cmake -S {root} -B {root / 'build'} && "
+            f"cmake --build {root / 'build'}` or `pip install .`")
 
 
 def _declare(lib):
@@ -100,10 +114,7 @@ def load():
     if not path.is_file():
         how = (f"set {ENV_VAR} to its path" if os.environ.get(ENV_VAR) is None
                else f"{ENV_VAR} points to a missing file")
-        raise HostLibraryError(
-            f"host library not found at {path}; build it with "
-            f"`cmake -S {_REPO_ROOT} -B {_REPO_ROOT / 'build'} && "
-            f"cmake --build {_REPO_ROOT / 'build'}` or {how}")
+        raise HostLibraryError(f"host library not found at {path}; {_how_to_build()}, or {how}")
     try:
         lib = ctypes.CDLL(str(path))
         _declare(lib)
@@ -314,10 +325,7 @@ def load_emulation():
         return _emulation_lib
     path = emulation_library_path()
     if not path.is_file():
-        raise HostLibraryError(
-            f"CUDA emulation library not found at {path}; build it with "
-            f"`cmake -S {_REPO_ROOT} -B {_REPO_ROOT / 'build'} && "
-            f"cmake --build {_REPO_ROOT / 'build'}`")
+        raise HostLibraryError(f"CUDA emulation library not found at {path}; {_how_to_build()}")
     try:
         lib = ctypes.CDLL(str(path))
         dp, i64, u64, c_int, c_uint = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
