@@ -8,12 +8,24 @@ numba, cupy, torch nor a GPU.
 """
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "attribute"]
+#: Public subpackages and modules, imported on first attribute access (``iif_ref.linear``)
+#: so that ``import iif_ref`` stays light.
+_SUBMODULES = ("bench", "datasets", "distributed", "errors", "kernels", "linear", "metrics",
+               "models", "neural", "retraining", "synthetic", "testing")
+
+__all__ = ["__version__", "attribute", *_SUBMODULES]
 
 
 def __getattr__(name):
-    # Lazy: `iif_ref.attribute` pulls in torch only when a user asks for it.
+    # Lazy (PEP 562): `iif_ref.attribute` pulls in torch only when a user asks for it.
     if name == "attribute":
         from iif_ref.neural import attribute
         return attribute
+    if name in _SUBMODULES:
+        import importlib
+        return importlib.import_module(f"iif_ref.{name}")
     raise AttributeError(f"module 'iif_ref' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -28,6 +28,20 @@ def test_attribute_is_exposed_lazily():
         iif_ref.nonexistent  # noqa: B018
 
 
+def test_subpackages_load_on_attribute_access_and_dir_lists_them():
+    # A fresh interpreter: in this one the test modules have imported the subpackages already.
+    code = ("import iif_ref, sys; print(iif_ref.linear.__name__, 'torch' in sys.modules); "
+            "print(' '.join(n for n in dir(iif_ref) if not n.startswith('_')))")
+    first, names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True).stdout.splitlines()
+    assert first == "iif_ref.linear False"
+    public = set(names.split())
+    assert {"attribute", "linear", "metrics", "kernels", "neural", "testing",
+            "distributed"} <= public
+    import iif_ref
+    assert public == set(iif_ref.__all__) - {"__version__"}
+
+
 def test_cli_lists_every_reproduction(capsys):
     assert cli.main(["reproduce", "--list"]) == 0
     listed = capsys.readouterr().out
