@@ -14,87 +14,12 @@ Data flow (docs/algorithm1.md maps each line to the paper)::
 """
 from __future__ import annotations
 
-import numpy as np
-
 from iif_ref.neural.config import IIFConfig
-from iif_ref.neural.curvature import (condition_estimate, dense_curvature, dense_scores,
-                                      resolve_damping)
-from iif_ref.neural.features import step_features
+from iif_ref.neural.engine import run as _run
 from iif_ref.neural.functional import eval_mode
-from iif_ref.neural.plan import Problem, plan_problem, prepare_problem
-from iif_ref.neural.result import AttributionResult
+from iif_ref.neural.plan import Problem, prepare_problem
 
 __all__ = ["integrated_influence", "attribute", "prepare_problem", "Problem"]
-
-
-def _step_scores(plan, step):
-    """The step-k term ``−G_k F_k⁻¹ (J Δy)_kᵀ`` for the group's test rows;
-    (scores, cond, damping)."""
-    prob, cfg, k, theta = plan.problem, plan.config, step.k, step.theta
-    fm, loss = prob.fm, prob.loss
-    rows = step.group.rows
-    # Training and test rows of the step in one projection pass (A generated once);
-    # equal to train_features + plan.test_features up to float rounding.
-    Phi, Psi, Gamma = step_features(fm, loss, theta, prob.X, step.rho_prev, step.rho_k,
-                                    prob.X_test[rows], prob.Y_test[rows], step=k,
-                                    **plan.feature_options)
-    if cfg.proj_dim is None:
-        C = dense_curvature(fm, loss, theta, prob.X, step.rho_k, kind=cfg.curvature, U=Phi,
-                            chunk_size=cfg.chunk_size)
-        lam_d = resolve_damping(cfg.damping, np.trace(C), C.shape[0])
-        scores, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=k)
-        return scores, cond, lam_d
-    from iif_ref.kernels import projected_scores
-
-    P = cfg.proj_dim
-    Phi64 = Phi.astype(np.float64)
-    gram = Phi64.T @ Phi64
-    lam_d = resolve_damping(cfg.damping, np.trace(gram), P)
-    # Diagnostic only (the kernel factors F itself and raises if it is not SPD).
-    cond = condition_estimate(gram + lam_d * np.eye(P))
-    options = {} if cfg.backend is None else {"backend": cfg.backend}
-    scores = projected_scores(Phi, Psi, Gamma, damping=lam_d, **options)
-    return scores, cond, lam_d
-
-
-def _run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
-    plan = plan_problem(prob, cfg, baseline_params=baseline_params, method=method)
-    scores = np.zeros((prob.n_test, prob.n_train))
-    loss_prime = np.zeros(prob.n_test)
-    diag = {"condition": [], "damping": [], "unlearning_trajectory": [],
-            "path_trajectory": []}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(plan.groups) * cfg.K, desc=f"{method} steps",
-               disable=not cfg.progress)
-    for group in plan.groups:
-        diag["unlearning_trajectory"].append(group.unlearning_trajectory)
-        loss_prime[group.rows] = group.loss_prime
-        for step in plan.steps(group):
-            if step.path_trajectory is not None:
-                diag["path_trajectory"].append(step.path_trajectory)
-            hit = step.cached
-            if hit is not None:
-                term, cond, lam_d = hit["scores"], float(hit["cond"]), float(hit["damping"])
-            else:
-                term, cond, lam_d = _step_scores(plan, step)
-                plan.cache.save(step.name, scores=term,
-                                theta=prob.fm.flatten(step.theta).numpy(),
-                                cond=np.float64(cond), damping=np.float64(lam_d))
-            scores[group.rows] += term
-            diag["condition"].append(cond)
-            diag["damping"].append(lam_d)
-            bar.update(1)
-            if callback is not None:
-                callback(step.name)
-    bar.close()
-    delta = plan.loss_star - loss_prime
-    diag["loss_star"], diag["loss_prime"] = plan.loss_star, loss_prime
-    diag["cached_steps"] = list(plan.cache.loaded)
-    config = plan.run_config
-    config["damping_used"] = list(diag["damping"])
-    return AttributionResult(scores=scores, delta=delta, residual=scores.sum(axis=1) - delta,
-                             config=config, diagnostics=diag, method=method)
 
 
 def integrated_influence(model, loss, X_train, y_train, X_test, y_test, *, config=None,

@@ -26,12 +26,13 @@ from torch.func import grad, jvp, vmap
 
 from iif_ref._validation import check_nonnegative_real, check_positive_int, check_positive_real
 from iif_ref.errors import NotPositiveDefiniteError
-from iif_ref.neural.attribution import _run, prepare_problem
 from iif_ref.neural.baseline import per_sample_losses
 from iif_ref.neural.config import IIFConfig
 from iif_ref.neural.curvature import dense_scores, resolve_damping
+from iif_ref.neural.engine import run
 from iif_ref.neural.features import gradient_features
 from iif_ref.neural.functional import chunks, eval_mode
+from iif_ref.neural.plan import prepare_problem
 from iif_ref.neural.result import AttributionResult
 
 __all__ = ["influence_function", "tracin", "trak", "trak_margin"]
@@ -86,7 +87,7 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
                         dtype=dtype, progress=progress, cache_dir=cache_dir)
         with eval_mode(model):
             prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test, dtype=dtype)
-            result = _run(prob, cfg, method="if")
+            result = run(prob, cfg, method="if")
         result.config["solver"] = solver
         return result
     if isinstance(damping, str):
