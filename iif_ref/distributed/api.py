@@ -325,7 +325,7 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
     """
     import torch
 
-    from iif_ref.neural.curvature import resolve_damping
+    from iif_ref._defaults import absolute_damping
     from iif_ref.neural.functional import eval_mode
     from iif_ref.neural.plan import plan_path
     from iif_ref.neural.result import AttributionResult
@@ -376,7 +376,7 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
                     fn, X_np, Yboth, Gamma, client=client,
                     store=None if store is None else f"{store}/group_{group.index}",
                     chunk_rows=chunk_rows, test_block=test_block,
-                    damping=lambda tr, P: resolve_damping(cfg.damping, tr, P),
+                    damping=lambda tr, P: absolute_damping(cfg.damping, tr, P),
                     top_k=top_k, return_scores=True)
                 scores[rows] = out.scores
                 # Listed k = K..1, the order of the single-process run.

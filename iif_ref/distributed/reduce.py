@@ -86,7 +86,7 @@ class FisherFactors:
     damping : ndarray, shape (n_steps,)
         Absolute damping ``lam_d,s`` used per step.
     condition : ndarray, shape (n_steps,)
-        2-norm condition number of each ``F_s``.
+        LAPACK's 1-norm condition estimate of each ``F_s`` (from its Cholesky factor).
     """
 
     factor: FisherFactor
@@ -132,12 +132,9 @@ def factor_fishers(grams, *, damping=None):
             raise ValueError(f"damping must be finite and >= 0, got {damping!r}")
     grams = np.asarray(grams, dtype=np.float64)
     factor = factor_fisher(gram=grams, damping=damping)
-    P = grams.shape[1]
-    condition = np.empty(len(factor))
-    for s in range(len(factor)):
-        F = grams[s] + factor.damping[s] * np.eye(P)
-        condition[s] = np.linalg.cond(F)
-    return FisherFactors(factor=factor, damping=factor.damping.copy(), condition=condition)
+    # The estimate comes from the Cholesky factor that solves: no second factorisation.
+    return FisherFactors(factor=factor, damping=factor.damping.copy(),
+                         condition=factor.condition.copy())
 
 
 # --------------------------------------------------------------------------- top-k

@@ -7,6 +7,7 @@ projection_matrix    the materialised ``A`` (or a row block), for tests and smal
 projected_scores     ``-sum_b Gamma_b (Phi_b^T Phi_b + lam_d I)^{-1} Psi_b^T``
 factor_fisher        float64 Cholesky of every ``F_b`` once -> :class:`FisherFactor`
 solve_factored       ``F_b^{-1} rhs`` from a :class:`FisherFactor` (also ``factor.solve``)
+solve_step           one step's ``-Gamma (C + lam_d I)^{-1} Psi^T`` and its condition estimate
 resolve_damping      the absolute per-slice damping a ``damping=`` argument stands for
 RELATIVE_DAMPING     the relative default, ``lam_b = RELATIVE_DAMPING tr(Phi_b^T Phi_b) / P``
 is_device_array      whether an array lives in accelerator memory (CuPy, torch CUDA)
@@ -16,7 +17,7 @@ available_backends   backends that can run here ("numpy", "numba", "cupy")
 default in ``docs/kernels.md``. Importing this package imports neither numba nor cupy;
 backends load lazily (see :mod:`iif_ref.kernels._registry` for the backend protocol).
 """
-from iif_ref.kernels._fisher import RELATIVE_DAMPING, FisherFactor
+from iif_ref.kernels._fisher import RELATIVE_DAMPING, FisherFactor, solve_step
 from iif_ref.kernels._frontend import (DEFAULT_MEMORY_BUDGET, factor_fisher,
                                        is_device_array, project, projected_scores,
                                        projection_matrix, resolve_damping, solve_factored)
@@ -24,4 +25,4 @@ from iif_ref.kernels._registry import available_backends
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "RELATIVE_DAMPING", "FisherFactor", "available_backends",
            "factor_fisher", "is_device_array", "project", "projected_scores",
-           "projection_matrix", "resolve_damping", "solve_factored"]
+           "projection_matrix", "resolve_damping", "solve_factored", "solve_step"]

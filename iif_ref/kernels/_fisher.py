@@ -1,11 +1,14 @@
 """Damped projected-Fisher solves on the host: ``-Gamma_b F_b^{-1} Psi_b^T``.
 
 Shared by the host backends (NumPy, Numba), whose work here is all LAPACK/BLAS, by
-the device backends for the damping default and the error they raise, and by the
+the device backends for the damping suggestion and the error they raise, by the
 public factor/solve layer (:class:`FisherFactor`, built by
-:func:`iif_ref.kernels.factor_fisher`), which factors with the same per-slice code
-(:func:`factor_slice`, :meth:`SliceFactor.apply_inverse`) as ``projected_scores``. One
-Cholesky factorisation per batch slice ``b`` serves every right-hand side.
+:func:`iif_ref.kernels.factor_fisher`, applied by :func:`solve_factored`), which factors
+with the same per-slice code (:func:`factor_slice`, :meth:`SliceFactor.apply_inverse`) as
+``projected_scores``, and by the torch side's per-step solve (:func:`solve_step`). One
+Cholesky factorisation per batch slice ``b`` serves every right-hand side and gives the
+slice's condition estimate. The damping rule itself is
+:func:`iif_ref._defaults.absolute_damping`.
 
 Precision: each slice is promoted to float64 before the Gram product, so the Gram of
 float32 data is the exact products of the float32 values summed in float64.
@@ -15,16 +18,16 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import lapack
 
+import numbers
+
+from iif_ref._defaults import RELATIVE_DAMPING, absolute_damping
+from iif_ref._validation import as_float_array
 from iif_ref.errors import NotPositiveDefiniteError
 
 __all__ = ["RELATIVE_DAMPING", "FisherFactor", "relative_damping", "slice_traces",
            "damping_from_traces", "suggest_damping", "suggest_damping_from_traces",
            "not_positive_definite_error", "factor_slice", "factor_gram", "factor_stack",
-           "projected_scores_host"]
-
-#: Default damping relative to the mean eigenvalue ``tr(Phi_b^T Phi_b) / P`` of each
-#: slice's Gram. It caps ``cond(F_b) <= 1 + P / RELATIVE_DAMPING`` (docs/kernels.md).
-RELATIVE_DAMPING = 1e-3
+           "projected_scores_host", "solve_factored", "solve_step"]
 
 _EPS64 = np.finfo(np.float64).eps
 
@@ -61,17 +64,9 @@ def damping_from_traces(traces, P, damping):
     Returns
     -------
     ndarray, shape (B,), float64
+        :func:`iif_ref._defaults.absolute_damping` of each trace (the one rule).
     """
-    traces = np.asarray(traces, dtype=np.float64)
-    if damping is None:
-        return RELATIVE_DAMPING * traces / P
-    if callable(damping):
-        lam = np.array([float(damping(float(tr), P)) for tr in traces])
-        if not np.all(np.isfinite(lam) & (lam >= 0)):
-            raise ValueError(f"damping(trace, P) must return finite values >= 0, got "
-                             f"{lam.tolist()}")
-        return lam
-    return np.full(traces.shape[0], float(damping))
+    return absolute_damping(damping, np.atleast_1d(np.asarray(traces, dtype=np.float64)), P)
 
 
 def relative_damping(Phi, factor=RELATIVE_DAMPING):
@@ -118,9 +113,9 @@ def not_positive_definite_error(slices, damping, suggested_damping, detail=""):
 
 
 def _factor(matrix):
-    """Lower Cholesky factor of ``matrix`` (overwritten), or None if it is not
-    positive definite to working precision (LAPACK potrf fails, or the reciprocal
-    condition estimate from pocon is below ``n * eps``)."""
+    """``(L, rcond)``: lower Cholesky factor of ``matrix`` (overwritten) and LAPACK's
+    reciprocal 1-norm condition estimate from it (``pocon``), or None if the matrix is
+    not positive definite to working precision (potrf fails, or ``rcond < n eps``)."""
     n = matrix.shape[0]
     anorm = np.max(np.sum(np.abs(matrix), axis=0))
     factor, info = lapack.dpotrf(matrix, lower=1, clean=1, overwrite_a=1)
@@ -129,7 +124,7 @@ def _factor(matrix):
     rcond, info = lapack.dpocon(factor, anorm, uplo="L")
     if info != 0 or not rcond >= n * _EPS64:
         return None
-    return factor
+    return factor, float(rcond)
 
 
 def _solve(factor, rhs):
@@ -145,13 +140,14 @@ class SliceFactor:
     ``form == "direct"``: ``chol`` is the lower Cholesky factor of
     ``F = Phi^T Phi + lam I`` (P x P). ``form == "woodbury"``: ``chol`` factors
     ``K = Phi Phi^T + lam I`` (N x N) and ``phi`` (float64, N x P) is kept, since
-    ``F^{-1} = (I - Phi^T K^{-1} Phi) / lam``.
+    ``F^{-1} = (I - Phi^T K^{-1} Phi) / lam``. ``rcond`` is LAPACK's reciprocal
+    1-norm condition estimate of the factored matrix, from the same factor.
     """
 
-    __slots__ = ("form", "chol", "phi", "lam")
+    __slots__ = ("form", "chol", "phi", "lam", "rcond")
 
-    def __init__(self, form, chol, phi, lam):
-        self.form, self.chol, self.phi, self.lam = form, chol, phi, lam
+    def __init__(self, form, chol, phi, lam, rcond):
+        self.form, self.chol, self.phi, self.lam, self.rcond = form, chol, phi, lam, rcond
 
     def apply_inverse(self, rhs):
         """``F^{-1} rhs`` for float64 ``rhs`` of shape (P, R)."""
@@ -167,8 +163,9 @@ def factor_gram(gram, lam, *, overwrite=False):
     it must be a float64 array the caller no longer needs)."""
     fisher = gram if overwrite else np.array(gram, dtype=np.float64, copy=True)
     fisher[np.diag_indices(fisher.shape[0])] += lam
-    chol = _factor(fisher)
-    return None if chol is None else SliceFactor("direct", chol, None, lam)
+    factored = _factor(fisher)
+    return None if factored is None else SliceFactor("direct", factored[0], None, lam,
+                                                     factored[1])
 
 
 def factor_slice(phi, lam):
@@ -188,8 +185,9 @@ def factor_slice(phi, lam):
         return None
     kernel = phi @ phi.T
     kernel[np.diag_indices(n)] += lam
-    chol = _factor(kernel)
-    return None if chol is None else SliceFactor("woodbury", chol, phi, lam)
+    factored = _factor(kernel)
+    return None if factored is None else SliceFactor("woodbury", factored[0], phi, lam,
+                                                     factored[1])
 
 
 WOODBURY_DETAIL = ("With N < P the Gram Phi_b^T Phi_b has rank <= N < P, so damping "
@@ -203,9 +201,16 @@ def _slice_term(phi, psi, gamma, lam):
     (N columns) has fewer columns, with one Cholesky factor.
     """
     factor = factor_slice(phi, lam)
-    if factor is None:
-        return None
-    gamma_is_rhs = gamma.shape[0] <= phi.shape[0]
+    return None if factor is None else _term(factor, psi, gamma)
+
+
+def _term(factor, psi, gamma):
+    """``-gamma F^{-1} psi^T`` (T, N) with a :class:`SliceFactor` of ``F``.
+
+    ``F^{-1}`` is applied to whichever of ``gamma^T`` (T columns) or ``psi^T``
+    (N columns) has fewer columns.
+    """
+    gamma_is_rhs = gamma.shape[0] <= psi.shape[0]
     z = factor.apply_inverse(np.asarray(gamma if gamma_is_rhs else psi,
                                         dtype=np.float64).T)            # (P, R)
     if gamma_is_rhs:
@@ -239,7 +244,7 @@ def suggest_damping_from_traces(traces, P, used):
     traces, used : ndarray, shape (n_failed,)
     P : int
     """
-    best = float(np.max(RELATIVE_DAMPING * np.asarray(traces) / P))
+    best = float(np.max(absolute_damping(None, np.asarray(traces, dtype=np.float64), P)))
     if not best > float(np.max(used)):
         best = max(1.0, 10.0 * float(np.max(used)))
     return best
@@ -264,6 +269,10 @@ class FisherFactor:
         ``P``, the order of each ``F_b``.
     forms : tuple of str
         ``"direct"`` or ``"woodbury"`` per slice.
+    condition : ndarray, shape (B,), float64
+        LAPACK's 1-norm condition estimate ``1 / rcond`` of each factored matrix
+        (``F_b``, or the push-through kernel for a ``"woodbury"`` slice), taken from the
+        Cholesky factor that solves with it: no second factorisation.
     """
 
     def __init__(self, slices, damping, proj_dim):
@@ -272,6 +281,8 @@ class FisherFactor:
         self.damping.flags.writeable = False  # it describes the factors held here
         self.proj_dim = int(proj_dim)
         self.forms = tuple(f.form for f in self._slices)
+        self.condition = np.array([1.0 / f.rcond for f in self._slices])
+        self.condition.flags.writeable = False
 
     def __len__(self):
         return len(self._slices)
@@ -292,7 +303,6 @@ class FisherFactor:
 
         See :func:`iif_ref.kernels.solve_factored` for shapes and validation.
         """
-        from iif_ref.kernels._frontend import solve_factored
         return solve_factored(self, rhs, index=index)
 
     def _apply(self, b, rhs):
@@ -354,3 +364,108 @@ def projected_scores_host(Phi, Psi, Gamma, *, damping, reduce):
         raise not_positive_definite_error(failed, damping, suggest_damping(Phi, damping, failed),
                                           detail)
     return out
+
+
+def solve_factored(factor, rhs, *, index=None):
+    """Apply ``F_b^{-1}`` from a :class:`FisherFactor` to right-hand sides.
+
+    Parameters
+    ----------
+    factor : FisherFactor
+        From :func:`factor_fisher`.
+    rhs : array_like
+        With ``index=None``: shape (B, P) (one vector per slice) or (B, P, K).
+        With an integer ``index``: shape (P,) or (P, K), for slice ``index`` only.
+        Real, finite; used in float64.
+    index : int, optional
+        Solve with slice ``index`` (``0 <= index < B``) only.
+
+    Returns
+    -------
+    x : ndarray, float64, shape of ``rhs``
+        ``x[b] = F_b^{-1} rhs[b]`` (or ``F_index^{-1} rhs``).
+
+    Notes
+    -----
+    With the Cholesky factor ``L_b`` of Eq. (31)'s Fisher (LAPACK ``potrs``), or the
+    push-through form ``(rhs - Phi_b^T K_b^{-1} Phi_b rhs) / lam_b``. Forward error
+    ``<= c P eps64 cond(F_b) ||F_b^{-1}|| ||rhs||`` (docs/kernels.md).
+    """
+    if not isinstance(factor, FisherFactor):
+        raise TypeError(f"factor must be a FisherFactor from factor_fisher, got "
+                        f"{type(factor).__name__}")
+    B, P = len(factor), factor.proj_dim
+    if index is not None:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not 0 <= int(index) < B:
+            raise ValueError(f"index must satisfy 0 <= index < B={B}, got {index}")
+        rhs = as_float_array(rhs, "rhs", ndim=(1, 2))
+        if rhs.shape[0] != P:
+            raise ValueError(f"rhs must have P={P} rows for slice {index}, got shape "
+                             f"{rhs.shape}")
+        if rhs.ndim == 2 and rhs.shape[1] == 0:
+            raise ValueError(f"rhs is empty (shape {rhs.shape})")
+        x = factor._apply(int(index), rhs.reshape(P, -1))
+        return x.reshape(rhs.shape)
+    rhs = as_float_array(rhs, "rhs", ndim=(2, 3))
+    if rhs.shape[0] != B or rhs.shape[1] != P:
+        raise ValueError(f"rhs must have shape (B, P) or (B, P, K) with B={B}, P={P}, got "
+                         f"{rhs.shape}; pass index= to solve with one slice")
+    if rhs.ndim == 3 and rhs.shape[2] == 0:
+        raise ValueError(f"rhs is empty (shape {rhs.shape})")
+    out = np.empty(rhs.shape)
+    for b in range(B):
+        out[b] = factor._apply(b, rhs[b].reshape(P, -1)).reshape(rhs.shape[1:])
+    return out
+
+
+def solve_step(gram, Psi, Gamma, *, damping, step=None):
+    """One path step's term ``-Gamma (gram + damping I)^{-1} Psi^T`` and its condition.
+
+    The single step solve of the package: the projected Fisher (``gram = Phi^T Phi``,
+    P x P) and the dense unprojected curvature (n_params x n_params) both go through it.
+
+    Parameters
+    ----------
+    gram : ndarray, shape (D, D)
+        Undamped symmetric curvature ``C``, float64 (not modified).
+    Psi : ndarray, shape (N, D)
+        Directions ``J_i Delta y`` (projected or not).
+    Gamma : ndarray, shape (T, D)
+        Test gradients.
+    damping : float
+        Absolute ``lam_d >= 0`` (see :func:`iif_ref._defaults.absolute_damping`).
+    step : int, optional
+        Path step, named in the error.
+
+    Returns
+    -------
+    scores : ndarray, shape (T, N), float64
+    cond : float
+        LAPACK's 1-norm condition estimate of ``C + lam_d I`` from the Cholesky factor
+        that solves the step (no second factorisation).
+
+    Raises
+    ------
+    iif_ref.errors.NotPositiveDefiniteError
+        ``C + lam_d I`` is not positive definite to float64 working precision; the
+        error names the step and a damping that fixes it.
+
+    Notes
+    -----
+    Implements the update of Algorithm 1 with Eq. (17)/(31) (``-G_k F_k^{-1} (J Delta
+    y)_k^T``) with the code of :func:`projected_scores_host`.
+    """
+    lam = float(damping)
+    factor = factor_gram(gram, lam)
+    if factor is None:
+        where = "" if step is None else f" at path step k={step}"
+        suggested = suggest_damping_from_traces(np.array([np.trace(gram)]), gram.shape[0],
+                                                np.array([lam]))
+        raise NotPositiveDefiniteError(
+            f"C + damping*I{where} is not positive definite (to float64 working precision) "
+            f"with damping = {lam:.3g}; damping={suggested:.3g} (absolute) makes it so",
+            slices=(0 if step is None else step,), damping=lam,
+            suggested_damping=suggested)
+    return _term(factor, Psi, Gamma), 1.0 / factor.rcond

@@ -16,6 +16,7 @@ import numpy as np
 
 from iif_ref._validation import as_float_array, check_nonnegative_real, check_positive_int
 from iif_ref.kernels import _fisher
+from iif_ref.kernels._fisher import solve_factored
 from iif_ref.kernels._philox import COL_LIMIT, ROW_LIMIT, check_kind, check_seed
 from iif_ref.kernels._registry import get_backend
 
@@ -505,57 +506,3 @@ def factor_fisher(Phi=None, *, gram=None, damping=None):
                          f"their transpose by up to {float(np.max(asym[bad])):.3g}")
     lam = _fisher.damping_from_traces(traces, gram.shape[1], damping)
     return _fisher.factor_stack(damping=lam, gram=gram)
-
-
-def solve_factored(factor, rhs, *, index=None):
-    """Apply ``F_b^{-1}`` from a :class:`FisherFactor` to right-hand sides.
-
-    Parameters
-    ----------
-    factor : FisherFactor
-        From :func:`factor_fisher`.
-    rhs : array_like
-        With ``index=None``: shape (B, P) (one vector per slice) or (B, P, K).
-        With an integer ``index``: shape (P,) or (P, K), for slice ``index`` only.
-        Real, finite; used in float64.
-    index : int, optional
-        Solve with slice ``index`` (``0 <= index < B``) only.
-
-    Returns
-    -------
-    x : ndarray, float64, shape of ``rhs``
-        ``x[b] = F_b^{-1} rhs[b]`` (or ``F_index^{-1} rhs``).
-
-    Notes
-    -----
-    With the Cholesky factor ``L_b`` of Eq. (31)'s Fisher (LAPACK ``potrs``), or the
-    push-through form ``(rhs - Phi_b^T K_b^{-1} Phi_b rhs) / lam_b``. Forward error
-    ``<= c P eps64 cond(F_b) ||F_b^{-1}|| ||rhs||`` (docs/kernels.md).
-    """
-    if not isinstance(factor, _fisher.FisherFactor):
-        raise TypeError(f"factor must be a FisherFactor from factor_fisher, got "
-                        f"{type(factor).__name__}")
-    B, P = len(factor), factor.proj_dim
-    if index is not None:
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not 0 <= int(index) < B:
-            raise ValueError(f"index must satisfy 0 <= index < B={B}, got {index}")
-        rhs = as_float_array(rhs, "rhs", ndim=(1, 2))
-        if rhs.shape[0] != P:
-            raise ValueError(f"rhs must have P={P} rows for slice {index}, got shape "
-                             f"{rhs.shape}")
-        if rhs.ndim == 2 and rhs.shape[1] == 0:
-            raise ValueError(f"rhs is empty (shape {rhs.shape})")
-        x = factor._apply(int(index), rhs.reshape(P, -1))
-        return x.reshape(rhs.shape)
-    rhs = as_float_array(rhs, "rhs", ndim=(2, 3))
-    if rhs.shape[0] != B or rhs.shape[1] != P:
-        raise ValueError(f"rhs must have shape (B, P) or (B, P, K) with B={B}, P={P}, got "
-                         f"{rhs.shape}; pass index= to solve with one slice")
-    if rhs.ndim == 3 and rhs.shape[2] == 0:
-        raise ValueError(f"rhs is empty (shape {rhs.shape})")
-    out = np.empty(rhs.shape)
-    for b in range(B):
-        out[b] = factor._apply(b, rhs[b].reshape(P, -1)).reshape(rhs.shape[1:])
-    return out

@@ -8,8 +8,11 @@ For small models, ``C(θ_k)`` is formed in parameter space, shape ``(n_params, n
 * ``"hessian"``: ``∇²_θ L_train(Γ(t_k))`` by ``torch.func.hessian``.
 
 All use the summed training loss (docs/conventions.md). The solve
-``−Γ (C + λ_d I)⁻¹ Ψᵀ`` uses one Cholesky factor in float64 and refuses a matrix that is
-not positive definite, naming the step and a damping that would fix it.
+``−Γ (C + λ_d I)⁻¹ Ψᵀ`` (:func:`dense_scores`) is the kernel layer's single step solve,
+:func:`iif_ref.kernels.solve_step`, which the projected Fisher ``C = ΦᵀΦ`` goes through
+too: one float64 Cholesky factor gives the scores and the condition estimate, and a
+matrix that is not positive definite is refused, naming the step and a damping that
+would fix it. The damping rule is :func:`iif_ref._defaults.absolute_damping`.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import scipy.linalg
 import torch
 from torch.func import hessian, vmap
 
-from iif_ref.errors import NotPositiveDefiniteError
-from iif_ref.kernels import RELATIVE_DAMPING
+from iif_ref._defaults import RELATIVE_DAMPING, absolute_damping
+from iif_ref.kernels import solve_step
 from iif_ref.neural.functional import chunks
 
 __all__ = ["dense_curvature", "dense_scores", "resolve_damping", "condition_estimate",
@@ -29,12 +32,9 @@ __all__ = ["dense_curvature", "dense_scores", "resolve_damping", "condition_esti
 MAX_DENSE_PARAMS = 5_000
 
 
-def resolve_damping(damping, C_trace, dim):
-    """Absolute λ_d: the number itself, or ``RELATIVE_DAMPING · tr(C)/dim`` for "auto"
-    (the kernel layer's default, so the projected and unprojected paths agree)."""
-    if isinstance(damping, str):
-        return RELATIVE_DAMPING * float(C_trace) / dim
-    return float(damping)
+#: Absolute λ_d from ``(damping, tr(C), dim)``: the package's one damping rule,
+#: :func:`iif_ref._defaults.absolute_damping` itself (not a copy of it).
+resolve_damping = absolute_damping
 
 
 def condition_estimate(F):
@@ -42,7 +42,9 @@ def condition_estimate(F):
 
     ``O(P³/3)`` for the factor and ``O(P²)`` for the estimate, cheaper than eigenvalues;
     the estimate is within a small factor of the true 1-norm condition number. Returns
-    ``inf`` when ``F`` is not numerically positive definite.
+    ``inf`` when ``F`` is not numerically positive definite. A second factorisation:
+    the step solve (:func:`dense_scores`) returns the same estimate from its own factor,
+    so this is for diagnostics of matrices that are not solved with.
     """
     F = np.asarray(F, dtype=np.float64)
     anorm = float(np.max(np.sum(np.abs(F), axis=0)))
@@ -102,13 +104,15 @@ def dense_curvature(fm, loss, params, X, rho, *, kind, U=None, chunk_size=256):
 
 
 def dense_scores(C, Psi, Gamma, *, damping, step):
-    """``−Γ (C + λ_d I)⁻¹ Ψᵀ`` in float64, with the condition number of ``C + λ_d I``.
+    """``−Γ (C + λ_d I)⁻¹ Ψᵀ`` in float64, with the condition estimate of ``C + λ_d I``.
 
     Parameters
     ----------
-    C : ndarray, shape (M, M)
-    Psi : ndarray, shape (n_train, M)
-    Gamma : ndarray, shape (n_test, M)
+    C : ndarray, shape (D, D)
+        Undamped curvature: dense ``(n_params, n_params)``, or the projected Fisher
+        ``ΦᵀΦ`` ``(P, P)``.
+    Psi : ndarray, shape (n_train, D)
+    Gamma : ndarray, shape (n_test, D)
     damping : float
         Absolute λ_d ≥ 0.
     step : int
@@ -118,25 +122,18 @@ def dense_scores(C, Psi, Gamma, *, damping, step):
     -------
     scores : ndarray, shape (n_test, n_train)
     cond : float
-        ``λ_max / λ_min`` of the damped matrix (2-norm condition number).
+        LAPACK's 1-norm condition estimate of the damped matrix, from the Cholesky
+        factor that solves the step (equal to :func:`condition_estimate` of it).
 
     Raises
     ------
     NotPositiveDefiniteError
-        The damped matrix has a non-positive eigenvalue (or one below ``M·eps·λ_max``);
-        ``suggested_damping`` lifts the smallest eigenvalue to ``1e-8 · λ_max``.
+        The damped matrix is not positive definite to float64 working precision;
+        ``suggested_damping`` is one that makes it so.
+
+    Notes
+    -----
+    The step term of Eq. (10) with the curvature of Eq. (31) (projected, Eq. 17) or its
+    unprojected twin; :func:`iif_ref.kernels.solve_step`.
     """
-    M = C.shape[0]
-    F = C + damping * np.eye(M)
-    evals = np.linalg.eigvalsh(F)
-    lo, hi = float(evals[0]), float(evals[-1])
-    if not lo > M * np.finfo(float).eps * max(hi, 0.0):
-        suggested = damping - lo + 1e-8 * max(abs(hi), 1.0)
-        raise NotPositiveDefiniteError(
-            f"curvature at path step k={step} is not positive definite with damping "
-            f"{damping:.3g} (smallest eigenvalue {lo:.3g}, largest {hi:.3g}); a damping of "
-            f"about {suggested:.3g} would make it so",
-            slices=(step,), damping=damping, suggested_damping=suggested)
-    factor = scipy.linalg.cho_factor(F, lower=True)
-    X = scipy.linalg.cho_solve(factor, np.asarray(Gamma, dtype=np.float64).T)
-    return -(X.T @ np.asarray(Psi, dtype=np.float64).T), hi / lo
+    return solve_step(np.asarray(C, dtype=np.float64), Psi, Gamma, damping=damping, step=step)
