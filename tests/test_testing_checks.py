@@ -170,7 +170,7 @@ def test_completeness_check_uses_the_euler_bias_for_discrete_k():
 # ----------------------------------------------------------------- wrong ones fail
 @pytest.mark.parametrize("fn, kind, decl, check, hint", [
     (wrong_sign_if, "if", {}, "if_exact", "opposite sign"),
-    (wrong_sign_if, "if", {}, "loo_sign", "anti-correlated"),
+    (wrong_sign_if, "if", {}, "loo_sign", "sign convention looks reversed"),
     (missing_factor_two_if, "if", {}, "if_exact", "missing factor 2"),
     (mean_loss_if, "if", {}, "if_exact", "mean-loss normalisation"),
     (normal_equations_if, "if", {"normalisation": "mean"}, "if_exact", "1/n_train"),

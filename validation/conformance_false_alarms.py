@@ -1,0 +1,255 @@
+"""False-alarm rate of every conformance check on exact answers.
+
+Runs :func:`iif_ref.testing.check_attributor` on attributors that are correct by
+construction — the closed forms of :mod:`iif_ref.linear` (IF, TracIn, IIF) and the torch
+attributors of :mod:`iif_ref.testing.own` in float64 with exact curvature — over
+generated least-squares problems that span :func:`iif_ref.testing.make_problem`'s range:
+sizes, κ(X) up to 10⁶ (κ(H) up to 10¹²), leverage of sample 0 up to 1 − 10⁻⁴, training
+and test noise from 0 to 3, λ from just above the largest test leverage to 100 times it,
+K and the TracIn checkpoints. Every check must pass or be skipped with its reason; the
+number that fail is the false-alarm count, and the target is 0.
+
+Writes ``docs/results/conformance_false_alarms.json``: one row per (attributor, check)
+with the number of problems, how many the check applied to, how many failed, the largest
+error/tolerance ratio seen (the margin left), the skip reasons, and, for any failure, the
+problem's parameters so it can be rebuilt with ``make_problem``.
+
+Usage::
+
+    python validation/conformance_false_alarms.py [--n-problems 10000]
+        [--n-neural 10000] [--n-neural-iif 300] [--jobs 2] [--out PATH]
+
+One BLAS thread per worker: these problems are tiny, and threaded BLAS on a shared
+2-core machine is tens of times slower than one thread.
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from multiprocessing import get_context  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "docs" / "results" / "conformance_false_alarms.json"
+#: First entry of every problem's seed sequence (problem ``j`` uses ``[SWEEP_SEED, j]``).
+SWEEP_SEED = 20261203
+#: The generator's range swept here (documented in the JSON).
+RANGES = {
+    "d": [1, 8],
+    "n_train": "log-uniform integer in [d + 2, 80]",
+    "n_test": [1, 6],
+    "condition_number": "kappa(X) = 10^U(0, 6) (1 when d = 1); kappa(H) = kappa(X)^2",
+    "leverage": "half the problems uncontrolled; half 1 - 10^U(log10(1 - d/n), -4)",
+    "noise": "0 with probability 0.03, else 10^U(-4, 0.5)",
+    "test_noise": "0 with probability 0.03, else 10^U(-4, 0.5)",
+    "lam": "max test leverage x 10^U(log10 1.01, 2), at least 1e-3",
+    "K": [1, 8],
+    "n_checkpoints": [1, 5],
+}
+#: Refit stopping rule of the neural IIF (relative gradient; iif_ref.neural's refit_tol).
+NEURAL_REFIT_TOL = 1e-10
+
+
+def draw_params(j):
+    """Parameters of problem ``j`` (a dict of :func:`make_problem` arguments)."""
+    from iif_ref.testing.problems import make_problem, max_test_leverage
+
+    rng = np.random.default_rng([SWEEP_SEED, j])
+    d = int(rng.integers(1, 9))
+    lo = d + 2
+    n = int(round(math.exp(rng.uniform(math.log(lo), math.log(80)))))
+    n = max(lo, n)
+    params = {
+        "n_train": n, "d": d, "n_test": int(rng.integers(1, 7)),
+        "condition_number": 1.0 if d == 1 else float(10.0 ** rng.uniform(0.0, 6.0)),
+        "leverage": None,
+        "noise": 0.0 if rng.random() < 0.03 else float(10.0 ** rng.uniform(-4.0, 0.5)),
+        "test_noise": 0.0 if rng.random() < 0.03 else float(10.0 ** rng.uniform(-4.0, 0.5)),
+        "K": int(rng.integers(1, 9)), "n_checkpoints": int(rng.integers(1, 6)),
+        "seed": int(rng.integers(0, 2 ** 31)),
+    }
+    if rng.random() < 0.5:
+        lo_gap = math.log10(1.0 - d / n)
+        params["leverage"] = float(1.0 - 10.0 ** rng.uniform(-4.0, lo_gap))
+        params["leverage"] = max(params["leverage"], d / n)
+    factor = float(10.0 ** rng.uniform(math.log10(1.01), 2.0))
+    probe = make_problem(lam=1e300, name=f"sweep{j}", **params)
+    params["lam"] = max(factor * max_test_leverage(probe), 1e-3)
+    return params
+
+
+def make(j):
+    """Problem ``j`` of the sweep and its parameters."""
+    from iif_ref.testing.problems import make_problem
+
+    params = draw_params(j)
+    return make_problem(name=f"sweep{j}", **params), params
+
+
+def _unlearn_condition(p):
+    """Largest condition number of the Eq. (12) Hessians ``2(XᵀX − x̂x̂ᵀ/λ)`` over test points."""
+    M = p.X.T @ p.X
+    worst = 1.0
+    for x in p.X_test:
+        ev = np.linalg.eigvalsh(M - np.outer(x, x) / p.lam)
+        worst = max(worst, float(ev[-1] / ev[0]))
+    return worst
+
+
+def attributors(p, which):
+    """The correct attributors run on problem ``p`` (``which``: names to include)."""
+    from iif_ref.testing import Attributor
+    from iif_ref.testing.own import (
+        linear_if,
+        linear_iif,
+        linear_tracin,
+        neural_if,
+        neural_iif,
+        neural_tracin,
+    )
+    from iif_ref.testing.problems import hessian_condition
+
+    out = []
+    if "linear" in which:
+        out += [Attributor(linear_if, kind="if", name="linear.influence_function"),
+                Attributor(linear_tracin, kind="tracin", name="linear.tracin"),
+                Attributor(linear_iif, kind="iif", name="linear.integrated_influence",
+                           capabilities={"prediction_baseline", "exact_integral",
+                                         "exact_path"})]
+    if "neural" in which:
+        out += [Attributor(neural_if, kind="if", name="attribute[if, exact]"),
+                Attributor(neural_tracin, kind="tracin", name="attribute[tracin]")]
+    if "neural_iif" in which:
+        # L-BFGS stops at a gradient refit_tol relative to the start; the parameter error
+        # is then ≤ κ·refit_tol for the worst Hessian κ it solves with (the training
+        # Hessian for the path refits, Eq. 12's for the baseline), ×10 for the products.
+        kappa = max(hessian_condition(p), _unlearn_condition(p))
+        out.append(Attributor(neural_iif, kind="iif", name="attribute[iif, L-BFGS]",
+                              rtol=10.0 * kappa * NEURAL_REFIT_TOL,
+                              capabilities={"prediction_baseline", "exact_path"}))
+    return out
+
+
+def run_one(task):
+    """Check every selected attributor on problem ``task[0]``; return compact results."""
+    j, which = task
+    import warnings
+
+    from iif_ref.testing import check_attributor
+    if "neural" in which or "neural_iif" in which:
+        import torch
+        torch.set_num_threads(1)
+    p, params = make(j)
+    if "neural_iif" in which:
+        p = p.replace(K=min(p.K, 2))          # two path refits per test point keep it short
+        params = dict(params, K=p.K)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for att in attributors(p, which):
+            report = check_attributor(att, problems=[p])
+            for r in report.results:
+                ratio = None
+                if r.status in ("passed", "failed") and r.error is not None and r.tolerance:
+                    ratio = abs(r.error) / r.tolerance
+                out.append((att.name, r.check, r.status, ratio,
+                            r.message if r.status == "skipped" else
+                            (r.message if r.failed else None)))
+    return j, params, out
+
+
+def aggregate(results):
+    """Rows per (attributor, check) from :func:`run_one` outputs."""
+    rows = {}
+    for j, params, out in results:
+        for name, check, status, ratio, msg in out:
+            row = rows.setdefault((name, check), {
+                "attributor": name, "check": check, "n_problems": 0, "n_applicable": 0,
+                "n_passed": 0, "n_failed": 0, "n_error": 0, "n_skipped": 0,
+                "max_error_over_tolerance": None, "skip_reasons": Counter(),
+                "failures": []})
+            row["n_problems"] += 1
+            row[f"n_{status}"] += 1
+            if status != "skipped":
+                row["n_applicable"] += 1
+            else:
+                # The reason without the per-problem numbers.
+                row["skip_reasons"][msg.split(";")[0].split(":")[0][:120]] += 1
+            if ratio is not None and status == "passed":
+                m = row["max_error_over_tolerance"]
+                row["max_error_over_tolerance"] = ratio if m is None else max(m, ratio)
+            if status in ("failed", "error") and len(row["failures"]) < 20:
+                row["failures"].append({"problem": j, "params": params, "message": msg})
+    for row in rows.values():
+        row["skip_reasons"] = dict(row["skip_reasons"].most_common())
+    return list(rows.values())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-problems", type=int, default=10000,
+                    help="problems for the iif_ref.linear attributors")
+    ap.add_argument("--n-neural", type=int, default=10000,
+                    help="problems (the first ones) for the torch IF and TracIn")
+    ap.add_argument("--n-neural-iif", type=int, default=300,
+                    help="problems (the first ones) for the torch IIF (L-BFGS refits)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    for name in ("n_problems", "n_neural", "n_neural_iif", "jobs"):
+        if getattr(args, name) < 0 or (name == "jobs" and args.jobs < 1):
+            ap.error(f"--{name.replace('_', '-')} must be positive")
+
+    n_all = max(args.n_problems, args.n_neural, args.n_neural_iif)
+    tasks = []
+    for j in range(n_all):
+        which = tuple(w for w, n in (("linear", args.n_problems), ("neural", args.n_neural))
+                      if j < n)
+        tasks.append((j, which))
+    tasks += [(j, ("neural_iif",)) for j in range(args.n_neural_iif)]
+    t0 = time.perf_counter()
+    results = []
+    with get_context("spawn").Pool(args.jobs) as pool:
+        for k, res in enumerate(pool.imap_unordered(run_one, tasks, chunksize=20)):
+            results.append(res)
+            if (k + 1) % 1000 == 0:
+                print(f"{k + 1}/{len(tasks)} tasks, {time.perf_counter() - t0:.0f} s",
+                      flush=True)
+    wall = time.perf_counter() - t0
+    rows = sorted(aggregate(results), key=lambda r: (r["attributor"], r["check"]))
+    total_failed = sum(r["n_failed"] + r["n_error"] for r in rows)
+    print(f"{'attributor':<30} {'check':<18} {'problems':>8} {'applied':>8} {'failed':>6} "
+          f"{'max err/tol':>11}")
+    for r in rows:
+        m = r["max_error_over_tolerance"]
+        print(f"{r['attributor']:<30} {r['check']:<18} {r['n_problems']:>8} "
+              f"{r['n_applicable']:>8} {r['n_failed'] + r['n_error']:>6} "
+              f"{'-' if m is None else f'{m:.3g}':>11}")
+    print(f"false alarms: {total_failed}; wall {wall:.1f} s with {args.jobs} job(s)")
+    from iif_ref.bench import write_results
+    meta = {"command": "python validation/" + Path(__file__).name + " " + " ".join(
+                sys.argv[1:] if argv is None else argv),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "sweep_seed": SWEEP_SEED, "ranges": RANGES,
+            "n_problems": {"linear": args.n_problems, "neural": args.n_neural,
+                           "neural_iif": args.n_neural_iif},
+            "neural_iif_note": "K = min(K, 2); rtol = 10·max(κ(H), κ(H_unlearn))·1e-10",
+            "false_alarms": total_failed, "wall_seconds": round(wall, 1),
+            "jobs": args.jobs}
+    write_results(args.out, rows, meta)
+    print(f"wrote {args.out}")
+    return 1 if total_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
