@@ -261,8 +261,9 @@ def run_setting(setting, cfg, *, methods=None, ceiling=True, progress=True, desc
         pool, iterator = None, map(_run_trial_star, work)
     if progress:
         from tqdm import tqdm
+        # disable=None: no bar when standard error is not a terminal (logs, CI).
         iterator = tqdm(iterator, total=cfg.trials, desc=desc or setting.key, leave=False,
-                        file=sys.stderr)
+                        file=sys.stderr, disable=None)
     try:
         trials = list(iterator)
     finally:

@@ -15,7 +15,9 @@ Uses only the public API of :mod:`iif_ref` (plus torch for the exact reference).
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,6 +309,31 @@ def retraining_noise(losses_a, losses_b):
 
 
 # --------------------------------------------------------------------------- output
+
+#: Where quick runs write: a scratch folder, so that only --full replaces the published record.
+QUICK_OUT = REPO / "results"
+
+
+def add_out_argument(parser):
+    """``--out DIR``, the output option of every reproduction (``--results-dir`` is its old
+    name, still accepted)."""
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="output directory (default: docs/results with --full, the "
+                             "scratch folder results/ otherwise)")
+    parser.add_argument("--results-dir", dest="out", help=argparse.SUPPRESS)
+
+
+def output_dir(args):
+    """``args.out``, else ``docs/results`` for a ``--full`` run and ``results/`` otherwise."""
+    if args.out is not None:
+        return Path(args.out)
+    return RESULTS_DIR if args.full else QUICK_OUT
+
+
+def show_progress(args):
+    """Progress bars unless ``--no-progress`` or standard error is not a terminal."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
 
 def write_json(name, rows, meta, *, directory=None):
     """Write ``docs/results/<name>.json`` atomically (with the machine description)."""

@@ -197,7 +197,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     parser.add_argument("--no-trak", action="store_true", help="skip the TRAK column")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument("--out", "--output", dest="output", metavar="PATH", type=Path,
+                        default=OUTPUT, help="results JSON (default docs/results/bench_kernels.json)")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()  # the machine may be shared: record how busy it was
     if "numba" not in available_backends():

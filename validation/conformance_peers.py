@@ -6,7 +6,7 @@ by how much). Peers that are not installed are listed with the reason.
 
 Usage::
 
-    iif-ref reproduce conformance_peers [--settings default fair] [--out-dir DIR]
+    iif-ref reproduce conformance_peers [--settings default fair] [--out DIR]
     python validation/conformance_peers.py
 """
 from __future__ import annotations
@@ -203,7 +203,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=["default", "fair"],
                         choices=["default", "fair"])
-    parser.add_argument("--out-dir", default=str(ROOT / "docs"),
+    parser.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR",
+                        default=str(ROOT / "docs"),
                         help="where conformance-report.md and results/ go")
     parser.add_argument("--no-own", action="store_true",
                         help="skip iif_ref's own attributors")

@@ -2,9 +2,10 @@
 (and leave-one-out) give a perfectly fitted training point A no influence on a nearby
 test point B, while integrated influence does.
 
-``iif-ref reproduce figure1 [--out DIR]`` writes ``figure1.png`` (three panels: data and
-fit; the leave-A-out fit; B's unlearning baseline targets and the target paths) and
-``figure1.json`` (the measured scores).
+``iif-ref reproduce figure1 [--full] [--out DIR]`` writes ``figure1.png`` (three panels: data
+and fit; the leave-A-out fit; B's unlearning baseline targets and the target paths) and
+``figure1.json`` (the measured scores) into the scratch folder ``results/``; ``--full``
+(the same computation, it takes a second) writes the published record ``docs/results/``.
 
 Construction. Kernel regression with a fixed dictionary is linear regression on kernel
 features ``φ_j(x) = sinc((x − c_j)/h)`` (``np.sinc``: sin(πu)/(πu)) on a grid of centres
@@ -27,6 +28,7 @@ from iif_ref import linear
 from iif_ref.bench import write_results
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
+QUICK_OUT = Path(__file__).resolve().parent.parent / "results"
 
 CENTRES = np.arange(-6.0, 6.0 + 1e-9, 1.0)     # 13 centres, spacing = kernel width
 WIDTH = 1.0
@@ -137,16 +139,25 @@ def plot(res, path):
     tmp.replace(path)
 
 
-def main(argv=None):
+def build_parser():
+    """The command line of ``iif-ref reproduce figure1``."""
     p = argparse.ArgumentParser(prog="iif-ref reproduce figure1",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--seed", type=int, default=0, help="seed of the training data")
-    p.add_argument("--lam", type=float, default=1.0, help="unlearning λ (Eq. 12)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
-    args = p.parse_args(argv)
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--seed", type=int, default=0, help="seed of the training data (0)")
+    p.add_argument("--lam", type=float, default=1.0, help="unlearning λ (Eq. 12; 1.0)")
+    p.add_argument("--full", action="store_true",
+                   help="write the published record docs/results/ (same computation)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=None,
+                   help="output directory (default: docs/results with --full, the scratch "
+                        "folder results/ otherwise)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     res = compute(args.seed, args.lam)
     a = res["a"]
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else (DEFAULT_OUT if args.full else QUICK_OUT)
     plot(res, out / "figure1.png")
     ranks = np.argsort(-np.abs(res["iif"]))
     summary = {

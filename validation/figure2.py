@@ -9,8 +9,9 @@ the unlearned model (the test loss falls along it), opponents from the path that
 at the model that fits the test point better (the loss rises along it).
 
 Writes a PNG grid (Figure 2) and the labels of the selected images (Figure 3) into the
-results JSON. ``iif-ref reproduce figure2`` (quick) or ``--full`` (all 1,797 − n_test
-digits as training set).
+results JSON. ``iif-ref reproduce figure2`` (quick: 500 training digits, written to the
+scratch folder ``results/``) or ``--full`` (all 1,797 − n_test digits as training set,
+written to the published record ``docs/results/``); ``--out DIR`` writes elsewhere.
 """
 from __future__ import annotations
 
@@ -27,28 +28,46 @@ import _neural_protocol as proto  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="iif-ref reproduce figure2", description=__doc__.split("\n")[0])
-    p.add_argument("--full", action="store_true")
-    p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
-    p.add_argument("--n-train", type=int)
-    p.add_argument("--n-test", type=int, default=200, help="test pool the image is chosen from")
-    p.add_argument("--test-index", type=int, help="index into the test pool")
-    p.add_argument("--true-class", type=int, default=4)
-    p.add_argument("--confused-class", type=int, default=9)
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--n-top", type=int, default=8)
-    p.add_argument("--K", type=int, default=5)
-    p.add_argument("--lam", type=float, default=0.5)
-    p.add_argument("--methods", nargs="+", default=["if", "tracin", "trak", "iif"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results-dir", default=str(proto.RESULTS_DIR))
-    p.add_argument("--name")
-    args = p.parse_args(argv)
+    """Arguments with the defaults that depend on others filled in."""
+    args = build_parser().parse_args(argv)
     if args.n_train is None:
         args.n_train = (1797 - args.n_test if not args.mnist else 5000) if args.full else 500
     if args.name is None:
         args.name = "figure2" + ("_full" if args.full else "") + ("_mnist" if args.mnist else "")
+    args.out = proto.output_dir(args)
+    args.progress = proto.show_progress(args)
     return args
+
+
+def build_parser():
+    """The command line of ``iif-ref reproduce figure2``."""
+    p = argparse.ArgumentParser(prog="iif-ref reproduce figure2",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--full", action="store_true",
+                   help="all digits not in the test pool as training set, and write the "
+                        "published record docs/results/")
+    p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
+    p.add_argument("--n-train", type=int,
+                   help="training images (default 500 quick, all remaining digits --full)")
+    p.add_argument("--n-test", type=int, default=200, help="test pool the image is chosen from")
+    p.add_argument("--test-index", type=int,
+                   help="index into the test pool (default: the true-class image most like "
+                        "the confused class)")
+    p.add_argument("--true-class", type=int, default=4, help="label of the test image (4)")
+    p.add_argument("--confused-class", type=int, default=9,
+                   help="class the chosen test image should resemble (9)")
+    p.add_argument("--epochs", type=int, default=50, help="training epochs of the MLP (50)")
+    p.add_argument("--n-top", type=int, default=8,
+                   help="proponents and opponents shown per method (8)")
+    p.add_argument("--K", type=int, default=5, help="IIF path steps (Eq. 10; 5)")
+    p.add_argument("--lam", type=float, default=0.5, help="IIF unlearning λ (Eq. 12; 0.5)")
+    p.add_argument("--methods", nargs="+", default=["if", "tracin", "trak", "iif"],
+                   help="methods, one row each (if tracin trak iif)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data split, model and projection")
+    proto.add_out_argument(p)
+    p.add_argument("--name", help="file stem of the JSON and PNG (default figure2[_full][_mnist])")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
 
 
 def log(msg):
@@ -69,6 +88,8 @@ def choose_test_point(model, split, true_class, confused_class):
 
 def main(argv=None):
     args = parse_args(argv)
+    from tqdm.auto import tqdm
+
     from iif_ref import attribute
     from iif_ref.datasets import load_digits_split, load_mnist_idx
     from iif_ref.models import PAPER_TRAINING, TrainConfig, make_mlp, train
@@ -83,9 +104,16 @@ def main(argv=None):
     tc = TrainConfig(**{**PAPER_TRAINING["mlp"].to_dict(), "epochs": args.epochs})
     checkpoints = []
     every = max(1, args.epochs // 5)
+    epochs = tqdm(total=tc.epochs, desc="figure2 training", disable=not args.progress)
+
+    def after_epoch(epoch, m):
+        epochs.update()
+        if epoch % every == 0 or epoch == tc.epochs:
+            checkpoints.append(copy.deepcopy(m.state_dict()))
+
     train(model, split.X_train, split.y_train, config=tc, seed=args.seed, threads=2,
-          callback=lambda e, m: checkpoints.append(copy.deepcopy(m.state_dict()))
-          if e % every == 0 or e == tc.epochs else None)
+          callback=after_epoch)
+    epochs.close()
     if args.test_index is None:
         t, probs = choose_test_point(model, split, args.true_class, args.confused_class)
     else:
@@ -101,7 +129,7 @@ def main(argv=None):
         if method == "iif":
             po = proponents_opponents(model, "cross_entropy", *data, n_top=args.n_top,
                                       K=args.K, lam=args.lam, proj_dim=256, seed=args.seed,
-                                      progress=False)
+                                      progress=args.progress)
             picks[method] = {"proponents": po.proponents[0].tolist(),
                              "opponents": po.opponents[0].tolist(),
                              "delta_unlearned": float(po.unlearned.delta[0]),
@@ -122,7 +150,7 @@ def main(argv=None):
         log(f"{method}: proponents {picks[method]['proponents_labels']}, "
             f"opponents {picks[method]['opponents_labels']} ({timings[method]:.1f}s)")
 
-    results_dir = Path(args.results_dir)
+    results_dir = args.out
     png = results_dir / f"{args.name}.png"
     plot(split, t, picks, args, png)
     rows = [{"method": m, **picks[m], "seconds": timings[m]} for m in args.methods]

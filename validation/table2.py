@@ -46,7 +46,7 @@ MNIST_FULL = dict(FULL, n_train=5000, n_test=1000, n_subsets=1000)
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="iif-ref reproduce table2", description=__doc__.split("\n")[0])
-    p.add_argument("--full", action="store_true", help="paper-scale protocol (long)")
+    p.add_argument("--full", action="store_true", help="paper-scale protocol (long); writes the published docs/results/")
     p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-test", type=int)
@@ -61,7 +61,7 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=str(proto.CACHE_DIR / "table2"))
-    p.add_argument("--results-dir", default=str(proto.RESULTS_DIR))
+    proto.add_out_argument(p)
     p.add_argument("--name", help="results file stem (default table2 / table2_full / _mnist)")
     p.add_argument("--no-dattri", action="store_true",
                    help="skip the cross-check of TRAK and of the LDS against dattri")
@@ -306,7 +306,7 @@ def main(argv=None):
         "parallelism_benchmark": bench, "ceiling": ceiling, "paper_lds": PAPER,
         "wall_seconds": time.perf_counter() - t_start,
     }
-    path = proto.write_json(args.name, rows, meta, directory=args.results_dir)
+    path = proto.write_json(args.name, rows, meta, directory=proto.output_dir(args))
     print(render(rows, meta))
     print(f"\nwritten {path}")
     return 0

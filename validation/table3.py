@@ -40,7 +40,8 @@ FULL = dict(n_train=1000, epochs=None, grid=proto.RELATIVE_DAMPING_GRID, n_eval_
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="iif-ref reproduce table3", description=__doc__.split("\n")[0])
-    p.add_argument("--full", action="store_true")
+    p.add_argument("--full", action="store_true",
+                   help="paper-scale protocol (long); writes the published docs/results/")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (MLP)")
     src.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches (ResNet-9)")
@@ -58,7 +59,7 @@ def parse_args(argv):
                    help="ResNet-9 stem and stage widths (Table 5: 64 128 256 512; smaller "
                         "only for smoke tests)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results-dir", default=str(proto.RESULTS_DIR))
+    proto.add_out_argument(p)
     p.add_argument("--name")
     args = p.parse_args(argv)
     for key, value in (FULL if args.full else QUICK).items():
@@ -227,7 +228,7 @@ def main(argv=None):
             "proj_dim": args.proj_dim, "damping_grid_relative": list(args.grid),
             "n_eval_replicates": args.n_eval_replicates, "replicates": replicate_info,
             "paper_auc": PAPER[args.dataset], "wall_seconds": time.perf_counter() - t_start}
-    path = proto.write_json(args.name, rows, meta, directory=args.results_dir)
+    path = proto.write_json(args.name, rows, meta, directory=proto.output_dir(args))
     print(render(rows, meta))
     print(f"\nwritten {path}")
     return 0
