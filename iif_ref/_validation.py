@@ -132,3 +132,33 @@ def as_generator(seed, name="seed"):
     if seed < 0:
         raise ValueError(f"{name} must be >= 0, got {seed}")
     return np.random.default_rng(int(seed))
+
+
+def check_options(fn, options, *, what, n_data=6):
+    """Raise ``TypeError`` listing ``fn``'s options when ``options`` holds a name it lacks.
+
+    For a public call that forwards ``**options`` to one of several functions (such as
+    ``attribute(..., method="tracin", K=3)``), so that the error names the method and the
+    options it does take instead of Python's bare "unexpected keyword argument".
+
+    Parameters
+    ----------
+    fn : callable
+        The function the options go to; when it takes ``**kwargs`` itself it validates them.
+    options : dict
+    what : str
+        How the error names the call, e.g. ``"method='tracin'"``.
+    n_data : int, optional
+        Leading positional parameters (the data) that are not options.
+    """
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params[n_data:]
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"{what} does not take {', '.join(map(repr, unknown))}; its options "
+                        f"are {', '.join(accepted)}")

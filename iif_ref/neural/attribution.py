@@ -10,10 +10,12 @@ Data flow (docs/algorithm1.md maps each line to the paper)::
           → projected: Φ, Ψ, Γ = (U, D, G)·A → kernels.projected_scores (Eq. 17, 31)
             unprojected: dense curvature C_k, −G (C_k + λ_d I)⁻¹ Dᵀ in float64
           → I += step term
-      → scores (n_test, n_train), Δ measured, residual Σ_i I − Δ
+      → scores (n_test, n_train); Δ of the baseline (Eq. 1, 12) and the path's own
+        loss change L(θ_K) − L(θ_0) measured; residual Σ_i I − (L(θ_K) − L(θ_0))
 """
 from __future__ import annotations
 
+from iif_ref._validation import check_options
 from iif_ref.neural.config import IIFConfig
 from iif_ref.neural.engine import run as _run
 from iif_ref.neural.functional import eval_mode
@@ -50,8 +52,9 @@ def integrated_influence(model, loss, X_train, y_train, X_test, y_test, *, confi
     Returns
     -------
     AttributionResult
-        ``scores`` (n_test, n_train) float64, ``delta``, ``residual``, ``config``,
-        ``diagnostics``.
+        ``scores`` (n_test, n_train) float64, ``delta`` (Δ of the Eq. 12 baseline),
+        ``path_delta`` (the loss change the computed path integrates), ``residual``
+        (``Σ_i I − path_delta``), ``config``, ``diagnostics``.
 
     Raises
     ------
@@ -133,4 +136,5 @@ def attribute(model, loss, X_train, y_train, X_test, y_test, *, method="iif", se
 
     fn = {"if": methods.influence_function, "tracin": methods.tracin,
           "trak": methods.trak}[method]
+    check_options(fn, options, what=f"method={method!r}")
     return fn(model, loss, X_train, y_train, X_test, y_test, seed=seed, **options)

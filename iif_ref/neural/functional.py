@@ -138,11 +138,38 @@ def as_inputs(X, name, fm):
     return torch.as_tensor(np.ascontiguousarray(arr), dtype=fm.dtype, device=fm.device)
 
 
+def probe_outputs(fm, X, name):
+    """The model's outputs on the first rows of ``X``, shape ``(min(n, 8), n_out)``.
+
+    Raises
+    ------
+    ValueError
+        The model cannot be applied to ``X``: the message names ``X``'s shape and the input
+        the model's first layer expects, instead of torch's shape error.
+    """
+    try:
+        with torch.no_grad():
+            return fm.forward(fm.theta_star, X[:8])
+    except RuntimeError as exc:
+        first = next((m for m in fm.model.modules()
+                      if hasattr(m, "in_features") or hasattr(m, "in_channels")), None)
+        expects = ""
+        if first is not None:
+            size = getattr(first, "in_features", None) or getattr(first, "in_channels")
+            unit = "features" if hasattr(first, "in_features") else "channels"
+            expects = f"; its first layer ({type(first).__name__}) takes {size} input {unit}"
+        raise ValueError(f"the model cannot be applied to {name} of shape "
+                         f"{tuple(X.shape)}{expects} ({exc})") from exc
+
+
 def as_targets(y, name, n_out, loss, fm):
     """Targets as a ``(n, n_out)`` tensor; integer class labels are one-hot encoded.
 
     Raises
     ------
+    TypeError
+        One value per sample that are not integers, for a classification loss of a model
+        with several outputs (class labels must be integers).
     ValueError
         Non-finite values, a label outside ``[0, n_out)``, or a shape that does not match
         the model output width ``n_out``.
@@ -150,6 +177,12 @@ def as_targets(y, name, n_out, loss, fm):
     if isinstance(y, torch.Tensor):
         y = y.detach().cpu().numpy()
     raw = np.asarray(y)
+    if (loss.classification and raw.ndim == 1 and n_out != 1
+            and not (np.issubdtype(raw.dtype, np.integer) or raw.dtype == np.bool_)):
+        raise TypeError(f"{name} for the {loss.name!r} loss must hold integer class labels "
+                        f"in [0, {n_out}) (or (n, {n_out}) one-hot or soft targets), got "
+                        f"dtype {raw.dtype} with shape {raw.shape}; convert labels with "
+                        f"{name}.astype(int)")
     if loss.classification and raw.ndim == 1 and (np.issubdtype(raw.dtype, np.integer)
                                                    or raw.dtype == np.bool_):
         if raw.size == 0:

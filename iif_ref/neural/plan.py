@@ -22,7 +22,8 @@ from iif_ref.neural.baseline import per_sample_losses, unlearn
 from iif_ref.neural.cache import StepCache, fingerprint
 from iif_ref.neural.config import IIFConfig
 from iif_ref.neural.features import test_features
-from iif_ref.neural.functional import FunctionalModel, as_inputs, as_targets, eval_mode
+from iif_ref.neural.functional import (FunctionalModel, as_inputs, as_targets, eval_mode,
+                                       probe_outputs)
 from iif_ref.neural.losses import CROSS_ENTROPY, MSE, check_target_linear, resolve_loss
 from iif_ref.neural.path import path_model_step, path_targets, predictions
 
@@ -58,8 +59,7 @@ def prepare_problem(model, loss, X_train, y_train, X_test, y_test, *, dtype=None
     if tuple(X_test.shape[1:]) != tuple(X.shape[1:]):
         raise ValueError(f"X_test has per-sample shape {tuple(X_test.shape[1:])} but X_train "
                          f"has {tuple(X.shape[1:])}")
-    with torch.no_grad():
-        F0 = fm.forward(fm.theta_star, X[:8])
+    F0 = probe_outputs(fm, X, "X_train")
     n_out = F0.shape[1]
     Y = as_targets(y_train, "y_train", n_out, loss, fm)
     Y_test = as_targets(y_test, "y_test", n_out, loss, fm)
