@@ -272,7 +272,8 @@ def _amplification(kind, problem):
         ft, f = problem.X_test @ theta, problem.X @ theta
         g_test = np.maximum(g_test, _cancellation(ft - problem.y_test,
                                                   np.abs(ft) + np.abs(problem.y_test)))
-        g_train = np.maximum(g_train, _cancellation(f - problem.y, np.abs(f) + np.abs(problem.y)))
+        g_train = np.maximum(g_train, _cancellation(f - problem.y,
+                                                    np.abs(f) + np.abs(problem.y)))
     if kind == "iif":
         from iif_ref import linear
         prime = linear.unlearned_params(problem.X, problem.y, problem.X_test, problem.y_test,
@@ -522,7 +523,7 @@ def _check_target_scaling(att, problem):
 
 
 def _loo_shift(problem):
-    """LOO shifts ``s[t, i] = r_t − r_{t,−i}`` of the test residuals, residuals ``r_t``, leverages.
+    """LOO shifts ``s[t, i] = r_t − r_{t,−i}``, test residuals ``r_t`` and leverages ``h_i``.
 
     Sherman–Morrison: ``θ_{−i} = θ* − (XᵀX)⁻¹x_i e_i/(1 − h_i)`` with ``e_i = y_i − x_iᵀθ*``,
     so ``s[t, i] = x̂_tᵀ(XᵀX)⁻¹x_i e_i/(1 − h_i)`` (computed through a QR of X).
