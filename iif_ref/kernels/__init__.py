@@ -3,6 +3,7 @@
 Public functions
 ----------------
 project              ``Phi = G A`` streamed over row blocks of ``A`` (Eq. 17, 31)
+Projector            ``G -> G A`` for many calls, ``A`` generated once when it fits a budget
 projection_matrix    the materialised ``A`` (or a row block), for tests and small problems
 projected_scores     ``-sum_b Gamma_b (Phi_b^T Phi_b + lam_d I)^{-1} Psi_b^T``
 factor_fisher        float64 Cholesky of every ``F_b`` once -> :class:`FisherFactor`
@@ -18,11 +19,12 @@ default in ``docs/kernels.md``. Importing this package imports neither numba nor
 backends load lazily (see :mod:`iif_ref.kernels._registry` for the backend protocol).
 """
 from iif_ref.kernels._fisher import RELATIVE_DAMPING, FisherFactor, solve_step
-from iif_ref.kernels._frontend import (DEFAULT_MEMORY_BUDGET, factor_fisher,
+from iif_ref.kernels._frontend import (DEFAULT_MEMORY_BUDGET, Projector, factor_fisher,
                                        is_device_array, project, projected_scores,
                                        projection_matrix, resolve_damping, solve_factored)
 from iif_ref.kernels._registry import available_backends
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "RELATIVE_DAMPING", "FisherFactor", "available_backends",
+__all__ = ["DEFAULT_MEMORY_BUDGET", "RELATIVE_DAMPING", "FisherFactor", "Projector",
+           "available_backends",
            "factor_fisher", "is_device_array", "project", "projected_scores",
            "projection_matrix", "resolve_damping", "solve_factored", "solve_step"]

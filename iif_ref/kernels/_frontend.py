@@ -20,7 +20,8 @@ from iif_ref.kernels._fisher import solve_factored
 from iif_ref.kernels._philox import COL_LIMIT, ROW_LIMIT, check_kind, check_seed
 from iif_ref.kernels._registry import get_backend
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "project", "projection_matrix", "projected_scores",
+__all__ = ["DEFAULT_MEMORY_BUDGET", "Projector", "project", "projection_matrix",
+           "projected_scores",
            "resolve_damping", "factor_fisher", "solve_factored", "is_device_array"]
 
 #: Bytes of ``A`` that :func:`project` may hold at once by default (64 MiB).
@@ -293,6 +294,89 @@ def project(G, proj_dim, *, seed=0, kind="rademacher", backend="numba",
     chunk_rows = min(memory_budget // row_bytes, int(G.shape[1]))
     return get_backend(backend).project(G, proj_dim, seed=seed, kind=kind,
                                         chunk_rows=chunk_rows)
+
+
+class Projector:
+    """``G -> G A`` for one projection ``(n_params, P, seed, kind, dtype)``, called many times.
+
+    When ``A`` fits ``memory_budget`` and the backend runs on the host, it is generated
+    once, here, and every call is one GEMM with it; else each call streams ``A`` in row
+    blocks through :func:`project`. Build one per attribution call and reuse it across
+    training chunks, test rows and path steps: generating ``A`` costs as much as
+    several chunks' products when the chunks are small.
+
+    Parameters
+    ----------
+    n_params : int
+        ``M``, rows of ``A``.
+    proj_dim : int
+        ``P``, ``1 <= P < 2**32``.
+    seed : int, optional
+    kind : {"rademacher", "gaussian"}, optional
+    dtype : {numpy.float32, numpy.float64}, optional
+        Dtype of ``A`` and of the ``G`` this projector takes whole; other inputs are
+        streamed through :func:`project` in their own dtype.
+    backend : str, optional
+        As in :func:`project`.
+    memory_budget : int, optional
+        Bytes ``A`` may take (default 64 MiB); ``A`` is held whole only if
+        ``n_params * P * itemsize`` fits, else ``project`` streams it with this budget.
+
+    Attributes
+    ----------
+    A : ndarray, shape (n_params, proj_dim), or None
+        The matrix held (read-only), or None when it is streamed.
+
+    Notes
+    -----
+    ``A`` of Eq. (17), (31) exactly as :func:`projection_matrix` gives it (docs/rng.md);
+    a call with ``A`` held is the same product as :func:`project` makes when its budget
+    holds all of ``A`` (one block), so the two agree bit for bit.
+
+    Examples
+    --------
+    >>> G = np.random.default_rng(0).standard_normal((5, 300))
+    >>> proj = Projector(300, 16, seed=1, dtype=np.float64, backend="numpy")
+    >>> bool(np.array_equal(proj(G), project(G, 16, seed=1, backend="numpy")))
+    True
+    """
+
+    def __init__(self, n_params, proj_dim, *, seed=0, kind="rademacher", dtype=np.float32,
+                 backend="numba", memory_budget=DEFAULT_MEMORY_BUDGET):
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        self.n_params = check_positive_int(n_params, "n_params")
+        self.proj_dim = _check_proj_dim(proj_dim)
+        self.seed, self.kind = check_seed(seed), check_kind(kind)
+        self.dtype = _check_float_dtype(dtype)
+        self.backend = backend
+        self.memory_budget = check_positive_int(memory_budget, "memory_budget")
+        whole = self.n_params * self.proj_dim * self.dtype.itemsize
+        self.A = None
+        if backend not in _DEVICE_BACKENDS and whole <= self.memory_budget:
+            self.A = projection_matrix(self.n_params, self.proj_dim, seed=self.seed,
+                                       kind=self.kind, dtype=self.dtype, backend=backend)
+            self.A.flags.writeable = False
+
+    def __repr__(self):
+        return (f"Projector(n_params={self.n_params}, proj_dim={self.proj_dim}, "
+                f"seed={self.seed}, kind={self.kind!r}, dtype={self.dtype}, "
+                f"backend={self.backend!r}, held={self.A is not None})")
+
+    def __call__(self, G):
+        """``Phi = G A`` for ``G`` of shape (n, n_params); as :func:`project`."""
+        if self.A is None or is_device_array(G):
+            return project(G, self.proj_dim, seed=self.seed, kind=self.kind,
+                           backend=self.backend, memory_budget=self.memory_budget)
+        G = as_float_array(G, "G", ndim=2, allow_dtypes=_KERNEL_DTYPES)
+        if G.shape[1] != self.n_params:
+            raise ValueError(f"G must have n_params={self.n_params} columns, got shape "
+                             f"{G.shape}")
+        if G.dtype != self.dtype:
+            return project(G, self.proj_dim, seed=self.seed, kind=self.kind,
+                           backend=self.backend, memory_budget=self.memory_budget)
+        out = np.empty((G.shape[0], self.proj_dim), dtype=G.dtype)
+        return np.matmul(G, self.A, out=out)
 
 
 def projected_scores(Phi, Psi, Gamma, *, damping=None, backend="numba", reduce=True):

@@ -20,9 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from iif_ref.errors import NotPositiveDefiniteError
-from iif_ref.neural.curvature import (condition_estimate, dense_curvature, dense_scores,
-                                      resolve_damping)
-from iif_ref.neural.features import step_features
+from iif_ref.neural.curvature import dense_curvature, dense_scores, resolve_damping
+from iif_ref.neural.features import make_projector, step_features
 from iif_ref.neural.plan import plan_problem
 from iif_ref.neural.result import AttributionResult
 from iif_ref.neural.sample_space import CURVATURES, build_solve
@@ -30,9 +29,11 @@ from iif_ref.neural.sample_space import CURVATURES, build_solve
 __all__ = ["run"]
 
 
-def _step_scores(plan, step):
+def _step_scores(plan, step, projector=None):
     """The step-k term ``−G_k F_k⁻¹ (J Δy)_kᵀ`` for the group's test rows;
-    (scores, cond, damping, sample-space diagnostics or None)."""
+    (scores, cond, damping, sample-space diagnostics or None). ``projector`` (from
+    :func:`~iif_ref.neural.features.make_projector`) is shared by the steps of a run, so
+    ``A`` is generated once."""
     prob, cfg, k, theta = plan.problem, plan.config, step.k, step.theta
     fm, loss = prob.fm, prob.loss
     rows = step.group.rows
@@ -51,23 +52,16 @@ def _step_scores(plan, step):
     # equal to train_features + plan.test_features up to float rounding.
     Phi, Psi, Gamma = step_features(fm, loss, theta, prob.X, step.rho_prev, step.rho_k,
                                     prob.X_test[rows], prob.Y_test[rows], step=k,
-                                    **plan.feature_options)
+                                    projector=projector, **plan.feature_options)
     if cfg.proj_dim is None:
         C = dense_curvature(fm, loss, theta, prob.X, step.rho_k, kind=cfg.curvature, U=Phi,
                             chunk_size=cfg.chunk_size)
-        lam_d = resolve_damping(cfg.damping, np.trace(C), C.shape[0])
-        scores, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=k)
-        return scores, cond, lam_d, None
-    from iif_ref.kernels import projected_scores
-
-    P = cfg.proj_dim
-    Phi64 = Phi.astype(np.float64)
-    gram = Phi64.T @ Phi64
-    lam_d = resolve_damping(cfg.damping, np.trace(gram), P)
-    # Diagnostic only (the kernel factors F itself and raises if it is not SPD).
-    cond = condition_estimate(gram + lam_d * np.eye(P))
-    options = {} if cfg.backend is None else {"backend": cfg.backend}
-    scores = projected_scores(Phi, Psi, Gamma, damping=lam_d, **options)
+    else:
+        Phi64 = Phi.astype(np.float64)
+        C = Phi64.T @ Phi64            # the projected Fisher of Eq. (31), float64
+    # One solve for both: its Cholesky factor also gives the condition estimate.
+    lam_d = resolve_damping(cfg.damping, np.trace(C), C.shape[0])
+    scores, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=k)
     return scores, cond, lam_d, None
 
 
@@ -85,6 +79,9 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
             "path_trajectory": []}
     from tqdm.auto import tqdm
 
+    # One projection for every step and test group of the run: A is generated once.
+    projector = make_projector(prob.fm, cfg.proj_dim, seed=cfg.seed, kind=cfg.kind,
+                               backend=cfg.backend)
     bar = tqdm(total=len(plan.groups) * cfg.K, desc=f"{method} steps",
                disable=not cfg.progress)
     for group in plan.groups:
@@ -97,7 +94,7 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
             if hit is not None:
                 term, cond, lam_d = hit["scores"], float(hit["cond"]), float(hit["damping"])
             else:
-                term, cond, lam_d, sample_space = _step_scores(plan, step)
+                term, cond, lam_d, sample_space = _step_scores(plan, step, projector)
                 if sample_space is not None:
                     diag.setdefault("sample_space", []).append(sample_space)
                 plan.cache.save(step.name, scores=term,

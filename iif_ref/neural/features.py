@@ -8,10 +8,14 @@ For one path step ``k`` (parameters θ_k, targets ``ρ(t_{k−1}) → ρ(t_k)``)
 * ``Gamma = G A``, ``g_t = ∇θ l(f(x̂_t; θ_k), ŷ_t)`` (Eq. 7).
 
 All are per-sample VJPs of the network output with an output-space weight, computed
-with ``torch.func`` one chunk of samples at a time and handed to
-:func:`iif_ref.kernels.project` as NumPy arrays, so the ``(n, n_params)`` gradient
+with ``torch.func`` one chunk of samples at a time and handed to a
+:class:`iif_ref.kernels.Projector` as NumPy arrays, so the ``(n, n_params)`` gradient
 matrix never exists (only one ``(chunk, 2, n_params)`` block does, or
-``(chunk + n_test, n_params)`` in :func:`step_features`). ``A`` is the
+``(chunk + n_test, n_params)`` in :func:`step_features`). The chunk holds at most
+``chunk_size`` samples and at most what :data:`FEATURE_MEMORY_BUDGET` allows for that
+block, so memory grows with ``n·P`` (the features) and not with ``n·n_params``. One
+projector serves every chunk of a call (and, passed as ``projector=``, every path step):
+``A`` is generated once when it fits the projector's budget. ``A`` is the
 counter-based matrix of docs/rng.md: its row ``m`` is the flat parameter index of
 :class:`~iif_ref.neural.functional.FunctionalModel`, so the features do not depend on
 the chunk size, and shards computed elsewhere (e.g. by a distributed engine) concatenate.
@@ -21,25 +25,73 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from iif_ref._defaults import DEFAULT_PROJ_DIM
 from iif_ref._validation import check_positive_int
 from iif_ref.neural.functional import (FunctionalModel, as_inputs, as_targets, chunks,
                                        output_weights)
 from iif_ref.neural.losses import TargetLinearLoss, resolve_loss
 
 __all__ = ["train_features", "test_features", "step_features", "gradient_features",
-           "project_rows"]
+           "project_rows", "make_projector", "chunk_rows", "FEATURE_MEMORY_BUDGET",
+           "DEFAULT_PROJ_DIM"]
+
+#: Bytes that one chunk's per-sample gradient block ``(chunk, 2, n_params)`` may take by
+#: default (32 MiB): the chunk size is capped at ``budget // (2 n_params itemsize)``.
+FEATURE_MEMORY_BUDGET = 32 * 2**20
 
 
-def project_rows(G, *, proj_dim, seed, kind, backend):
-    """``G A`` through :func:`iif_ref.kernels.project` (NumPy in, NumPy out); identity if
-    ``proj_dim`` is None. ``G`` is a tensor ``(n, n_params)``."""
-    arr = G.detach().cpu().numpy()
+def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
+    """Samples per chunk: ``chunk_size`` capped by the memory budget of the gradient block.
+
+    Parameters
+    ----------
+    chunk_size : int or None
+        Upper limit set by the caller; None: the budget alone decides.
+    n_params, itemsize : int
+        Parameters of the model and bytes per entry of its compute dtype.
+    memory_budget : int, optional
+        Bytes of one ``(chunk, 2, n_params)`` block; default :data:`FEATURE_MEMORY_BUDGET`.
+
+    Returns
+    -------
+    int, >= 1
+        The features do not depend on it (rows are projected independently).
+    """
+    budget = FEATURE_MEMORY_BUDGET if memory_budget is None else memory_budget
+    cap = max(1, int(budget) // (2 * int(n_params) * int(itemsize)))
+    return cap if chunk_size is None else min(int(chunk_size), cap)
+
+
+def make_projector(fm, proj_dim, *, seed, kind, backend):
+    """The :class:`iif_ref.kernels.Projector` of ``fm``'s flat parameters in its compute
+    dtype (None for ``proj_dim=None``), to be shared by every projection of one call."""
     if proj_dim is None:
-        return arr
-    from iif_ref.kernels import project
+        return None
+    from iif_ref.kernels import Projector
 
     options = {} if backend is None else {"backend": backend}
-    return project(arr, proj_dim, seed=seed, kind=kind, **options)
+    dtype = np.float32 if fm.dtype == torch.float32 else np.float64
+    return Projector(fm.n_params, proj_dim, seed=seed, kind=kind, dtype=dtype, **options)
+
+
+def project_rows(G, *, projector):
+    """``G A`` with ``projector`` (NumPy out); the rows themselves if it is None (no
+    projection). ``G`` is a tensor ``(n, n_params)``."""
+    arr = G.detach().cpu().numpy()
+    return arr if projector is None else projector(arr)
+
+
+def _check_projector(projector, fm, proj_dim, seed, kind, backend):
+    """``projector`` if given (it must project ``fm``'s parameters to ``proj_dim`` with
+    ``seed`` and ``kind``), else a new one for this call."""
+    if projector is None:
+        return make_projector(fm, proj_dim, seed=seed, kind=kind, backend=backend)
+    got = (projector.n_params, projector.proj_dim, projector.seed, projector.kind)
+    want = (fm.n_params, proj_dim, seed, kind)
+    if got != want:
+        raise ValueError(f"projector projects (n_params, proj_dim, seed, kind) = {got}, "
+                         f"but this call needs {want}")
+    return projector
 
 
 def _check_finite_rows(V, start, what, step):
@@ -109,7 +161,7 @@ def _parallel_factor(w_to, w_from, w_d):
 
 def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
                    kind="rademacher", chunk_size=256, backend=None, sample_offset=0,
-                   step=None, dtype=None, fuse=True):
+                   step=None, dtype=None, fuse=True, projector=None):
     """Projected per-sample gradients and directions of one path step.
 
     Parameters
@@ -125,10 +177,12 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
         P; None returns the unprojected ``(n, n_params)`` rows (small models only).
     seed : int
     kind : {"rademacher", "gaussian"}
-    chunk_size : int
-        Samples per streamed chunk.
+    chunk_size : int or None
+        Most samples per streamed chunk; the chunk is smaller when its gradient block
+        would exceed :data:`FEATURE_MEMORY_BUDGET` (:func:`chunk_rows`). None: the budget
+        alone decides.
     backend : str or None
-        Kernel backend (passed through to :func:`iif_ref.kernels.project`).
+        Kernel backend (passed through to :class:`iif_ref.kernels.Projector`).
     sample_offset : int
         Global index of row 0, used in error messages (for shards).
     step : int or None
@@ -140,6 +194,10 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
         VJP and one projected row per sample and scale it. This always holds on the
         masked cross-entropy path (appendix E), where ``ρ_i(t) = s(t) e_{y_i}`` makes both
         weights multiples of ``∂l/∂f(f_i, y_i)``: it halves the work of a step.
+    projector : iif_ref.kernels.Projector, optional
+        The projection to use (from :func:`make_projector`, shared across the calls of
+        one run so that ``A`` is generated once); by default one is made for this call.
+        It must match ``proj_dim``, ``seed`` and ``kind``.
 
     Returns
     -------
@@ -173,13 +231,13 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
     Phi, Psi, _ = step_features(model, loss, params, X, y_from, y_to, proj_dim=proj_dim,
                                 seed=seed, kind=kind, chunk_size=chunk_size, backend=backend,
                                 sample_offset=sample_offset, step=step, dtype=dtype,
-                                fuse=fuse)
+                                fuse=fuse, projector=projector)
     return Phi, Psi
 
 
 def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None, *,
                   proj_dim, seed=0, kind="rademacher", chunk_size=256, backend=None,
-                  sample_offset=0, step=None, dtype=None, fuse=True):
+                  sample_offset=0, step=None, dtype=None, fuse=True, projector=None):
     """:func:`train_features` and :func:`test_features` of one path step, projected together.
 
     Parameters
@@ -191,7 +249,7 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
         Test points whose loss gradients at ``params`` are projected with the last
         training chunk (when ``n_test <= chunk_size``), so ``A`` is generated once per
         chunk rather than once more for the test rows.
-    proj_dim, seed, kind, chunk_size, backend, sample_offset, step, dtype, fuse
+    proj_dim, seed, kind, chunk_size, backend, sample_offset, step, dtype, fuse, projector
         As in :func:`train_features`.
 
     Returns
@@ -208,9 +266,11 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
     parameter index only), so the result equals the two separate calls up to the
     summation order of the matrix product (float rounding).
     """
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     proj_dim = check_positive_int(proj_dim, "proj_dim", allow_none=True)
     fm, loss, params = _prepare(model, loss, params, dtype)
+    projector = _check_projector(projector, fm, proj_dim, seed, kind, backend)
+    chunk_size = chunk_rows(chunk_size, fm.n_params, fm.dtype.itemsize)
     X = X if isinstance(X, torch.Tensor) and X.dtype == fm.dtype else as_inputs(X, "X", fm)
     with torch.no_grad():
         n_out = fm.forward(params, X[:1]).shape[1]
@@ -253,7 +313,7 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
                                       torch.cat([w_to, Wt])[:, None, :])[:, 0]
             else:
                 V = fm.per_sample_vjp(params, Xc, w_to[:, None, :])[:, 0]
-            rows = project_rows(V, proj_dim=proj_dim, seed=seed, kind=kind, backend=backend)
+            rows = project_rows(V, projector=projector)
             train_rows = rows[:m]
             _check_finite_rows(train_rows, start + sample_offset,
                                "per-sample gradient", step)
@@ -265,8 +325,7 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
             if extra:
                 parts.append(fm.per_sample_vjp(params, Xt, Wt[:, None, :])[:, 0])
             # One projection call for every row kind: A is generated once per chunk.
-            rows = project_rows(torch.cat(parts), proj_dim=proj_dim, seed=seed, kind=kind,
-                                backend=backend)
+            rows = project_rows(torch.cat(parts), projector=projector)
             _check_finite_rows(np.concatenate([rows[:m], rows[m:2 * m]], axis=1),
                                start + sample_offset, "per-sample gradient", step)
             Phi.append(rows[:m])
@@ -278,12 +337,13 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
     if n_test and Gamma is None:
         Gamma = gradient_features(fm, loss, params, Xt, Yt, proj_dim=proj_dim, seed=seed,
                                   kind=kind, chunk_size=chunk_size, backend=backend,
-                                  step=step, what="test-loss gradient")
+                                  step=step, what="test-loss gradient", projector=projector)
     return np.concatenate(Phi), np.concatenate(Psi), Gamma
 
 
 def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="rademacher",
-                      chunk_size=256, backend=None, step=None, dtype=None, what="gradient"):
+                      chunk_size=256, backend=None, step=None, dtype=None, what="gradient",
+                      projector=None):
     """Projected per-sample gradients ``∇θ fn(f(x_n; θ), y_n) A``, shape ``(n, P)``.
 
     Parameters
@@ -292,7 +352,7 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
     fn : callable or loss
         ``fn(f, y) -> scalar`` on one sample (a loss, or an output function such as
         TRAK's margin); strings are resolved as losses.
-    params, proj_dim, seed, kind, chunk_size, backend, step, dtype
+    params, proj_dim, seed, kind, chunk_size, backend, step, dtype, projector
         As in :func:`train_features`.
     X : array_like, shape (n, ...)
     Y : array_like, shape (n, n_out) or labels
@@ -303,12 +363,14 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
     -------
     ndarray, shape (n, P) (``(n, n_params)`` if ``proj_dim`` is None)
     """
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     proj_dim = check_positive_int(proj_dim, "proj_dim", allow_none=True)
     loss = fn if isinstance(fn, (str, TargetLinearLoss)) else TargetLinearLoss(
         getattr(fn, "__name__", "output_fn"), fn, lambda f: f,
         classification=bool(getattr(fn, "classification", False)))
     fm, loss, params = _prepare(model, loss, params, dtype)
+    projector = _check_projector(projector, fm, proj_dim, seed, kind, backend)
+    chunk_size = chunk_rows(chunk_size, fm.n_params, fm.dtype.itemsize)
     X = X if isinstance(X, torch.Tensor) and X.dtype == fm.dtype else as_inputs(X, "X", fm)
     with torch.no_grad():
         n_out = fm.forward(params, X[:1]).shape[1]
@@ -323,19 +385,20 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
             F = fm.forward(params, Xc)
         W = output_weights(loss, F, Y[start:stop])[:, None, :]
         V = fm.per_sample_vjp(params, Xc, W)[:, 0]
-        rows = project_rows(V, proj_dim=proj_dim, seed=seed, kind=kind, backend=backend)
+        rows = project_rows(V, projector=projector)
         _check_finite_rows(rows, start, what, step)
         out.append(rows)
     return np.concatenate(out)
 
 
 def test_features(model, loss, params, X_test, y_test, *, proj_dim, seed=0,
-                  kind="rademacher", chunk_size=256, backend=None, step=None, dtype=None):
+                  kind="rademacher", chunk_size=256, backend=None, step=None, dtype=None,
+                  projector=None):
     """Projected test-loss gradients ``Gamma = G A`` at θ, shape ``(n_test, P)``.
 
     Parameters
     ----------
-    model, loss, params, proj_dim, seed, kind, chunk_size, backend, step, dtype
+    model, loss, params, proj_dim, seed, kind, chunk_size, backend, step, dtype, projector
         As in :func:`train_features`.
     X_test : array_like, shape (n_test, ...)
     y_test : array_like, shape (n_test, n_out) or labels
@@ -351,7 +414,7 @@ def test_features(model, loss, params, X_test, y_test, *, proj_dim, seed=0,
     return gradient_features(model, resolve_loss(loss), params, X_test, y_test,
                              proj_dim=proj_dim, seed=seed, kind=kind, chunk_size=chunk_size,
                              backend=backend, step=step, dtype=dtype,
-                             what="test-loss gradient")
+                             what="test-loss gradient", projector=projector)
 
 
 # A public name starting with "test" would be collected by pytest wherever it is imported.
