@@ -34,7 +34,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tracemalloc
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iif_ref._io import atomic_write
 from iif_ref._validation import check_positive_int
 
 __all__ = [
@@ -535,22 +535,10 @@ def write_text_atomic(path, text):
 
     Notes
     -----
-    The text goes to a temporary file in the destination directory, is flushed to disk
-    and renamed over ``path`` (``os.replace``, atomic on one file system); the temporary
-    file is removed if anything fails.
+    Written by :func:`iif_ref._io.atomic_write`: a temporary file in the destination
+    directory, flushed and ``fsync``-ed, renamed over ``path`` (``os.replace``, atomic on
+    one file system); the temporary file is removed if anything fails.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, text.encode("utf-8"))

@@ -7,8 +7,9 @@ architecture from scratch on the rows in ``S_j`` and record the per-sample test 
 
 Engineering, each for a reason:
 
-* **Resumable.** Each finished subset is written to ``cache_dir/subset_XXXXX.npz`` via a
-  temporary file and :func:`os.replace` (atomic on POSIX), so an interrupted run leaves
+* **Resumable.** Each finished subset is written to ``cache_dir/subset_XXXXX.npz`` with
+  :func:`iif_ref._io.atomic_write` (fsync-ed temporary file, then :func:`os.replace`,
+  atomic on POSIX), so an interrupted run leaves
   only whole files and a rerun trains only the missing subsets. Each file stores a key
   (SHA-256 of the data, the mask, the model and training settings and the seed); a file
   whose key does not match is retrained, never silently reused.
@@ -23,11 +24,7 @@ Engineering, each for a reason:
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -36,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iif_ref._io import array_digest, atomic_write
 from iif_ref._validation import as_float_array, check_positive_int
 
 __all__ = ["ModelSpec", "RetrainingResult", "subset_seed", "retrain_subsets",
@@ -120,25 +118,8 @@ def _train_subset(spec, mask, seed):
     return losses, time.perf_counter() - t0
 
 
-def _digest(*arrays, extra):
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.dtype.str, a.shape)).encode())
-        h.update(a.tobytes())
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
 def _write_atomic(path, **arrays):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _read_cached(path, key):
@@ -173,7 +154,7 @@ def retrain_subsets(spec, X_train, y_train, X_test, y_test, masks, *, seed, cach
         Worker processes; 1 trains in this process (still single-threaded, so the
         result equals the parallel one bit for bit).
     progress : bool, keyword-only
-        Print one line per finished subset to stderr.
+        A tqdm bar of the subsets trained, on standard error when it is a terminal.
     max_new : int, optional, keyword-only
         Stop after training this many new subsets (to test resumption); the returned
         losses then hold NaN for subsets not yet trained and ``config["complete"]`` is
@@ -206,8 +187,8 @@ def retrain_subsets(spec, X_train, y_train, X_test, y_test, masks, *, seed, cach
     config = {"model": spec.to_dict(), "seed": int(seed), "n_subsets": int(n_subsets),
               "n_train": int(len(X_train)), "n_test": int(n_test), "n_workers": n_workers,
               "threads_per_worker": 1, "loss": "per-sample cross-entropy, eval mode"}
-    data_key = _digest(X_train, y_train, X_test, y_test, extra=config["model"])
-    keys = [_digest(masks[j], extra=[data_key, int(seed), j]) for j in range(n_subsets)]
+    data_key = array_digest(X_train, y_train, X_test, y_test, extra=config["model"])
+    keys = [array_digest(masks[j], extra=[data_key, int(seed), j]) for j in range(n_subsets)]
 
     losses = np.full((n_subsets, n_test), np.nan)
     seconds = np.full(n_subsets, np.nan)
@@ -225,25 +206,20 @@ def retrain_subsets(spec, X_train, y_train, X_test, y_test, masks, *, seed, cach
     if max_new is not None:
         todo = todo[:max_new]
 
+    from tqdm.auto import tqdm
+
     t0 = time.perf_counter()
-    done = 0
+    # disable=None: no bar when standard error is not a terminal (logs, CI).
+    bar = tqdm(total=len(todo), desc=f"retrain ({n_cached} cached)", file=sys.stderr,
+               disable=None if progress else True)
 
     def finish(j, result):
-        nonlocal done
         losses[j], seconds[j] = result
         if cache is not None:
             _write_atomic(cache / f"subset_{j:05d}.npz", key=np.array(keys[j]),
                           losses=losses[j], seconds=np.array(seconds[j]))
-        done += 1
-        if progress:
-            el = time.perf_counter() - t0
-            eta = el / done * (len(todo) - done)
-            print(f"[retrain] subset {j + 1}/{n_subsets} done ({done}/{len(todo)} new, "
-                  f"{n_cached} cached) {el:.0f}s elapsed, ~{eta:.0f}s left",
-                  file=sys.stderr, flush=True)
+        bar.update()
 
-    if n_cached and progress:
-        print(f"[retrain] {n_cached}/{n_subsets} subsets read from {cache}", file=sys.stderr)
     if todo and n_workers == 1:
         _init_worker_in_process(X_train, y_train, X_test, y_test)
         for j in todo:
@@ -256,6 +232,7 @@ def retrain_subsets(spec, X_train, y_train, X_test, y_test, masks, *, seed, cach
                        for j in todo}
             for fut in as_completed(futures):
                 finish(futures[fut], fut.result())
+    bar.close()
     config["complete"] = bool(np.isfinite(losses).all())
     return RetrainingResult(losses, masks.copy(), seconds, n_cached,
                             time.perf_counter() - t0, config)

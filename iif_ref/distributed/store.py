@@ -36,12 +36,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from iif_ref._io import array_digest, atomic_write
 
 __all__ = [
     "FORMAT_VERSION",
@@ -115,25 +115,6 @@ class StoreWriteError(OSError):
 
 
 # --------------------------------------------------------------------------- hashing
-def array_digest(*arrays):
-    """SHA-256 hex digest of arrays' shapes, dtypes and C-order bytes.
-
-    Parameters
-    ----------
-    *arrays : ndarray
-
-    Returns
-    -------
-    str
-    """
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(json.dumps([list(a.shape), a.dtype.str]).encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
-
-
 def _canonical(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
@@ -156,26 +137,10 @@ def _crc32c(buffer):
 
 # --------------------------------------------------------------------------- files
 def _atomic_write(path, payload):
-    """Write ``payload`` (bytes-like) to ``path`` via fsync-ed temporary file + rename."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    """:func:`iif_ref._io.atomic_write`, its ``OSError`` raised as :class:`StoreWriteError`."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(payload).cast("B")
-            written = 0
-            while written < len(view):
-                written += os.write(fd, view[written:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        atomic_write(path, memoryview(payload).cast("B"))
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         hint = (" (disk full: free space, then rerun to resume)"
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "")
         raise StoreWriteError(

@@ -4,18 +4,20 @@
 a path step) and ``config.json``. The fingerprint is a SHA-256 of the configuration
 (minus presentation options), the data, the loss and the model's parameters and
 buffers, so a rerun of the same problem resumes and a changed one starts afresh. Files
-are written to a temporary name and moved into place with ``os.replace``, so an
-interrupted run never leaves a half-written step behind.
+are written with :func:`iif_ref._io.atomic_write` (fsync-ed temporary file moved into
+place with ``os.replace``), so an interrupted run never leaves a half-written step behind;
+arrays enter the fingerprint through :func:`iif_ref._io.array_digest`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
+
+from iif_ref._io import array_digest, atomic_write
 
 __all__ = ["fingerprint", "StepCache"]
 
@@ -26,8 +28,7 @@ def _update(h, value):
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
-        h.update(str((value.dtype.str, value.shape)).encode())
-        h.update(np.ascontiguousarray(value).tobytes())
+        h.update(array_digest(value).encode())
     elif isinstance(value, dict):
         for key in sorted(value):
             h.update(str(key).encode())
@@ -70,17 +71,7 @@ class StepCache:
         self.loaded = []
 
     def _atomic(self, path, data):
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, data)
 
     def load(self, name):
         """The arrays saved under ``name``, or None."""
