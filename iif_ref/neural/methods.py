@@ -30,7 +30,7 @@ from iif_ref.neural.baseline import per_sample_losses
 from iif_ref.neural.config import IIFConfig
 from iif_ref.neural.curvature import dense_scores, resolve_damping
 from iif_ref.neural.engine import run
-from iif_ref.neural.features import gradient_features
+from iif_ref.neural.features import DEFAULT_PROJ_DIM, gradient_features, make_projector
 from iif_ref.neural.functional import chunks, eval_mode
 from iif_ref.neural.plan import prepare_problem
 from iif_ref.neural.result import AttributionResult
@@ -247,7 +247,8 @@ def trak_margin(f, y):
 trak_margin.classification = True
 
 
-def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, proj_dim=512,
+def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
+         proj_dim=DEFAULT_PROJ_DIM,
          damping="auto", seed=0, kind="rademacher", backend=None, chunk_size=256,
          dtype=None, progress=False):
     """TRAK scores in IIF's sign: ``−mean_c Γ_c (Φ_cᵀΦ_c + λ_d I)⁻¹ Φ_cᵀ diag(1 − p_c)``.
@@ -290,9 +291,11 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, pro
         cks = _checkpoint_list(fm, checkpoints)
         scores = np.zeros((prob.n_test, prob.n_train))
         conds, lams = [], []
+        # Every checkpoint uses the same A: generated once for the call.
+        projector = make_projector(fm, proj_dim, seed=seed, kind=kind, backend=backend)
         for c, theta in enumerate(cks):
-            common = dict(proj_dim=proj_dim, seed=seed, kind=kind,
-                          chunk_size=chunk_size, backend=backend, step=c)
+            common = dict(proj_dim=proj_dim, seed=seed, kind=kind, chunk_size=chunk_size,
+                          backend=backend, step=c, projector=projector)
             Phi = gradient_features(fm, trak_margin, theta, prob.X, prob.Y,
                                     what="margin gradient", **common)
             Gamma = gradient_features(fm, trak_margin, theta, prob.X_test, prob.Y_test,
@@ -301,19 +304,11 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, pro
                 p = torch.exp(per_sample_losses(fm, prob.loss, theta, prob.X, prob.Y) * -1.0)
             Q = (1.0 - p).double().numpy()
             Psi = Phi * Q[:, None].astype(Phi.dtype)
-            if proj_dim is None:
-                Phi64 = Phi.astype(np.float64)
-                C = Phi64.T @ Phi64
-                lam_d = resolve_damping(damping, np.trace(C), C.shape[0])
-                term, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=c)
-            else:
-                from iif_ref.kernels import projected_scores
-
-                gram_trace = float(np.sum(np.square(Phi, dtype=np.float64)))
-                lam_d = resolve_damping(damping, gram_trace, proj_dim)
-                options = {} if backend is None else {"backend": backend}
-                term = projected_scores(Phi, Psi, Gamma, damping=lam_d, **options)
-                cond = None
+            # Projected or not, the Gram of the features and the package's one step solve.
+            Phi64 = Phi.astype(np.float64)
+            C = Phi64.T @ Phi64
+            lam_d = resolve_damping(damping, np.trace(C), C.shape[0])
+            term, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=c)
             scores += term / len(cks)
             conds.append(cond)
             lams.append(lam_d)
