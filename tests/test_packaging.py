@@ -7,6 +7,8 @@ against that wheel, not the checkout, and that the wheel carries every file CMak
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +113,15 @@ def test_environment_variables_override_both_lookups(tmp_path):
                          check=True, env=env).stdout.split()
     assert out == [str(tmp_path / "k"), str(tmp_path / "h.so"),
                    str(tmp_path / _host._EMULATION_LIB_NAME)]
+
+
+def test_documented_installs_come_from_a_checkout_or_a_wheel():
+    # The package is on no index: `pip install "iif_ref[...]"` fails for a new user.
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    commands = [(doc.name, m.group(1)) for doc in docs
+                for m in re.finditer(r"pip install ([^`\n]+)", doc.read_text(encoding="utf-8"))]
+    assert any(name == "user-guide.md" for name, _ in commands)
+    for name, command in commands:
+        for arg in shlex.split(command.split("#")[0].split("&&")[0]):
+            if re.match(r"iif[_-]ref\b", arg):
+                assert "@ file://" in arg, f"{name}: {command!r} installs from an index"
