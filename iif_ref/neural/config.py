@@ -11,6 +11,7 @@ import dataclasses
 import numbers
 from dataclasses import dataclass
 
+from iif_ref._defaults import DEFAULT_PROJ_DIM
 from iif_ref._validation import check_nonnegative_real, check_positive_int, check_positive_real
 
 __all__ = ["IIFConfig"]
@@ -117,7 +118,7 @@ class IIFConfig:
     refit_tol: float = 1e-10
     curvature: str = "fisher"
     damping: object = "auto"
-    proj_dim: int | None = 256
+    proj_dim: int | None = DEFAULT_PROJ_DIM
     kind: str = "rademacher"
     seed: int = 0
     backend: str | None = None
