@@ -39,7 +39,8 @@ __all__ = ["influence_function", "tracin", "trak", "trak_margin"]
 
 
 def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver="exact",
-                       damping=0.0, proj_dim=DEFAULT_PROJ_DIM, seed=0, kind="rademacher", backend=None,
+                       damping=0.0, proj_dim=DEFAULT_PROJ_DIM, seed=0,
+                       kind="rademacher", backend=None,
                        chunk_size=256, dtype=None, cg_tol=1e-10, cg_max_iter=None,
                        progress=False, cache_dir=None):
     """Influence function ``IF[t, i] = −∇L_test(θ*) (H + λ_d I)⁻¹ ∇l_i(θ*)``.
