@@ -46,21 +46,24 @@ MNIST_FULL = dict(FULL, n_train=5000, n_test=1000, n_subsets=1000)
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="iif-ref reproduce table2", description=__doc__.split("\n")[0])
-    p.add_argument("--full", action="store_true", help="paper-scale protocol (long); writes the published docs/results/")
+    p.add_argument("--full", action="store_true",
+                   help="paper-scale protocol (long); writes the published docs/results/")
     p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
-    p.add_argument("--n-train", type=int)
-    p.add_argument("--n-test", type=int)
-    p.add_argument("--n-subsets", type=int)
+    p.add_argument("--n-train", type=int, help="training images (quick 500, --full 1000)")
+    p.add_argument("--n-test", type=int, help="test images whose losses are attributed")
+    p.add_argument("--n-subsets", type=int, help="retrained subsets behind the LDS")
     p.add_argument("--n-noise", type=int, help="subsets retrained twice for the noise level")
     p.add_argument("--epochs", type=int, help="training epochs (paper: 50)")
     p.add_argument("--K", type=int, help="IIF path steps")
     p.add_argument("--alpha", type=float, default=0.5, help="subset fraction")
     p.add_argument("--grid", type=float, nargs="+", help="relative damping grid")
     p.add_argument("--methods", nargs="+",
-                   default=["exact_gn_if", "if_cg", "if_projected", "tracin", "trak", "iif"])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=str(proto.CACHE_DIR / "table2"))
+                   default=["exact_gn_if", "if_cg", "if_projected", "tracin", "trak", "iif"],
+                   help="methods, one row each (default: all six)")
+    p.add_argument("--workers", type=int, default=2, help="retraining processes (2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of split, models and subsets (0)")
+    p.add_argument("--cache-dir", default=str(proto.CACHE_DIR / "table2"),
+                   help="where retrained subsets are kept, so a rerun resumes")
     proto.add_out_argument(p)
     p.add_argument("--name", help="results file stem (default table2 / table2_full / _mnist)")
     p.add_argument("--no-dattri", action="store_true",

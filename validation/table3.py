@@ -45,22 +45,24 @@ def parse_args(argv):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (MLP)")
     src.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches (ResNet-9)")
-    p.add_argument("--n-train", type=int)
+    p.add_argument("--n-train", type=int, help="training images (default per data set)")
     p.add_argument("--fraction", type=float, default=0.1, help="fraction of labels flipped")
     p.add_argument("--epochs", type=int, help="training epochs (paper: 50 MLP, 10 ResNet-9)")
     p.add_argument("--grid", type=float, nargs="+", help="relative damping grid")
-    p.add_argument("--n-eval-replicates", type=int)
-    p.add_argument("--methods", nargs="+", default=["if", "tracin", "trak", "iif"])
+    p.add_argument("--n-eval-replicates", type=int,
+                   help="independent label flips the AUC is averaged over")
+    p.add_argument("--methods", nargs="+", default=["if", "tracin", "trak", "iif"],
+                   help="methods, one row each (if tracin trak iif)")
     p.add_argument("--eta", type=float, default=1e-2,
                    help="step of the per-sample unlearning baseline θ'_i (IIF)")
-    p.add_argument("--proj-dim", type=int, default=256)
+    p.add_argument("--proj-dim", type=int, default=256, help="projection dimension P (256)")
     p.add_argument("--chunk-size", type=int, help="per-sample gradients per chunk")
     p.add_argument("--resnet-widths", type=int, nargs=4, default=(64, 128, 256, 512),
                    help="ResNet-9 stem and stage widths (Table 5: 64 128 256 512; smaller "
                         "only for smoke tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of split, flips and models (0)")
     proto.add_out_argument(p)
-    p.add_argument("--name")
+    p.add_argument("--name", help="results file stem (default table3[_full][_mnist|_cifar10])")
     args = p.parse_args(argv)
     for key, value in (FULL if args.full else QUICK).items():
         if getattr(args, key, None) is None:
