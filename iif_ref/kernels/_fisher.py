@@ -461,8 +461,12 @@ def solve_step(gram, Psi, Gamma, *, damping, step=None):
     factor = factor_gram(gram, lam)
     if factor is None:
         where = "" if step is None else f" at path step k={step}"
-        suggested = suggest_damping_from_traces(np.array([np.trace(gram)]), gram.shape[0],
-                                                np.array([lam]))
+        # C may be indefinite (a Hessian), so the suggestion also lifts the smallest
+        # eigenvalue; eigenvalues are computed only on this failure path.
+        evals = np.linalg.eigvalsh(np.asarray(gram, dtype=np.float64))
+        lift = -float(evals[0]) + 1e-8 * max(abs(float(evals[-1])), 1.0)
+        suggested = max(suggest_damping_from_traces(np.array([np.trace(gram)]),
+                                                    gram.shape[0], np.array([lam])), lift)
         raise NotPositiveDefiniteError(
             f"C + damping*I{where} is not positive definite (to float64 working precision) "
             f"with damping = {lam:.3g}; damping={suggested:.3g} (absolute) makes it so",
