@@ -1,0 +1,92 @@
+"""Fast paths of the featurisation against their slow twins, bit for bit.
+
+* ``A`` generated once and reused (:class:`iif_ref.kernels.Projector`) against ``A``
+  regenerated for every projection (:func:`iif_ref.kernels.project`);
+* one projector shared by every path step of a run against a new one per step;
+* the chunk size chosen from the memory budget against one chunk for all samples.
+
+Each comparison is exact (``array_equal``): the fast path performs the same
+floating-point operations on the same operands, only fewer times.
+"""
+import numpy as np
+import pytest
+import torch
+
+from iif_ref.kernels import Projector, project, projection_matrix
+from iif_ref.neural import features, integrated_influence, trak
+from iif_ref.neural.features import chunk_rows, make_projector, step_features
+
+
+def _problem(seed=0, n=37, n_test=5):
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    X = torch.randn(n, 6, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    Xt = torch.randn(n_test, 6, generator=g)
+    yt = torch.randint(0, 3, (n_test,), generator=g)
+    return net, X, y, Xt, yt
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_projector_holding_a_equals_regenerating_it_bit_for_bit(backend, dtype):
+    G = np.random.default_rng(0).standard_normal((9, 301)).astype(dtype)
+    proj = Projector(301, 24, seed=7, dtype=dtype, backend=backend)
+    assert proj.A is not None and not proj.A.flags.writeable
+    assert np.array_equal(proj.A, projection_matrix(301, 24, seed=7, dtype=dtype))
+    for rows in (G, G[:1], np.asfortranarray(G)):
+        assert np.array_equal(proj(rows), project(rows, 24, seed=7, backend=backend))
+
+
+def test_projector_streams_when_a_exceeds_its_budget():
+    G = np.random.default_rng(1).standard_normal((4, 300))
+    small = Projector(300, 16, seed=2, dtype=np.float64, backend="numpy",
+                      memory_budget=16 * 8 * 50)          # 50 rows of A, not 300
+    assert small.A is None
+    assert np.array_equal(small(G), project(G, 16, seed=2, backend="numpy",
+                                            memory_budget=16 * 8 * 50))
+    with pytest.raises(ValueError, match="n_params=300 columns"):
+        Projector(300, 16, dtype=np.float64, backend="numpy")(G[:, :299])
+
+
+def test_shared_projector_equals_a_new_one_per_call_and_is_checked():
+    net, X, y, Xt, yt = _problem()
+    Y = torch.nn.functional.one_hot(y, 3).double()
+    fm = features._prepare(net, "cross_entropy", None, "float64")[0]
+    proj = make_projector(fm, 16, seed=3, kind="rademacher", backend="numpy")
+    common = dict(proj_dim=16, seed=3, backend="numpy", dtype="float64", fuse=False)
+    shared = step_features(net, "cross_entropy", None, X, 0.5 * Y, Y, Xt, yt,
+                           projector=proj, **common)
+    fresh = step_features(net, "cross_entropy", None, X, 0.5 * Y, Y, Xt, yt, **common)
+    for a, b in zip(shared, fresh):
+        assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="projector projects"):
+        step_features(net, "cross_entropy", None, X, Y, Y, projector=proj,
+                      **{**common, "seed": 4})
+
+
+def test_chunk_size_from_the_budget_caps_the_gradient_block():
+    assert chunk_rows(None, 1000, 4, memory_budget=8 * 1000 * 10) == 10
+    assert chunk_rows(256, 1000, 4, memory_budget=8 * 1000 * 10) == 10
+    assert chunk_rows(3, 1000, 4, memory_budget=8 * 1000 * 10) == 3
+    assert chunk_rows(None, 10**9, 8, memory_budget=1) == 1     # never below one sample
+
+
+def test_budget_chosen_chunks_give_identical_scores(monkeypatch):
+    net, X, y, Xt, yt = _problem(n=41, n_test=4)
+    opts = dict(proj_dim=16, K=2, baseline="prediction", progress=False, dtype="float64",
+                backend="numpy")
+    whole = integrated_influence(net, "cross_entropy", X, y, Xt, yt, chunk_size=1000, **opts)
+    whole_trak = trak(net, "cross_entropy", X, y, Xt, yt, proj_dim=16, chunk_size=1000,
+                      dtype="float64", backend="numpy")
+    # A budget of 7 samples' gradient blocks (n_params = 83): chunks of 7 (the given
+    # chunk_size is an upper limit), the last of 6, so the test rows ride along.
+    n_params = sum(p.numel() for p in net.parameters())
+    monkeypatch.setattr(features, "FEATURE_MEMORY_BUDGET", 2 * n_params * 8 * 7)
+    assert chunk_rows(None, n_params, 8) == 7
+    chunked = integrated_influence(net, "cross_entropy", X, y, Xt, yt, chunk_size=256,
+                                   **opts)
+    chunked_trak = trak(net, "cross_entropy", X, y, Xt, yt, proj_dim=16, chunk_size=None,
+                        dtype="float64", backend="numpy")
+    assert np.array_equal(chunked.scores, whole.scores)
+    assert np.array_equal(chunked_trak.scores, whole_trak.scores)
