@@ -219,28 +219,35 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("n_problems", "n_neural", "n_neural_iif", "jobs"):
         if getattr(args, name) < 0 or (name == "jobs" and args.jobs < 1):
             ap.error(f"--{name.replace('_', '-')} must be positive")
 
     n_all = max(args.n_problems, args.n_neural, args.n_neural_iif)
     tasks = []
+    # The slow neural IIF tasks are spread over the run, so that the partial results
+    # written along the way cover every attributor.
+    iif_every = max(1, n_all // max(args.n_neural_iif, 1))
     for j in range(n_all):
         which = tuple(w for w, n in (("linear", args.n_problems), ("neural", args.n_neural))
                       if j < n)
-        tasks.append((j, which))
-    tasks += [(j, ("neural_iif",)) for j in range(args.n_neural_iif)]
+        if which:
+            tasks.append((j, which))
+        k = j // iif_every
+        if j % iif_every == 0 and k < args.n_neural_iif:
+            tasks.append((k, ("neural_iif",)))
     t0 = time.perf_counter()
     results = []
     with get_context("spawn").Pool(args.jobs) as pool:
-        for k, res in enumerate(pool.imap_unordered(run_one, tasks, chunksize=20)):
+        for k, res in enumerate(pool.imap(run_one, tasks, chunksize=4)):
             results.append(res)
-            if (k + 1) % 1000 == 0:
+            if (k + 1) % 500 == 0 and k + 1 < len(tasks):
                 print(f"{k + 1}/{len(tasks)} tasks, {time.perf_counter() - t0:.0f} s",
                       flush=True)
+                _write(args, results, time.perf_counter() - t0, complete=False)
     wall = time.perf_counter() - t0
-    rows = sorted(aggregate(results), key=lambda r: (r["attributor"], r["check"]))
-    total_failed = sum(r["n_failed"] + r["n_error"] for r in rows)
+    rows, total_failed = _write(args, results, wall, complete=True)
     print(f"{'attributor':<30} {'check':<18} {'problems':>8} {'applied':>8} {'failed':>6} "
           f"{'max err/tol':>11}")
     for r in rows:
@@ -249,10 +256,20 @@ def main(argv=None):
               f"{r['n_applicable']:>8} {r['n_failed'] + r['n_error']:>6} "
               f"{'-' if m is None else f'{m:.3g}':>11}")
     print(f"false alarms: {total_failed}; wall {wall:.1f} s with {args.jobs} job(s)")
+    print(f"wrote {args.out}")
+    return 1 if total_failed else 0
+
+
+def _write(args, results, wall, *, complete):
+    """Aggregate ``results`` and write them to ``args.out`` (also while running)."""
+    rows = sorted(aggregate(results), key=lambda r: (r["attributor"], r["check"]))
+    total_failed = sum(r["n_failed"] + r["n_error"] for r in rows)
     from iif_ref.bench import write_results
+    done = Counter(name for _, _, out in results for name in {o[0] for o in out})
     meta = {"command": "python validation/" + Path(__file__).name + " " + " ".join(
-                sys.argv[1:] if argv is None else argv),
+                args.argv),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "complete": complete, "problems_done_by_attributor": dict(done),
             "sweep_seed": SWEEP_SEED, "ranges": RANGES,
             "n_problems": {"linear": args.n_problems, "neural": args.n_neural,
                            "neural_iif": args.n_neural_iif},
@@ -261,9 +278,7 @@ def main(argv=None):
             "false_alarms": total_failed, "wall_seconds": round(wall, 1),
             "jobs": args.jobs}
     write_results(args.out, rows, meta)
-    print(f"wrote {args.out}")
-    return 1 if total_failed else 0
-
+    return rows, total_failed
 
 if __name__ == "__main__":
     sys.exit(main())
