@@ -71,12 +71,17 @@ def test_project_invariant_to_splitting_rows_of_g(backend):
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-def test_numba_and_numpy_backends_agree_on_projection(backend):
+def test_projection_with_a_seed_above_2_32_equals_g_times_materialised_a(backend):
+    # Every backend, numpy included, against the dense product with A materialised
+    # independently of the streamed kernel; the seed's high word must matter (a backend
+    # that truncated the seed to 32 bits would return the projection of seed 1).
     G = np.random.default_rng(2).standard_normal((3, 2000))
-    ref = project(G, 130, seed=2**40 + 1, backend="numpy")
-    got = project(G, 130, seed=2**40 + 1, backend=backend)
-    A = projection_matrix(2000, 130, seed=2**40 + 1)
-    assert np.all(np.abs(got - ref) <= 2 * _dot_tolerance(G, A, np.float64))
+    seed = 2**40 + 1
+    got = project(G, 130, seed=seed, backend=backend)
+    A = projection_matrix(2000, 130, seed=seed, dtype=np.float64)
+    assert np.all(np.abs(got - G @ A) <= _dot_tolerance(G, A, np.float64))
+    low_word = project(G, 130, seed=seed % 2**32, backend=backend)
+    assert np.linalg.norm(got - low_word) > 0.5 * np.linalg.norm(got)
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)

@@ -244,6 +244,12 @@ def test_result_config_is_serialisable_and_repeats_the_run():
     keys = {k: v for k, v in json.loads(text).items() if k in IIFConfig.__dataclass_fields__}
     again = integrated_influence(net, "cross_entropy", X, y, Xt, yt, **keys)
     np.testing.assert_array_equal(again.scores, r.scores)
+    # The equality shows that the config holds what determines the scores only if a
+    # config differing in one field gives other scores: another seed draws another
+    # projection matrix (proj_dim = 16 < n_params), so the scores must move.
+    other = integrated_influence(net, "cross_entropy", X, y, Xt, yt,
+                                 **dict(keys, seed=keys["seed"] + 1))
+    assert not np.allclose(other.scores, r.scores, rtol=1e-6)
     assert r.scores.dtype == np.float64 and r.scores.shape == (3, 40)
     assert len(r.config["damping_used"]) == 2 and all(np.isfinite(r.diagnostics["condition"]))
     assert net.training  # mode restored

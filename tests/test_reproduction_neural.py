@@ -150,7 +150,16 @@ def test_table2_smoke_digits(tmp_path):
     assert meta["ceiling"] is not None
     for r in rows:
         assert "error" not in r, r.get("error")
-        assert -1 <= r["lds"]["mean"] <= 1 or r["lds"]["mean"] is None
+        # One Spearman correlation per test point (--n-test 4), each in [−1, 1] or None
+        # (constant scores), and the summary is their mean: a summary that is not
+        # computed from the per-test values, or a lost test point, fails here.
+        per_test = r["lds_per_test"]
+        assert len(per_test) == 4
+        assert all(v is None or -1 <= v <= 1 for v in per_test)
+        finite = [v for v in per_test if v is not None]
+        assert finite, "every test point's LDS is undefined"
+        assert r["lds"]["n"] == len(finite)
+        assert r["lds"]["mean"] == pytest.approx(np.mean(finite), rel=1e-12)
         if r["method"] != "tracin":
             assert r["relative_damping"] in (1e-3, 1e-2)
     assert out["machine"]["logical_cores"] >= 1
@@ -189,8 +198,14 @@ def test_table3_smoke_digits(tmp_path):
     out = _load_json(tmp_path / "t3.json")
     assert {r["method"] for r in out["rows"]} == {"if", "tracin", "iif"}
     for r in out["rows"]:
-        assert r["error"] is None and 0 <= r["auc"]["mean"] <= 1
-    assert out["meta"]["replicates"][0]["n_flipped"] == 4
+        # One evaluation replicate: the summary is that replicate's AUC.
+        assert r["error"] is None and len(r["auc_per_replicate"]) == 1
+        assert 0 <= r["auc_per_replicate"][0] <= 1
+        assert r["auc"]["mean"] == r["auc_per_replicate"][0] and r["auc"]["n"] == 1
+    # flip_labels flips exactly round(fraction · n_train) labels: the default fraction
+    # 0.1 of the 40 training digits.
+    assert out["meta"]["fraction"] == 0.1
+    assert out["meta"]["replicates"][0]["n_flipped"] == round(0.1 * 40)
 
 
 def test_table3_smoke_cifar10_batches(tmp_path):
@@ -211,14 +226,17 @@ def test_table3_smoke_cifar10_batches(tmp_path):
 def test_figure2_smoke_writes_png_and_labels(tmp_path):
     import figure2
 
+    # A class other than the default 4, so that an ignored --true-class is caught.
     rc = figure2.main(["--n-train", "40", "--n-test", "40", "--epochs", "3", "--K", "2",
-                       "--methods", "trak", "iif",
+                       "--methods", "trak", "iif", "--true-class", "7",
                        "--n-top", "3", "--results-dir", str(tmp_path), "--name", "f2"])
     assert rc == 0
     png = tmp_path / "f2.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = _load_json(tmp_path / "f2.json")
-    assert out["meta"]["test_label"] == 4
+    assert out["meta"]["test_label"] == 7
+    # float32 softmax: ten probabilities, each rounded to ~6e-8 relative.
+    assert sum(out["meta"]["test_probabilities"]) == pytest.approx(1.0, abs=1e-5)
     for r in out["rows"]:
         assert len(r["proponents"]) == 3 and len(r["opponents"]) == 3
         if r["method"] != "iif":  # one score matrix ranked both ways: no sample is both
