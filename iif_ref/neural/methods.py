@@ -34,29 +34,49 @@ from iif_ref.neural.features import DEFAULT_PROJ_DIM, gradient_features, make_pr
 from iif_ref.neural.functional import chunks, eval_mode
 from iif_ref.neural.plan import prepare_problem
 from iif_ref.neural.result import AttributionResult
+from iif_ref.neural.sample_space import DEFAULT_MEMORY_BUDGET, MemoryBudgetError, build_solve
 
 __all__ = ["influence_function", "tracin", "trak", "trak_margin"]
 
 
-def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver="exact",
-                       damping=0.0, proj_dim=DEFAULT_PROJ_DIM, seed=0,
+_SOLVERS = ("auto", "gauss_newton", "fisher_exact", "projected", "exact", "cg")
+
+
+def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver="auto",
+                       damping="auto", proj_dim=DEFAULT_PROJ_DIM, seed=0,
                        kind="rademacher", backend=None,
                        chunk_size=256, dtype=None, cg_tol=1e-10, cg_max_iter=None,
-                       progress=False, cache_dir=None):
-    """Influence function ``IF[t, i] = −∇L_test(θ*) (H + λ_d I)⁻¹ ∇l_i(θ*)``.
+                       memory_budget=DEFAULT_MEMORY_BUDGET, progress=False, cache_dir=None):
+    """Influence function ``IF[t, i] = −∇L_test(θ*) (C + λ_d I)⁻¹ ∇l_i(θ*)``.
 
     Parameters
     ----------
     model, loss, X_train, y_train, X_test, y_test
         As in :func:`~iif_ref.neural.integrated_influence`.
-    solver : {"exact", "cg", "projected"}
-        ``"exact"``: dense Hessian of the summed training loss (small models);
-        ``"cg"``: conjugate gradients with Hessian-vector products (no ``M × M`` matrix);
-        ``"projected"``: the projected empirical Fisher ``ΦᵀΦ`` (Eq. 17, 31).
+    solver : {"auto", "gauss_newton", "fisher_exact", "projected", "exact", "cg"}
+        The curvature ``C`` and how it is inverted:
+
+        * ``"gauss_newton"``: the exact Gauss–Newton matrix ``Σ J_iᵀ∇²_f l J_i`` of the
+          summed training loss, solved in sample space in float64
+          (:mod:`iif_ref.neural.sample_space`; no ``n_params²`` matrix);
+        * ``"fisher_exact"``: the exact (unprojected) empirical Fisher ``Σ u_i u_iᵀ``,
+          the same way;
+        * ``"projected"``: the projected empirical Fisher ``ΦᵀΦ`` (Eq. 17, 31);
+        * ``"exact"``: dense Hessian of the summed training loss (small models);
+        * ``"cg"``: conjugate gradients with Hessian-vector products (no ``M × M`` matrix);
+        * ``"auto"`` (default): ``"gauss_newton"`` when it fits ``memory_budget``, else
+          ``"projected"``; ``config["solver"]`` records which ran.
     damping : float or "auto"
-        λ_d (absolute), or the relative default of :class:`IIFConfig`.
+        λ_d (absolute), or the package's relative rule ``"auto"``
+        (:func:`~iif_ref.neural.curvature.resolve_damping` on ``tr(C)`` and the
+        dimension of ``C``). ``solver="cg"`` needs a number.
     proj_dim : int
         P for ``solver="projected"``.
+    memory_budget : int
+        Bytes allowed for the sample-space solve (default 4 GiB); over it,
+        ``"gauss_newton"`` and ``"fisher_exact"`` raise
+        :class:`~iif_ref.neural.sample_space.MemoryBudgetError` naming the sizes, and
+        ``"auto"`` falls back to ``"projected"``.
     seed, kind, backend, chunk_size, dtype, progress, cache_dir
         As in :class:`IIFConfig`.
     cg_tol : float
@@ -78,8 +98,19 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
     loss (docs/conventions.md); the mean-loss IF is ``n_train`` times this. Through IIF:
     Eq. (10) with ``K = 1``, ``ȳ = prediction(f(x; θ*))``, unmasked (Lemma 2.5).
     """
-    if solver not in ("exact", "cg", "projected"):
-        raise ValueError(f"solver must be 'exact', 'cg' or 'projected', got {solver!r}")
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    fallback = None
+    if solver in ("auto", "gauss_newton", "fisher_exact"):
+        try:
+            return _influence_sample_space(
+                model, loss, (X_train, y_train, X_test, y_test), solver=solver,
+                damping=damping, dtype=dtype, chunk_size=chunk_size,
+                memory_budget=memory_budget)
+        except MemoryBudgetError as exc:
+            if solver != "auto":
+                raise
+            fallback, solver = str(exc), "projected"
     if solver in ("exact", "projected"):
         cfg = IIFConfig(K=1, baseline="prediction", mask_path=False,
                         curvature="hessian" if solver == "exact" else "fisher",
@@ -90,6 +121,9 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
             prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test, dtype=dtype)
             result = run(prob, cfg, method="if")
         result.config["solver"] = solver
+        if fallback is not None:
+            result.config["solver_requested"] = "auto"
+            result.diagnostics["solver_fallback"] = fallback
         return result
     if isinstance(damping, str):
         raise ValueError("solver='cg' needs an absolute damping (a float >= 0); 'auto' is "
@@ -101,6 +135,34 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
     with eval_mode(model):
         prob = prepare_problem(model, loss, X_train, y_train, X_test, y_test, dtype=dtype)
         return _influence_cg(prob, cfg, cg_tol, cg_max_iter)
+
+
+def _influence_sample_space(model, loss, data, *, solver, damping, dtype, chunk_size,
+                            memory_budget):
+    """IF with the exact Gauss–Newton (``"auto"``, ``"gauss_newton"``) or empirical
+    Fisher (``"fisher_exact"``) curvature, solved in sample space."""
+    if isinstance(damping, str) and damping != "auto":
+        raise ValueError(f"damping must be a number >= 0 or 'auto', got {damping!r}")
+    curvature = "fisher" if solver == "fisher_exact" else "gauss_newton"
+    with eval_mode(model):
+        prob = prepare_problem(model, loss, *data, dtype=dtype)
+        solve = build_solve(prob.fm, prob.loss, prob.fm.theta_star, prob.X, prob.Y,
+                            prob.X_test, prob.Y_test, curvature=curvature,
+                            memory_budget=memory_budget, chunk_size=chunk_size)
+    scores, cond, lam_d = solve.scores(damping)
+    config = dict(method="if", solver="fisher_exact" if curvature == "fisher" else
+                  "gauss_newton", loss=prob.loss.name, curvature=curvature, proj_dim=None,
+                  damping=damping, damping_used=[lam_d], memory_budget=int(memory_budget),
+                  chunk_size=chunk_size, n_params=prob.fm.n_params,
+                  torch_dtype=str(prob.fm.dtype).replace("torch.", ""),
+                  solve_dtype="float64")
+    if solver == "auto":
+        config["solver_requested"] = "auto"
+    delta = np.zeros(prob.n_test)
+    return AttributionResult(scores=scores, delta=delta, residual=scores.sum(1) - delta,
+                             config=config, method="if",
+                             diagnostics={"condition": [cond], "damping": [lam_d],
+                                          "sample_space": [solve.summary()]})
 
 
 def _influence_cg(prob, cfg, tol, max_iter):

@@ -6,10 +6,10 @@ Both curvatures of the summed training loss are Gram matrices of per-sample rows
 
 with ``J_i`` the ``(n_out, n_params)`` output Jacobian of sample ``i`` at θ and:
 
-* ``"gauss_newton"``: ``S_i = ∇²_f l(f_i, ρ_i)``; ``L_i = V_i Λ_i^{1/2}`` from its
-  eigendecomposition, keeping the columns whose eigenvalue is non-zero for some sample
-  (cross-entropy's ``S_i = (Σρ_i)(diag p_i − p_i p_iᵀ)`` has the null vector ``1``, so
-  ``n_out − 1`` rows per sample; MSE's ``2I`` keeps all ``n_out``);
+* ``"gauss_newton"``: ``S_i = ∇²_f l(f_i, ρ_i)``; ``L_i = Q V_i Λ_i^{1/2}`` from the
+  eigendecomposition of ``QᵀS_iQ``, where ``Q`` spans the complement of the directions
+  null for every sample (cross-entropy's ``S_i = (Σρ_i)(diag p_i − p_i p_iᵀ)`` has the
+  null vector ``1``, so ``n_out − 1`` rows per sample; MSE's ``2I`` keeps all ``n_out``);
 * ``"fisher"``: ``L_i = ∂_f l(f_i, ρ_i)`` (one row per sample, ``B_i = u_iᵀ``, Eq. 31).
 
 The damped inverse is applied through the ``N × N`` Gram ``K = BBᵀ`` (``N = n_train · r``)
@@ -17,8 +17,8 @@ when ``N < n_params``, by the push-through identity ``(BᵀB + λI)⁻¹Bᵀ = B
 or through ``C`` itself when that is the smaller matrix. The right-hand rows
 ``ψ_i = J_iᵀ w_i`` (``u_i`` for the influence function, ``J_iΔy`` for a path step) are
 written as ``B_iᵀ a_i`` with ``a_i = L_i⁺ w_i`` whenever ``w_i`` lies in the range of
-``L_i`` (always for the built-in losses' Gauss–Newton, and for the Fisher when
-``w_i ∥ ∂_f l``); then::
+``L_i`` up to rounding (``max_i ‖w_i − L_i a_i‖ ≤ sqrt(eps) · max_i ‖w_i‖``: always for
+the built-in losses' Gauss–Newton, and for the Fisher when ``w_i ∥ ∂_f l``); then::
 
     −Γ (C + λI)⁻¹ Ψᵀ = −(BΓᵀ)ᵀ (K + λI)⁻¹ A,
 
@@ -44,7 +44,7 @@ from iif_ref.neural.functional import FunctionalModel, chunks, eval_mode, output
 from iif_ref.neural.plan import prepare_problem
 
 __all__ = ["SampleSpaceSolve", "build_solve", "exact_influence", "required_bytes",
-           "DEFAULT_MEMORY_BUDGET", "CURVATURES"]
+           "MemoryBudgetError", "DEFAULT_MEMORY_BUDGET", "CURVATURES"]
 
 #: Default cap on the float64 arrays of one solve (``B``, the Gram and its factor), bytes.
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
@@ -54,6 +54,26 @@ CURVATURES = ("gauss_newton", "fisher")
 # Eigenvalues of S_i at or below this fraction of the largest over all samples are zero
 # (cross-entropy's null direction comes out at ~eps, not 0).
 _RANK_TOL = 1e3 * np.finfo(np.float64).eps
+
+
+class MemoryBudgetError(ValueError):
+    """The sample-space solve would exceed ``memory_budget``.
+
+    Attributes
+    ----------
+    n_train, n_out, n_rows, n_params, bytes_needed, memory_budget : int
+    """
+
+    def __init__(self, message, *, n_train, n_out, n_rows, n_params, bytes_needed,
+                 memory_budget):
+        super().__init__(message)
+        self.n_train, self.n_out, self.n_rows = n_train, n_out, n_rows
+        self.n_params, self.bytes_needed = n_params, bytes_needed
+        self.memory_budget = memory_budget
+
+
+# Largest complement (relative to max‖w_i‖) treated as rounding: sqrt(eps).
+_RANGE_TOL = float(np.sqrt(np.finfo(np.float64).eps))
 
 
 def required_bytes(n_rows, n_params):
@@ -70,10 +90,15 @@ def _output_factors(loss, F, rho, curvature):
     if curvature == "fisher":
         return output_weights(loss, F, rho)[:, :, None]
     S = vmap(hessian(loss.fn, argnums=0))(F, rho)
-    lam, V = torch.linalg.eigh(0.5 * (S + S.transpose(1, 2)))
-    lam = torch.clamp(lam, min=0.0)
-    keep = (lam > _RANK_TOL * float(lam.max().clamp(min=torch.finfo(lam.dtype).tiny))).any(0)
-    return V[:, :, keep] * torch.sqrt(lam[:, None, keep])
+    S = 0.5 * (S + S.transpose(1, 2))
+    # Directions null for *every* sample (cross-entropy's 1) are found once, from the
+    # sum of the normalised S_i, and projected out; per-sample eigenvalues are then all
+    # kept, however small (a class with p ~ 1e-20 is a real, tiny direction).
+    size = torch.diagonal(S, dim1=1, dim2=2).abs().sum(1).clamp(min=torch.finfo(S.dtype).tiny)
+    mu, Q = torch.linalg.eigh((S / size[:, None, None]).sum(0))
+    Q = Q[:, mu > _RANK_TOL * float(mu.max().clamp(min=torch.finfo(S.dtype).tiny))]
+    lam, V = torch.linalg.eigh(Q.T @ S @ Q)
+    return (Q @ V) * torch.sqrt(torch.clamp(lam, min=0.0))[:, None, :]
 
 
 class SampleSpaceSolve:
@@ -91,8 +116,8 @@ class SampleSpaceSolve:
     form : {"range", "woodbury", "parameter"}
         How ``Ψ`` enters (see the module notes).
     complement : float
-        ``max_i ‖w_i − L_i a_i‖ / ‖w_i‖``: the part of ``Ψ`` outside the range of ``Bᵀ``
-        (0 up to rounding in the ``"range"`` form).
+        ``max_i ‖w_i − L_i a_i‖ / max_i ‖w_i‖``: the part of ``Ψ`` outside the range of
+        ``Bᵀ`` (at most ``sqrt(eps)`` in the ``"range"`` form, where it is dropped).
     timings : dict of str -> float
         Seconds for the factors ``B``, the Gram, and each factorisation.
     """
@@ -249,9 +274,13 @@ def build_solve(fm, loss, params, X, rho, X_test, Y_test, *, rho_from=None,
     Raises
     ------
     ValueError
-        Unknown ``curvature``; ``B`` and the Gram need more than ``memory_budget``
-        bytes (the message names ``n_train``, the rows per sample, ``n_params`` and
-        the bytes).
+        Unknown ``curvature``.
+    MemoryBudgetError
+        ``B``, the Gram and its factor need more than ``memory_budget`` bytes (the
+        message names ``n_train``, ``n_out``, the rows per sample, ``n_params`` and the
+        bytes); a ``ValueError``.
+    TypeError
+        ``memory_budget`` is not a number.
     """
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES} for the sample-space "
@@ -278,18 +307,20 @@ def build_solve(fm, loss, params, X, rho, X_test, Y_test, *, rho_from=None,
     N = n * r
     need = required_bytes(N, M)
     if need > memory_budget:
-        raise ValueError(
+        raise MemoryBudgetError(
             f"the exact {curvature} solve needs {need / 2**30:.2f} GiB (float64 B of "
             f"{N} x {M} rows = n_train={n} x {r} of n_out={n_out}, by n_params={M}, plus "
             f"a {min(N, M)}^2 Gram and its factor: {need} bytes) but memory_budget="
             f"{int(memory_budget)} bytes; raise memory_budget, use fewer training samples, "
-            "or project (proj_dim / solver='projected')")
+            "or project (proj_dim / solver='projected')", n_train=n, n_out=n_out, n_rows=N,
+            n_params=M, bytes_needed=need, memory_budget=int(memory_budget))
     # a_i = L_i⁺ w_i; the complement says whether Ψ lies in the range of Bᵀ.
     a = (torch.linalg.pinv(L) @ w[:, :, None])[:, :, 0]
+    # Relative to the largest ‖w_i‖: a well-fitted sample's tiny w_i carries the
+    # eigensolver's absolute rounding, which is not a part of Ψ outside range(Bᵀ).
     resid = torch.linalg.vector_norm(w - (L @ a[:, :, None])[:, :, 0], dim=1)
-    wnorm = torch.linalg.vector_norm(w, dim=1)
-    complement = float(torch.max(torch.where(wnorm > 0, resid / torch.where(
-        wnorm > 0, wnorm, 1.0), 0.0))) if n else 0.0
+    wmax = float(torch.linalg.vector_norm(w, dim=1).max()) if n else 0.0
+    complement = float(resid.max()) / wmax if wmax > 0 else 0.0
     B = np.empty((N, M))
     for s, e in chunks(n, chunk_size):
         B[s * r:e * r] = fm.per_sample_vjp(params, X[s:e], L[s:e].transpose(1, 2)) \
@@ -302,7 +333,11 @@ def build_solve(fm, loss, params, X, rho, X_test, Y_test, *, rho_from=None,
     if not (np.isfinite(trace) and np.isfinite(Gamma).all()):
         raise ValueError("non-finite per-sample Jacobian rows or test-loss gradients at "
                          "these parameters (check the model and data for inf/NaN)")
-    in_range = complement <= 1e3 * np.finfo(np.float64).eps
+    # S_i and w_i come from autodiff with absolute rounding ~eps; on a well-fitted sample
+    # (p_y ≈ 1, cancellation in p − p²) their ranges then disagree at ~1e-12 of max‖w‖.
+    # That is rounding, not a part of Ψ outside range(Bᵀ); an O(1) complement (Fisher
+    # with w_i not parallel to ∂_f l) is, and takes the Woodbury form.
+    in_range = complement <= _RANGE_TOL
     A = None
     if in_range:
         A = np.zeros((N, n))
