@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from iif_ref.testing import check_attributor, checks, default_problems, exact_scores
+from iif_ref.testing import (
+    check_attributor,
+    checks,
+    default_problems,
+    exact_scores,
+    make_problem,
+)
 from iif_ref.testing.checks import _loo_shift
 from iif_ref.testing.own import linear_if, linear_iif, linear_tracin
 from iif_ref.testing.strategies import linear_problems
@@ -158,3 +164,20 @@ def test_loo_sign_skips_with_the_reason_when_no_sign_is_determined():
     report = check_attributor(linear_if, kind="if", checks="loo_sign", problems=[p])
     [result] = report.results
     assert result.status == "skipped" and "no (test, train) pair" in result.message
+
+
+@pytest.mark.parametrize("fn, kind", [(linear_if, "if"), (linear_tracin, "tracin"),
+                                      (linear_iif, "iif")])
+def test_noise_free_fit_is_skipped_with_the_reason_not_failed(fn, kind):
+    # The false alarm the 10,000-problem sweep found (n = 5, d = 1, noise 0): every
+    # training residual is rounding noise, so are the scores, and a permuted evaluation
+    # differs from them by more than 100 %.
+    p = make_problem(5, 1, 5, leverage=0.9953940212090855, noise=0.0,
+                     test_noise=0.00014698703547997525, K=7, n_checkpoints=4,
+                     seed=1013120119, lam=10.101080461639397, name="sweep_noise_free")
+    report = check_attributor(fn, kind=kind, problems=[p])
+    assert report.passed, str(report)
+    skipped = [r for r in report.results if r.status == "skipped"]
+    assert skipped and all("rounding level" in r.message or "no (test, train) pair"
+                           in r.message or "prediction_baseline" in r.message
+                           for r in skipped)

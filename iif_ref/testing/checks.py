@@ -378,8 +378,25 @@ def _diagnose(got, ref, n_train):
     return "; ".join(hints)
 
 
+def _void(check, problem, tol, reason):
+    """A skip when the tolerance is ≥ 100 % (``None`` otherwise).
+
+    The derived tolerance reaches 1 only where the residuals are at rounding level (a
+    noise-free fit: every score is rounding noise); no relative comparison means anything
+    there, and two correct evaluations may differ by more than the scores themselves.
+    """
+    if np.max(tol) < 1.0:
+        return None
+    return _skip(check, problem, f"tolerance {np.max(tol):.3g} ≥ 1 ({reason}): the residuals "
+                                 f"are at rounding level and the scores carry no relative "
+                                 f"accuracy")
+
+
 def _compare(check, problem, got, ref, tol, reason, what):
-    """CheckResult for relative Frobenius error ‖got − ref‖/‖ref‖ ≤ tol."""
+    """CheckResult for relative Frobenius error ‖got − ref‖/‖ref‖ ≤ tol (skip if tol ≥ 1)."""
+    void = _void(check, problem, tol, reason)
+    if void is not None:
+        return void
     diff = got - ref
     ref_norm = float(np.linalg.norm(ref))
     err = float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(diff))
@@ -459,6 +476,10 @@ def _check_iif_completeness(att, problem):
     scale = np.maximum(np.abs(S).sum(axis=1) + np.abs(delta) + bias, np.finfo(float).tiny)
     rel = np.abs(resid - bias) / scale
     tols, reason = _rounding_tolerance(att, p, S, rows=True)
+    # Rows whose tolerance reaches 1 carry no relative accuracy (see _void).
+    rel = np.where(tols < 1.0, rel, 0.0)
+    if not np.any(tols < 1.0):
+        return _void("iif_completeness", p, tols, reason)
     t = int(np.argmax(rel / tols))
     tol = float(tols[t])
     what = (f"Σ_i I − Δ vs Euler bias c²/K (K={K})" if K is not None
@@ -498,6 +519,9 @@ def _check_duplicate(att, problem):
     S = att.scores(q)
     ref = exact_scores(att.kind, q)
     tol, reason = _rounding_tolerance(att, q, ref)
+    void = _void("duplicate", p, tol, reason)
+    if void is not None:
+        return void
     n = p.n_train
     copies = float(np.linalg.norm(S[:, j] - S[:, n]) / max(np.linalg.norm(S), 1e-300))
     if copies > tol:
