@@ -19,6 +19,7 @@ from iif_ref._validation import check_options
 from iif_ref.neural.config import IIFConfig
 from iif_ref.neural.engine import run as _run
 from iif_ref.neural.functional import eval_mode
+from iif_ref.neural.methods import influence_function, tracin, trak
 from iif_ref.neural.plan import Problem, prepare_problem
 
 __all__ = ["integrated_influence", "attribute", "prepare_problem", "Problem"]
@@ -132,9 +133,6 @@ def attribute(model, loss, X_train, y_train, X_test, y_test, *, method="iif", se
     if method == "iif":
         return integrated_influence(model, loss, X_train, y_train, X_test, y_test,
                                     seed=seed, **options)
-    from iif_ref.neural import methods
-
-    fn = {"if": methods.influence_function, "tracin": methods.tracin,
-          "trak": methods.trak}[method]
+    fn = {"if": influence_function, "tracin": tracin, "trak": trak}[method]
     check_options(fn, options, what=f"method={method!r}")
     return fn(model, loss, X_train, y_train, X_test, y_test, seed=seed, **options)
