@@ -2,6 +2,9 @@
 
 ``ci`` (selected when the CI environment variable is set) is derandomised so a red
 CI run is reproducible; ``dev`` explores with fresh randomness.
+``HYPOTHESIS_EXAMPLES_SCALE=10`` multiplies every property test's ``max_examples`` by 10,
+those set with ``@settings(max_examples=...)`` included (a profile alone cannot: explicit
+settings override it), for an occasional long exploratory run.
 """
 import os
 
@@ -14,3 +17,18 @@ settings.register_profile(
     "dev", max_examples=50, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_collection_modifyitems(items):
+    scale = int(os.environ.get("HYPOTHESIS_EXAMPLES_SCALE", "1"))
+    if scale == 1:
+        return
+    seen = set()
+    for item in items:
+        fn = getattr(item, "obj", None)
+        current = getattr(fn, "_hypothesis_internal_use_settings", None)
+        if current is None or id(fn) in seen:   # not a property test, or already scaled
+            continue
+        seen.add(id(fn))
+        fn._hypothesis_internal_use_settings = settings(
+            current, max_examples=current.max_examples * scale)
