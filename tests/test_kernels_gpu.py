@@ -17,17 +17,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _backends import host_library  # tests/_backends.py
+
 from iif_ref.errors import NotPositiveDefiniteError
 from iif_ref.kernels import _host, project, projected_scores, projection_matrix
 from iif_ref.kernels._registry import backend_status, get_backend
 
 CUPY_OK, CUPY_REASON = backend_status("cupy")
-HOST_OK, HOST_REASON = _host.available()
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not CUPY_OK, reason=f"cupy backend unavailable: {CUPY_REASON}")]
-needs_host = pytest.mark.skipif(not HOST_OK, reason=f"host library unavailable: {HOST_REASON}; "
-                                                    "build it with cmake")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    """The host twin, built with CMake if absent: decided when a test runs, not at import
+    (on a fresh machine the library does not exist until this fixture builds it)."""
+    yield from host_library(tmp_path_factory)
+
+
+needs_host = pytest.mark.usefixtures("host")
 
 EPS64 = float(np.finfo(np.float64).eps)
 U = {np.dtype(np.float32): float(np.finfo(np.float32).eps) / 2,

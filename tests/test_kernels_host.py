@@ -18,20 +18,17 @@ import ctypes
 import ctypes.util
 import importlib.util
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _backends import PHILOX_KAT  # tests/_backends.py
+from _backends import PHILOX_KAT, host_library  # tests/_backends.py
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iif_ref.kernels import _cupy_backend, _host, projection_matrix
 from iif_ref.kernels._philox import philox4x32_10
 
-REPO = Path(__file__).resolve().parents[1]
 EPS32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff u
 EPS64 = float(np.finfo(np.float64).eps) / 2
 
@@ -39,28 +36,7 @@ EPS64 = float(np.finfo(np.float64).eps) / 2
 @pytest.fixture(scope="session", autouse=True)
 def host_lib(tmp_path_factory):
     """The loaded host library, built with CMake into a temporary directory if needed."""
-    ok, reason = _host.available()
-    if ok and _host.emulation_library_path().is_file():
-        yield _host.load()
-        return
-    if shutil.which("cmake") is None:
-        pytest.skip(f"host library unavailable ({reason}) and cmake is not installed")
-    build = tmp_path_factory.mktemp("iif_host_build")
-    # The host library alone: the nvcc compile check is the top-level build's job.
-    for cmd in (["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                 "-DIIF_BUILD_CUDA=OFF"],
-                ["cmake", "--build", str(build), "--target", "iif_host", "iif_cuda_emulation"]):
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-    previous = os.environ.get(_host.ENV_VAR)
-    os.environ[_host.ENV_VAR] = str(build / Path(_host.library_path()).name)
-    _host._lib = _host._emulation_lib = None
-    try:
-        yield _host.load()
-    finally:
-        if previous is None:
-            os.environ.pop(_host.ENV_VAR, None)
-        else:
-            os.environ[_host.ENV_VAR] = previous
+    yield from host_library(tmp_path_factory)
 
 
 @pytest.mark.parametrize("counter, key, expected", PHILOX_KAT)

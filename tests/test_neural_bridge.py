@@ -18,6 +18,12 @@ from _helpers import fit_summed_cross_entropy
 
 EPS64 = np.finfo(np.float64).eps
 
+# torch's forward-mode AD (torch.func.jvp, behind the Gauss–Newton products) imports
+# torch._decomp.decompositions_for_jvp on first use, and that module calls
+# torch.jit.script: the deprecation is torch's own, raised once per process.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 
 def _linear_problem(seed, n=40, d=4, n_test=3):
     rng = np.random.default_rng(seed)
