@@ -118,44 +118,73 @@ def choose_damping(run, masks, losses, tune_index, *, grid=RELATIVE_DAMPING_GRID
 
 # --------------------------------------------------------------------------- exact reference
 
-@dataclass
 class ExactGN:
-    """Exact Gauss–Newton influence function in its sample-space (kernel) form, float64.
+    """Exact Gauss–Newton influence function of a network, float64, for any damping.
 
-    ``C = BᵀB`` with ``B`` stacking ``S_i J_i`` over training samples (``J_i`` the
-    ``(n_out, n_params)`` logit Jacobian, ``S_i`` the symmetric square root of the
-    cross-entropy Hessian in the logits, ``diag(p_i) − p_i p_iᵀ``). A training gradient
-    is ``u_i = J_iᵀ(p_i − y_i) = B_iᵀ a_i`` with ``a_i = S_i⁺(p_i − y_i)`` (``p_i − y_i``
-    sums to zero, orthogonal to the null direction of ``S_i``), so by the push-through
-    identity ``(BᵀB + λI)⁻¹Bᵀ = Bᵀ(BBᵀ + λI)⁻¹``::
+    A thin view of the package's oracle, :func:`iif_ref.neural.sample_space.exact_influence`
+    (``C = BᵀB`` with ``B`` stacking ``L_iᵀ J_i``, ``S_i = L_i L_iᵀ`` the cross-entropy
+    Hessian in the logits; the damped solve through the ``(n·(n_out−1))²`` Gram by the
+    push-through identity, no ``n_params²`` matrix)::
 
-        IF[t, i] = −g_t (C + λ I)⁻¹ u_i = −(B g_t)ᵀ (BBᵀ + λ I)⁻¹ a_i,
+        IF[t, i] = −g_t (C + λ I)⁻¹ u_i = −(B g_t)ᵀ (BBᵀ + λ I)⁻¹ a_i,   u_i = B_iᵀ a_i.
 
-    one Cholesky factor of the ``(n·n_out)²`` kernel per damping and no cancellation.
-    ``complement`` is the measured ``max_i ‖u_i − B_iᵀ a_i‖ / ‖u_i‖``.
+    ``complement`` is the measured ``max_i ‖w_i − L_i a_i‖ / max_i ‖w_i‖`` (``w_i`` the
+    output-space gradient): the part of the training gradients outside the range of
+    ``Bᵀ``.
     """
 
-    K: np.ndarray           # (n*c, n*c) kernel B Bᵀ
-    Bg: np.ndarray          # (n*c, n_test) B g_tᵀ
-    A: np.ndarray           # (n*c, n_train) block-sparse a_i
-    trace: float            # tr(C) = ‖B‖_F²
-    n_params: int
-    complement: float
-    seconds: float
-    timings: dict
+    def __init__(self, solve, seconds):
+        self.solve, self.seconds = solve, seconds
+        self.trace, self.n_params = solve.trace, solve.n_params
+        self.complement, self.timings = solve.complement, solve.timings
 
     def scores(self, damping):
         """``IF[t, i] = −g_t (C + λ_d I)⁻¹ u_i`` for absolute damping ``λ_d > 0``."""
-        import scipy.linalg
-
         if not damping > 0:
             raise ValueError(f"damping must be > 0 (C has rank <= n*n_out), got {damping}")
-        factor = scipy.linalg.cho_factor(self.K + damping * np.eye(len(self.K)), lower=True)
-        return -(self.Bg.T @ scipy.linalg.cho_solve(factor, self.A))
+        return self.solve.scores(damping)[0]
+
+
+def exact_gauss_newton_if(model, X_train, y_train, X_test, y_test, *, n_classes,
+                          memory_budget=None):
+    """Exact (unprojected, float64) Gauss–Newton influence function of a network.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Evaluated in eval mode, in float64 (the model is not modified).
+    X_train, y_train, X_test, y_test : arrays (integer labels)
+    n_classes : int
+        Checked against the model's outputs.
+    memory_budget : int, optional
+        Bytes for the solve (default: the package's, 4 GiB).
+
+    Returns
+    -------
+    ExactGN
+        ``.scores(damping)`` for any absolute damping (one Cholesky factor each).
+
+    Notes
+    -----
+    Implements the influence function of ``docs/conventions.md`` with the exact
+    Gauss–Newton curvature of the summed cross-entropy, ``C = Σ_i J_iᵀ ∇²_f l_i J_i``,
+    through :func:`iif_ref.neural.sample_space.exact_influence`. The Cholesky solve
+    with ``BBᵀ + λI`` has relative error ``~ eps · cond``, ``cond ≤ 1 + ‖B‖²/λ``.
+    """
+    from iif_ref.neural.sample_space import DEFAULT_MEMORY_BUDGET, exact_influence
+
+    t0 = time.perf_counter()
+    # Labels one-hot to n_classes: a model with another number of outputs is refused.
+    Y, Yt = np.eye(n_classes)[np.asarray(y_train)], np.eye(n_classes)[np.asarray(y_test)]
+    solve = exact_influence(model, "cross_entropy", X_train, Y, X_test, Yt,
+                            curvature="gauss_newton",
+                            memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET)
+    return ExactGN(solve, time.perf_counter() - t0)
 
 
 def _logit_jacobians(model, X, chunk=64):
-    """Per-sample logit Jacobians ``(n, n_out, n_params)`` in float64 and the logits."""
+    """Per-sample logit Jacobians ``(n, n_out, n_params)`` in float64 and the logits
+    (the brute-force twin the tests build the ``n_params²`` Gauss–Newton matrix from)."""
     import torch
     from torch.func import functional_call, jacrev, vmap
 
@@ -175,73 +204,6 @@ def _logit_jacobians(model, X, chunk=64):
         with torch.no_grad():
             outs.append(functional_call(net, params, (Xt[s:s + chunk],)).numpy())
     return np.concatenate(Js), np.concatenate(outs)
-
-
-def exact_gauss_newton_if(model, X_train, y_train, X_test, y_test, *, n_classes,
-                          rank_tol=1e-12):
-    """Exact (unprojected, float64) Gauss–Newton influence function of a small network.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Evaluated in eval mode, in float64 (a copy; the model is not modified).
-    X_train, y_train, X_test, y_test : arrays (integer labels)
-    n_classes : int
-    rank_tol : float
-        Eigenvalues of a sample's logit Hessian below ``rank_tol`` times its largest are
-        treated as zero in ``S_i⁺`` (classes with probability ~0).
-
-    Returns
-    -------
-    ExactGN
-        ``.scores(damping)`` for any absolute damping at the cost of one GEMM.
-
-    Notes
-    -----
-    Implements the influence function of ``docs/conventions.md`` with the exact
-    Gauss–Newton curvature of the summed cross-entropy, ``C = Σ_i J_iᵀ ∇²_f l_i J_i``,
-    in sample space (``n·n_out`` = 5,000 rows for 500 samples, against 17,226
-    parameters), so no ``n_params × n_params`` matrix is formed. The Cholesky solve with
-    ``BBᵀ + λI`` has relative error ``~ eps · cond``, ``cond ≤ 1 + ‖B‖²/λ``.
-    """
-    t0 = time.perf_counter()
-    timings = {}
-    J, F = _logit_jacobians(model, X_train)             # (n, c, M), (n, c)
-    Jt, Ft = _logit_jacobians(model, X_test)
-    timings["jacobians_s"] = time.perf_counter() - t0
-    n, c, M = J.shape
-    p = np.exp(F - F.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    pt = np.exp(Ft - Ft.max(axis=1, keepdims=True))
-    pt /= pt.sum(axis=1, keepdims=True)
-    Y = np.eye(n_classes)[np.asarray(y_train)]
-    Yt = np.eye(n_classes)[np.asarray(y_test)]
-    # Batched matmuls, not einsum: einsum on (n, c, M) operands falls back to slow loops.
-    R = p - Y                                            # output-space residuals (n, c)
-    U = np.matmul(R[:, None, :], J)[:, 0, :]             # per-sample training gradients
-    G = np.matmul((pt - Yt)[:, None, :], Jt)[:, 0, :]    # test-loss gradients
-    Hf = p[:, :, None] * np.eye(c) - p[:, :, None] * p[:, None, :]
-    w, V = np.linalg.eigh(Hf)
-    w = np.clip(w, 0.0, None)
-    root = np.sqrt(w)
-    inv_root = np.where(w > rank_tol * w.max(axis=1, keepdims=True), 1.0 / np.where(root > 0, root, 1.0), 0.0)
-    S = np.matmul(V * root[:, None, :], V.transpose(0, 2, 1))
-    S_pinv = np.matmul(V * inv_root[:, None, :], V.transpose(0, 2, 1))
-    a = np.matmul(S_pinv, R[:, :, None])[:, :, 0]       # (n, c)
-    B = np.matmul(S, J)                                  # (n, c, M)
-    U_back = np.matmul(a[:, None, :], B)[:, 0, :]
-    complement = float(np.max(np.linalg.norm(U - U_back, axis=1)
-                              / np.maximum(np.linalg.norm(U, axis=1), 1e-300)))
-    del J
-    B = B.reshape(n * c, M)
-    A = np.zeros((n * c, n))
-    A[np.arange(n * c), np.repeat(np.arange(n), c)] = a.ravel()
-    timings["features_s"] = time.perf_counter() - t0
-    K = B @ B.T
-    timings["kernel_s"] = time.perf_counter() - t0
-    return ExactGN(K=K, Bg=B @ G.T, A=A, trace=float(np.einsum("ij,ij->", B, B)),
-                   n_params=M, complement=complement, seconds=time.perf_counter() - t0,
-                   timings=timings)
 
 
 # --------------------------------------------------------------------------- ceiling
