@@ -178,6 +178,6 @@ def test_noise_free_fit_is_skipped_with_the_reason_not_failed(fn, kind):
     report = check_attributor(fn, kind=kind, problems=[p])
     assert report.passed, str(report)
     skipped = [r for r in report.results if r.status == "skipped"]
-    assert skipped and all("rounding level" in r.message or "no (test, train) pair"
+    assert skipped and all("no relative accuracy" in r.message or "no (test, train) pair"
                            in r.message or "prediction_baseline" in r.message
                            for r in skipped)

@@ -381,15 +381,16 @@ def _diagnose(got, ref, n_train):
 def _void(check, problem, tol, reason):
     """A skip when the tolerance is ≥ 100 % (``None`` otherwise).
 
-    The derived tolerance reaches 1 only where the residuals are at rounding level (a
-    noise-free fit: every score is rounding noise); no relative comparison means anything
-    there, and two correct evaluations may differ by more than the scores themselves.
+    The derived tolerance reaches 1 where κ(H)·eps·(n + d) approaches 1/γ_eff: a Hessian
+    too ill-conditioned for the precision, or residuals at rounding level (a noise-free
+    fit, whose scores are rounding noise). No relative comparison means anything there:
+    two correct evaluations may differ by more than the scores themselves.
     """
     if np.max(tol) < 1.0:
         return None
-    return _skip(check, problem, f"tolerance {np.max(tol):.3g} ≥ 1 ({reason}): the residuals "
-                                 f"are at rounding level and the scores carry no relative "
-                                 f"accuracy")
+    return _skip(check, problem, f"tolerance {np.max(tol):.3g} ≥ 1 ({reason}): at this "
+                                 f"conditioning and residual size the scores carry no "
+                                 f"relative accuracy")
 
 
 def _compare(check, problem, got, ref, tol, reason, what):
