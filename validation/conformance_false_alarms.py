@@ -31,6 +31,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -181,6 +182,14 @@ def run_one(task):
     return j, params, out
 
 
+def reason_key(message):
+    """A skip message without its per-problem numbers and parenthesised details."""
+    text, previous = message, None
+    while text != previous:                      # innermost parentheses first
+        previous, text = text, re.sub(r" ?\([^()]*\)", "", text)
+    return re.sub(r"[-+]?\d[\d.e+-]*", "#", text)[:160]
+
+
 def aggregate(results):
     """Rows per (attributor, check) from :func:`run_one` outputs."""
     rows = {}
@@ -196,8 +205,7 @@ def aggregate(results):
             if status != "skipped":
                 row["n_applicable"] += 1
             else:
-                # The reason without the per-problem numbers.
-                row["skip_reasons"][msg.split(";")[0].split(":")[0][:120]] += 1
+                row["skip_reasons"][reason_key(msg)] += 1
             if ratio is not None and status == "passed":
                 m = row["max_error_over_tolerance"]
                 row["max_error_over_tolerance"] = ratio if m is None else max(m, ratio)
