@@ -22,59 +22,84 @@ def per_sample_losses(fm, loss, params, X, Y):
 
 
 def unlearn(fm, loss, X, Y, X_test, Y_test, cfg, *, params=None):
-    """Unlearned parameters θ' of Eq. (12) for the test batch (``L_test`` summed over it).
+    """Unlearned parameters θ' of Eq. (12) for a group of test points.
 
     Parameters
     ----------
     fm : FunctionalModel
     loss : TargetLinearLoss
     X, Y : tensors, shapes (n_train, ...), (n_train, n_out)
-    X_test, Y_test : tensors, shapes (n_test, ...), (n_test, n_out)
+    X_test, Y_test : tensors, shapes (n_rows, ...), (n_rows, n_out)
+        The test points unlearned together (one for ``baseline="per_test"``).
     cfg : IIFConfig
-        Uses ``lam``, ``unlearn_*``, ``train_reduction``, ``divergence_factor``, ``seed``.
+        Uses ``lam``, ``unlearn_*``, ``divergence_factor``, ``seed``.
     params : dict, optional
         Starting point; default θ*.
 
     Returns
     -------
     theta_prime : dict of tensors
-    trajectory : list of float
-        The objective at the start and after each epoch.
+    history : dict
+        ``objective`` (start, then per epoch), ``test_loss`` (per-row test losses,
+        start then per epoch), ``step_size`` (per epoch ``[min, mean, max]``) and
+        ``skipped_steps`` (per epoch) — see :func:`iif_ref.neural.optimise.minimise`.
 
     Raises
     ------
     DivergenceError
         The objective became non-finite or fell below
-        ``obj₀ − divergence_factor · (|obj₀| + 1)`` — with ``train_reduction="mean"``
-        and λ ≈ 1, or a too large step, ``−L_test + λ L_train`` is unbounded below; the
-        message carries the trajectory.
+        ``obj₀ − divergence_factor · (|obj₀| + 1)``: ``−L_test + λ L_train`` is unbounded
+        below in the region reached (small λ, a large step without line search, many
+        epochs); the message carries the trajectory.
 
     Notes
     -----
-    Implements Eq. (12) with ``L_train`` normalised by ``cfg.train_reduction``
-    (sum by default, docs/conventions.md) and ``L_test`` the summed per-sample loss of
-    the test batch: one joint baseline for the batch. Mini-batch terms of ``L_train``
-    are scaled by ``n_train / batch`` so each step is unbiased for the full objective.
+    Implements Eq. (12), ``min_θ −s·L_test(θ) + λ L_train(θ)`` from θ*, with
+    ``cfg.unlearn_reduction``:
+
+    * ``"mean"`` (default): ``L_test`` the mean test loss of the group and ``L_train``
+      the mean training loss, the normalisation of a mini-batch training loop (the
+      paper's "5 epochs using the SGD optimizer"); a mini-batch term is the batch mean,
+      so λ = 0.5 (Table 6, MNIST) weighs one mean test loss against half a mean
+      training loss, whatever ``n_train`` and the batch size.
+    * ``"sum"``: both summed. λ then multiplies ``n_train`` times more training loss;
+      at an imperfectly converged θ* the training gradient dominates and the
+      optimiser keeps training instead of unlearning (docs/algorithm1.md).
+
+    Mini-batch terms of ``L_train`` are scaled so each step is unbiased for the full
+    objective. ``unlearn_line_search`` (SGD) backtracks each step on its mini-batch
+    objective (Armijo), so no step raises the objective it was taken on.
     """
     n = X.shape[0]
-    norm = 1.0 if cfg.train_reduction == "sum" else 1.0 / n
+    summed = cfg.unlearn_reduction == "sum"
+    norm_train = 1.0 if summed else 1.0 / n
+    norm_test = 1.0 if summed else 1.0 / X_test.shape[0]
+    log = cfg.unlearn_reduction == "log_mean"
     sign = float(cfg.unlearn_sign)
 
     def objective(p, idx, scale):
-        test = per_sample_losses(fm, loss, p, X_test, Y_test).sum()
+        test = per_sample_losses(fm, loss, p, X_test, Y_test)
+        test = (torch.log(test) if log else test).sum()
         Xb, Yb = (X, Y) if idx is None else (X[idx], Y[idx])
         train = per_sample_losses(fm, loss, p, Xb, Yb).sum()
-        return -sign * test + cfg.lam * norm * scale * train
+        return -sign * norm_test * test + cfg.lam * norm_train * scale * train
+
+    def test_losses(p):
+        return per_sample_losses(fm, loss, p, X_test, Y_test).tolist()
 
     start = fm.theta_star if params is None else params
     with torch.no_grad():
         obj0 = float(objective(start, None, 1.0))
     floor = obj0 - cfg.divergence_factor * (abs(obj0) + 1.0)
-    return minimise(objective, start, n_samples=n, epochs=cfg.unlearn_epochs,
-                    optimizer=cfg.unlearn_optimizer, lr=cfg.unlearn_lr,
-                    batch_size=cfg.unlearn_batch_size, seed=cfg.seed,
-                    max_iter=cfg.refit_max_iter, tol=cfg.refit_tol, divergence_floor=floor,
-                    what="unlearning (Eq. 12)")
+    line_search = cfg.unlearn_line_search and cfg.unlearn_optimizer == "sgd"
+    theta, history = minimise(
+        objective, start, n_samples=n, epochs=cfg.unlearn_epochs,
+        optimizer=cfg.unlearn_optimizer, lr=cfg.unlearn_lr,
+        batch_size=cfg.unlearn_batch_size, seed=cfg.seed, max_iter=cfg.refit_max_iter,
+        tol=cfg.refit_tol, divergence_floor=floor, what="unlearning (Eq. 12)",
+        line_search=line_search, monitor=test_losses)
+    history["test_loss"] = history.pop("monitor")
+    return theta, history
 
 
 def per_sample_baselines(fm, loss, X, Y, indices, *, lr):

@@ -20,6 +20,7 @@ _CHOICES = {
     "baseline": ("joint", "per_test", "prediction", "given"),
     "unlearn_optimizer": ("sgd", "adam", "lbfgs"),
     "train_reduction": ("sum", "mean"),
+    "unlearn_reduction": ("log_mean", "mean", "sum"),
     "path_models": ("one_step", "sgd_epoch", "refit"),
     "curvature": ("fisher", "gauss_newton", "hessian"),
     "kind": ("rademacher", "gaussian"),
@@ -35,27 +36,41 @@ class IIFConfig:
     K : int
         Number of path steps (Eq. 10); ``t_k = k/K``, right-endpoint Euler sum.
     lam : float
-        λ of the unlearning objective ``−L_test + λ L_train`` (Eq. 12), λ multiplying the
-        training loss in the normalisation ``train_reduction``.
+        λ of the unlearning objective ``−L_test + λ L_train`` (Eq. 12), in the
+        normalisation ``unlearn_reduction``. Default 0.5 (Table 6, MNIST attribution).
     baseline : {"joint", "per_test", "prediction", "given"}
         ``"joint"``: one unlearned θ' for the whole test batch (``L_test`` summed over it);
         ``"per_test"``: one θ'_t per test point; ``"prediction"``: θ' = θ*, i.e. baseline
         targets ``f(x; θ*)`` (the influence-function setting, Lemma 2.5);
         ``"given"``: the caller passes θ' (used by self-influence and proponents).
     unlearn_epochs : int
-        Passes over the training data of the unlearning optimiser (paper: "a few").
+        Passes over the training data of the unlearning optimiser (paper, Sec. 3.1:
+        "5 epochs using the SGD optimizer").
     unlearn_optimizer : {"sgd", "adam", "lbfgs"}
         ``"lbfgs"`` (full batch, strong-Wolfe line search) solves Eq. (12) to convergence.
     unlearn_lr : float
+        Step size of the unlearning optimiser; with ``unlearn_line_search`` the largest
+        step tried.
     unlearn_batch_size : int or None
-        Mini-batch size of the unlearning passes; ``None`` = full batch (one step per epoch).
-        A mini-batch term is scaled so that its expectation is the full objective.
+        Mini-batch size of the unlearning epochs (default 64: an epoch of the paper's
+        1,000–5,000 MNIST samples is 16–79 SGD steps); ``None`` = full batch (one step
+        per epoch). A mini-batch term is scaled so that its expectation is the full
+        objective.
+    unlearn_reduction : {"mean", "sum"}
+        Normalisation of both losses of Eq. (12): ``"mean"`` (default) divides the
+        training loss by ``n_train`` and the test loss by the number of test points
+        unlearned together, so λ weighs mean against mean as in a mini-batch training
+        loop; ``"sum"`` sums both (docs/algorithm1.md, "Unlearning").
+    unlearn_line_search : bool
+        Backtracking (Armijo) on each mini-batch step of ``unlearn_optimizer="sgd"``
+        (:func:`iif_ref.neural.optimise.minimise`): no step raises its batch objective,
+        so unlearning cannot diverge by a too large ``unlearn_lr``.
     unlearn_sign : {+1, −1}
         ``+1``: unlearn (raise the test loss, Eq. 12). ``−1``: the opposite baseline of
         Sec. 3.2 (lower the test loss), used to find opponents.
     train_reduction : {"sum", "mean"}
-        Normalisation of ``L_train`` in the *optimisation* objectives (unlearning, path
-        models). Curvature and scores always use the summed loss (docs/conventions.md).
+        Normalisation of ``L_train`` in the path-model objectives (Eq. 16). Curvature
+        and scores always use the summed loss (docs/conventions.md).
     divergence_factor : float
         Unlearning is declared divergent when the objective falls below
         ``obj₀ − divergence_factor · (|obj₀| + 1)`` or becomes non-finite.
@@ -101,12 +116,14 @@ class IIFConfig:
     """
 
     K: int = 5
-    lam: float = 1.0
+    lam: float = 0.5
     baseline: str = "joint"
     unlearn_epochs: int = 5
     unlearn_optimizer: str = "sgd"
-    unlearn_lr: float = 1e-3
-    unlearn_batch_size: int | None = None
+    unlearn_lr: float = 0.1
+    unlearn_batch_size: int | None = 64
+    unlearn_reduction: str = "log_mean"
+    unlearn_line_search: bool = True
     unlearn_sign: int = 1
     train_reduction: str = "sum"
     divergence_factor: float = 1e6
@@ -142,6 +159,9 @@ class IIFConfig:
         self.unlearn_lr = check_positive_real(self.unlearn_lr, "unlearn_lr")
         self.unlearn_batch_size = check_positive_int(self.unlearn_batch_size,
                                                      "unlearn_batch_size", allow_none=True)
+        if not isinstance(self.unlearn_line_search, bool):
+            raise TypeError(f"unlearn_line_search must be True or False, got "
+                            f"{self.unlearn_line_search!r}")
         if self.unlearn_sign not in (1, -1):
             raise ValueError(f"unlearn_sign must be +1 or -1, got {self.unlearn_sign!r}")
         self.divergence_factor = check_positive_real(self.divergence_factor,

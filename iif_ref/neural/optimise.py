@@ -3,15 +3,17 @@ unlearning baseline of Eq. 12 and the path models of Eq. 16).
 
 The objective is a sum of per-sample terms over the training data plus an optional
 extra term; mini-batches are scaled so their expectation is the full objective. Every
-run records its trajectory (the full objective after each epoch), which the caller
-reports when a run diverges.
+run records its history (the full objective after each epoch, the step sizes taken),
+which the caller reports when a run diverges. Plain SGD steps can be guarded by a
+backtracking (Armijo) line search on the mini-batch objective, so that no step raises
+the objective it was taken on.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["minimise", "DivergenceError"]
+__all__ = ["minimise", "DivergenceError", "MAX_BACKTRACKS", "ARMIJO_C"]
 
 
 class DivergenceError(ValueError):
@@ -23,8 +25,9 @@ class DivergenceError(ValueError):
 
 
 def minimise(objective, params, *, n_samples, epochs, optimizer, lr, batch_size=None,
-             seed=0, max_iter=500, tol=1e-10, divergence_floor=None, what="optimisation"):
-    """Minimise ``objective(params, idx)`` starting from ``params``; return (params, trajectory).
+             seed=0, max_iter=500, tol=1e-10, divergence_floor=None, what="optimisation",
+             line_search=False, monitor=None):
+    """Minimise ``objective(params, idx, scale)`` from ``params``; return (params, history).
 
     Parameters
     ----------
@@ -40,8 +43,8 @@ def minimise(objective, params, *, n_samples, epochs, optimizer, lr, batch_size=
         (``"sgd"``, ``"adam"``) or one L-BFGS solve of up to ``max_iter`` iterations.
     optimizer : {"sgd", "adam", "lbfgs"}
     lr : float
-        Step size (``"lbfgs"`` uses a strong-Wolfe line search with unit initial step and
-        ignores ``lr``).
+        Step size; with ``line_search`` the largest step tried (``"lbfgs"`` uses a
+        strong-Wolfe line search with unit initial step and ignores ``lr``).
     batch_size : int or None
     seed : int
         Seed of the mini-batch order.
@@ -52,12 +55,27 @@ def minimise(objective, params, *, n_samples, epochs, optimizer, lr, batch_size=
         The run is divergent when the full objective drops below it.
     what : str
         Name used in error messages.
+    line_search : bool
+        ``"sgd"`` only: backtracking (Armijo) on each mini-batch objective. A step
+        ``α`` is accepted when ``f_b(θ − α g) ≤ f_b(θ) − c α ‖g‖²`` with ``c = 0.1`` and
+        the trial value finite; ``α`` starts at ``min(lr, 2 α_prev)`` and halves up to
+        :data:`MAX_BACKTRACKS` times; when no trial is accepted the step is skipped (and
+        counted). This is the stochastic Armijo rule of Vaswani et al. (NeurIPS 2019):
+        a step never increases the objective it was taken on, so a too large ``lr``
+        cannot make the run diverge.
+    monitor : callable, optional
+        ``monitor(params) -> list of float``, recorded at the start and after each epoch
+        (e.g. the test losses of the unlearning baseline).
 
     Returns
     -------
     params : dict of str -> tensor (detached)
-    trajectory : list of float
-        Full objective at the start and after each epoch.
+    history : dict
+        ``objective``: the full objective at the start and after each epoch;
+        ``step_size``: per epoch ``[min, mean, max]`` of the steps taken (``lr`` without
+        line search; empty for L-BFGS); ``skipped_steps``: per epoch, mini-batch steps for
+        which no trial step was accepted; ``monitor``: the monitor's values (start, then
+        per epoch), when a monitor is given.
 
     Raises
     ------
@@ -71,9 +89,13 @@ def minimise(objective, params, *, n_samples, epochs, optimizer, lr, batch_size=
         with torch.no_grad():
             return float(objective(leaves, None, 1.0))
 
-    trajectory = [full()]
+    history = {"objective": [full()], "step_size": [], "skipped_steps": []}
+    if monitor is not None:
+        with torch.no_grad():
+            history["monitor"] = [list(map(float, monitor(leaves)))]
 
     def check(value):
+        trajectory = history["objective"]
         finite = np.isfinite(value) and all(bool(torch.isfinite(v).all()) for v in values)
         if not finite or (divergence_floor is not None and value < divergence_floor):
             reason = "became non-finite" if not finite else (
@@ -84,6 +106,18 @@ def minimise(objective, params, *, n_samples, epochs, optimizer, lr, batch_size=
                 f"{what} diverged: objective {reason}; trajectory (start, then per "
                 f"epoch) {', '.join(f'{v:.6g}' for v in trajectory + [value])}",
                 trajectory=trajectory + [value])
+
+    def end_epoch(steps, skipped):
+        value = full()
+        check(value)
+        history["objective"].append(value)
+        history["step_size"].append(
+            [float(np.min(steps)), float(np.mean(steps)), float(np.max(steps))] if steps
+            else [])
+        history["skipped_steps"].append(int(skipped))
+        if monitor is not None:
+            with torch.no_grad():
+                history["monitor"].append(list(map(float, monitor(leaves))))
 
     if optimizer == "lbfgs":
         opt = torch.optim.LBFGS(values, lr=1.0, max_iter=max_iter, history_size=50,
@@ -104,30 +138,70 @@ def minimise(objective, params, *, n_samples, epochs, optimizer, lr, batch_size=
 
         for _ in range(epochs):
             opt.step(closure)
-            value = full()
-            check(value)
-            trajectory.append(value)
-        return {n: p.detach() for n, p in leaves.items()}, trajectory
+            end_epoch([], 0)
+        return {n: p.detach() for n, p in leaves.items()}, history
 
-    opt = (torch.optim.SGD(values, lr=lr) if optimizer == "sgd"
-           else torch.optim.Adam(values, lr=lr))
+    if line_search and optimizer != "sgd":
+        raise ValueError(f"line_search is available for optimizer='sgd' only, got "
+                         f"{optimizer!r}")
+    opt = None if line_search else (torch.optim.SGD(values, lr=lr) if optimizer == "sgd"
+                                    else torch.optim.Adam(values, lr=lr))
     gen = torch.Generator().manual_seed(int(seed) % (2 ** 63))
+    alpha = lr
     for _ in range(epochs):
         if batch_size is None or batch_size >= n_samples:
             batches = [None]
         else:
             order = torch.randperm(n_samples, generator=gen)
             batches = list(torch.split(order, batch_size))
+        steps, skipped = [], 0
         for idx in batches:
             scale = 1.0 if idx is None else n_samples / len(idx)
+            if line_search:
+                alpha = _armijo_step(objective, leaves, idx, scale, min(lr, 2 * alpha))
+                if alpha == 0.0:
+                    skipped += 1
+                    alpha = lr
+                else:
+                    steps.append(alpha)
+                continue
             opt.zero_grad()
             loss = objective(leaves, idx, scale)
             loss.backward()
             opt.step()
+            steps.append(lr)
             value = float(loss.detach())
             if not np.isfinite(value):
                 check(value)
-        value = full()
-        check(value)
-        trajectory.append(value)
-    return {n: p.detach() for n, p in leaves.items()}, trajectory
+        end_epoch(steps, skipped)
+    return {n: p.detach() for n, p in leaves.items()}, history
+
+
+#: Halvings of the trial step before a mini-batch step is skipped (2⁻³⁰ ≈ 1e-9 of lr).
+MAX_BACKTRACKS = 30
+#: Sufficient-decrease constant of the Armijo rule.
+ARMIJO_C = 0.1
+
+
+def _armijo_step(objective, leaves, idx, scale, alpha):
+    """One backtracking gradient step on the batch objective, in place; the step taken
+    (0.0 when no trial step satisfied the Armijo condition)."""
+    values = list(leaves.values())
+    f0 = objective(leaves, idx, scale)
+    grads = torch.autograd.grad(f0, values)
+    f0 = float(f0.detach())
+    gg = float(sum(torch.sum(g * g) for g in grads))
+    if not (np.isfinite(f0) and np.isfinite(gg)) or gg == 0.0:
+        return 0.0
+    with torch.no_grad():
+        start = [v.detach().clone() for v in values]
+        for _ in range(MAX_BACKTRACKS + 1):
+            for v, s, g in zip(values, start, grads):
+                v.copy_(s - alpha * g)
+            trial = float(objective(leaves, idx, scale))
+            if np.isfinite(trial) and trial <= f0 - ARMIJO_C * alpha * gg:
+                return alpha
+            alpha *= 0.5
+        for v, s in zip(values, start):
+            v.copy_(s)
+    return 0.0

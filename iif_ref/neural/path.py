@@ -79,13 +79,16 @@ def path_model_step(fm, loss, params, X, rho, cfg, *, k):
         return norm * scale * per_sample_losses(fm, loss, p, Xb, Rb).sum()
 
     if cfg.path_models == "refit":
-        return minimise(objective, params, n_samples=n, epochs=1, optimizer="lbfgs",
-                        lr=1.0, max_iter=cfg.refit_max_iter, tol=cfg.refit_tol,
-                        what=f"path model refit at step k={k} (Eq. 16)")
+        theta, history = minimise(objective, params, n_samples=n, epochs=1,
+                                  optimizer="lbfgs", lr=1.0, max_iter=cfg.refit_max_iter,
+                                  tol=cfg.refit_tol,
+                                  what=f"path model refit at step k={k} (Eq. 16)")
+        return theta, history["objective"]
     batch = None if cfg.path_models == "one_step" else cfg.path_batch_size
-    return minimise(objective, params, n_samples=n, epochs=1, optimizer="sgd",
-                    lr=cfg.path_lr, batch_size=batch, seed=cfg.seed + 7919 * k,
-                    what=f"path model step k={k} (Eq. 16)")
+    theta, history = minimise(objective, params, n_samples=n, epochs=1, optimizer="sgd",
+                              lr=cfg.path_lr, batch_size=batch, seed=cfg.seed + 7919 * k,
+                              what=f"path model step k={k} (Eq. 16)")
+    return theta, history["objective"]
 
 
 def predictions(fm, loss, params, X, *, chunk_size):

@@ -13,7 +13,9 @@ Path models are computed lazily, in order, because each starts from the previous
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -86,11 +88,18 @@ class PathGroup:
     theta_prime : dict of str -> tensor
         θ' (Eq. 12).
     unlearning_trajectory : list of float
-        The unlearning objective per epoch (empty when θ' was given or cached).
+        The unlearning objective, start then per epoch (empty when θ' was given).
     loss_prime : ndarray, shape (n_rows,)
         Test losses at θ', float64.
     Ybar : tensor, shape (n_train, n_out)
         Baseline targets ``prediction(f(x_i; θ'))`` (Eq. 13).
+    unlearning : dict
+        The unlearning history (:func:`iif_ref.neural.baseline.unlearn`): ``objective``,
+        ``test_loss``, ``step_size``, ``skipped_steps`` per epoch (empty when θ' was
+        given).
+    loss_path_start : ndarray, shape (n_rows,), or None
+        Test losses at the path's start model θ_0 (set once :meth:`PathPlan.steps` has
+        yielded step 1).
     """
 
     index: int
@@ -99,6 +108,8 @@ class PathGroup:
     unlearning_trajectory: list
     loss_prime: np.ndarray
     Ybar: torch.Tensor
+    unlearning: dict = field(default_factory=dict)
+    loss_path_start: np.ndarray | None = None
 
 
 @dataclass
@@ -149,12 +160,17 @@ class PathPlan:
     loss_star : ndarray, shape (n_test,)
         Test losses at θ*, float64.
     groups : list of PathGroup
+    not_unlearned : ndarray of int
+        Test rows whose unlearned baseline did not move the test loss the intended way
+        (``Δ_t ≥ 0`` for ``unlearn_sign=+1``, ``Δ_t ≤ 0`` for ``−1``); a warning names
+        them. Empty for the ``"prediction"`` and ``"given"`` baselines.
     """
 
     def __init__(self, problem, config, mask, run_config, cache, loss_star, groups):
         self.problem, self.config, self.mask = problem, config, mask
         self.run_config, self.cache = run_config, cache
         self.loss_star, self.groups = loss_star, groups
+        self.not_unlearned = _check_unlearned(config, loss_star, groups)
 
     @property
     def feature_options(self):
@@ -171,6 +187,9 @@ class PathPlan:
         PathStep
             θ_k is computed from θ_{k+1} (Eq. 16) unless the cache holds the step, in
             which case θ_k (and, for the caller, the step's scores) comes from it.
+            After step 1 the start model θ_0 is computed the same way and the test
+            losses at it are stored in ``group.loss_path_start`` (see
+            :meth:`path_delta`).
         """
         prob, cfg = self.problem, self.config
         fm = prob.fm
@@ -190,6 +209,52 @@ class PathPlan:
                 ptraj = list(map(float, traj))
             yield PathStep(group=group, k=k, name=name, theta=theta, rho_prev=rho_prev,
                            rho_k=rho_k, path_trajectory=ptraj, cached=hit)
+        group.loss_path_start = self._path_start(group, theta, rho_prev)
+
+    def _path_start(self, group, theta_1, rho_0):
+        """Test losses of the group's rows at the path's own start model θ_0.
+
+        θ_0 is the path model at the start targets ``ρ(t_0)`` (Eq. 15 with k = 0,
+        masked when the path is), obtained from θ_1 as every other θ_k (Eq. 16, or the
+        refit). The Euler sum of Eq. (10) over k = 1..K approximates
+        ``L_test(θ_K) − L_test(θ_0)``, the loss change the computed path integrates.
+        """
+        prob, cfg = self.problem, self.config
+        name = f"group{group.index}_start"
+        hit = self.cache.load(name)
+        if hit is not None:
+            return np.asarray(hit["loss"], dtype=np.float64)
+        with eval_mode(prob.fm.model):
+            theta0, _ = path_model_step(prob.fm, prob.loss, theta_1, prob.X, rho_0, cfg,
+                                        k=0)
+            loss0 = _test_losses(prob, theta0, group.rows)
+        self.cache.save(name, loss=loss0)
+        return loss0
+
+    def path_delta(self):
+        """``L_test(θ_K) − L_test(θ_0)`` per test row, ``(n_test,)``: the loss change the
+        computed path integrates (θ_K = θ*, θ_0 the path model at ``ρ(t_0)``), against
+        which the completeness residual ``Σ_i I − path_delta`` is measured.
+
+        Raises
+        ------
+        RuntimeError
+            A group's steps have not all been walked (θ_0 is computed after step 1).
+        """
+        start = np.full(self.problem.n_test, np.nan)
+        for group in self.groups:
+            if group.loss_path_start is None:
+                raise RuntimeError(f"path group {group.index} has not been walked to k=1; "
+                                   "iterate plan.steps(group) to the end first")
+            start[group.rows] = group.loss_path_start
+        return self.loss_star - start
+
+    def completeness_diagnostics(self):
+        """Diagnostics of the baselines and of the path ends, for the run's result:
+        ``unlearning`` (per group), ``not_unlearned``, ``loss_path_start``."""
+        return {"unlearning": [g.unlearning for g in self.groups],
+                "not_unlearned": self.not_unlearned.tolist(),
+                "loss_path_start": self.loss_star - self.path_delta()}
 
     def test_features(self, step):
         """Projected test-loss gradients of the group's rows at θ_k, ``(n_rows, P)``
@@ -210,27 +275,47 @@ def _baselines(prob, cfg, baseline_params, cache):
     """(test rows, θ', unlearning trajectory) for each baseline of the run."""
     all_rows = np.arange(prob.n_test)
     if cfg.baseline == "prediction":
-        return [(all_rows, prob.fm.theta_star, [])]
+        return [(all_rows, prob.fm.theta_star, {})]
     if cfg.baseline == "given":
         if baseline_params is None:
             raise ValueError("baseline='given' needs baseline_params (a dict of tensors "
                              "keyed by parameter name)")
         return [(all_rows, {n: torch.as_tensor(baseline_params[n], dtype=prob.fm.dtype)
-                            for n in prob.fm.names}, [])]
+                            for n in prob.fm.names}, {})]
     row_sets = [all_rows] if cfg.baseline == "joint" else [np.array([t]) for t in all_rows]
     out = []
     for g, rows in enumerate(row_sets):
         hit = cache.load(f"baseline_{g}")
         if hit is not None:
             out.append((rows, prob.fm.unflatten(torch.as_tensor(hit["theta"])),
-                        hit["trajectory"].tolist()))
+                        json.loads(str(hit["history"]))))
             continue
-        theta, traj = unlearn(prob.fm, prob.loss, prob.X, prob.Y, prob.X_test[rows],
-                              prob.Y_test[rows], cfg)
+        theta, history = unlearn(prob.fm, prob.loss, prob.X, prob.Y, prob.X_test[rows],
+                                 prob.Y_test[rows], cfg)
         cache.save(f"baseline_{g}", theta=prob.fm.flatten(theta).numpy(),
-                   trajectory=np.asarray(traj))
-        out.append((rows, theta, traj))
+                   history=np.array(json.dumps(history)))
+        out.append((rows, theta, history))
     return out
+
+
+def _check_unlearned(cfg, loss_star, groups):
+    """Rows whose unlearned baseline failed to move the test loss (warned about)."""
+    if cfg.baseline not in ("joint", "per_test"):
+        return np.zeros(0, dtype=int)
+    rows = np.concatenate([g.rows for g in groups])
+    loss_prime = np.concatenate([g.loss_prime for g in groups])
+    # Δ_t = L(θ*) − L(θ'_t) must be < 0 when unlearning (sign +1), > 0 when learning.
+    failed = np.sort(rows[cfg.unlearn_sign * (loss_star[rows] - loss_prime) >= 0])
+    if failed.size:
+        shown = ", ".join(map(str, failed[:20])) + (", ..." if failed.size > 20 else "")
+        goal = "raise" if cfg.unlearn_sign == 1 else "lower"
+        warnings.warn(
+            f"unlearning (Eq. 12, baseline={cfg.baseline!r}) did not {goal} the test loss "
+            f"of {failed.size} of {len(rows)} test points (rows {shown}); their baseline "
+            "is not unlearned. Raise unlearn_epochs or unlearn_lr, or lower lam; the "
+            "per-epoch test losses are in diagnostics['unlearning']",
+            RuntimeWarning, stacklevel=3)
+    return failed
 
 
 def plan_problem(prob, cfg, *, baseline_params=None, method="iif"):
@@ -248,13 +333,14 @@ def plan_problem(prob, cfg, *, baseline_params=None, method="iif"):
     with eval_mode(fm.model):
         loss_star = _test_losses(prob, fm.theta_star, np.arange(prob.n_test))
         groups = []
-        for g, (rows, theta_prime, traj) in enumerate(
+        for g, (rows, theta_prime, history) in enumerate(
                 _baselines(prob, cfg, baseline_params, cache)):
             groups.append(PathGroup(
                 index=g, rows=rows, theta_prime=theta_prime,
-                unlearning_trajectory=list(map(float, traj)),
+                unlearning_trajectory=list(map(float, history.get("objective", []))),
                 loss_prime=_test_losses(prob, theta_prime, rows),
-                Ybar=predictions(fm, loss, theta_prime, prob.X, chunk_size=cfg.chunk_size)))
+                Ybar=predictions(fm, loss, theta_prime, prob.X, chunk_size=cfg.chunk_size),
+                unlearning=history))
     return PathPlan(prob, cfg, mask, config, cache, loss_star, groups)
 
 

@@ -18,11 +18,24 @@ class AttributionResult:
         ``I[t, i]``; ``> 0``: sample ``i`` pushes test loss ``t`` up (opponent),
         ``< 0``: pulls it down (proponent) — docs/conventions.md.
     delta : ndarray, float64, shape (n_test,), or None
-        Measured ``Δ_t = L_test(θ*) − L_test(θ'_t)`` (Eq. 1) for the baseline θ' used;
-        None for methods without a baseline (TracIn, TRAK).
+        Measured ``Δ_t = L_test(θ*) − L_test(θ'_t)`` (Eq. 1) for the unlearned baseline
+        θ' of Eq. (12) (zero for ``baseline="prediction"``); None for methods without a
+        baseline (TracIn, TRAK). ``Δ_t < 0``: θ' raised test loss ``t``.
     residual : ndarray, float64, shape (n_test,), or None
-        Completeness residual ``Σ_i I[t, i] − Δ_t`` (zero for the exact integral; the
-        Euler sum, the path-model approximation and the curvature choice contribute).
+        Completeness residual of IIF, ``Σ_i I[t, i] − path_delta_t``: what the discrete
+        sum (Eq. 10) misses of the loss change along the path it was computed on. With
+        exact path models (``path_models="refit"``) and exact curvature it is the Euler
+        error, O(1/K) (docs/algorithm1.md, "Completeness"); one-step path models
+        (Eq. 16) and an approximate curvature (Fisher, projection, damping) add theirs.
+        For the influence function, ``Σ_i IF[t, i] − delta_t``.
+    path_delta : ndarray, float64, shape (n_test,), or None
+        ``L_test(θ_K) − L_test(θ_0)`` with θ_K = θ* and θ_0 the path model at the
+        path's own start targets ``ρ(t_0)`` (Eq. 15–16): the loss change the computed
+        path integrates. It equals ``delta`` only when θ_0 = θ' (exact path models on
+        the unmasked path). The masked path of appendix E starts at ``ȳ ⊙ y``
+        (``p'_y e_y`` for cross-entropy), not at the Eq. (13) baseline, so it integrates
+        the change from the model fitted to those start targets, which is not Δ. None
+        for methods without a path.
     config : dict
         Every option, with the resolved damping per step, dtypes, ``n_params``, ``P``,
         ``K``, λ and the seed: enough to repeat the run.
@@ -30,8 +43,12 @@ class AttributionResult:
         ``condition`` (condition number of each damped ``F`` solved: 2-norm from the
         eigenvalues on the dense path, LAPACK's 1-norm estimate on the projected path),
         ``damping``
-        (absolute λ_d per step), ``unlearning_trajectory``, ``loss_star`` /
-        ``loss_prime`` (test losses at θ* and θ'), ``cached_steps`` (steps loaded from
+        (absolute λ_d per step), ``unlearning_trajectory`` (objective per epoch, per
+        baseline), ``unlearning`` (per baseline: ``objective``, ``test_loss`` per row,
+        ``step_size`` ``[min, mean, max]`` and ``skipped_steps`` per epoch),
+        ``not_unlearned`` (test rows whose baseline failed to raise their loss; a
+        warning names them), ``loss_star`` / ``loss_prime`` / ``loss_path_start``
+        (test losses at θ*, θ' and θ_0), ``cached_steps`` (steps loaded from
         ``cache_dir``).
     method : str
         ``"iif"``, ``"if"``, ``"tracin"`` or ``"trak"``.
@@ -43,10 +60,11 @@ class AttributionResult:
     config: dict
     diagnostics: dict = field(default_factory=dict)
     method: str = "iif"
+    path_delta: np.ndarray | None = None
 
     def __post_init__(self):
         # Never hand back a silent NaN.
-        for name in ("scores", "delta", "residual"):
+        for name in ("scores", "delta", "residual", "path_delta"):
             value = getattr(self, name)
             if value is not None and not np.all(np.isfinite(value)):
                 raise FloatingPointError(f"{self.method}: non-finite values in {name}; "
