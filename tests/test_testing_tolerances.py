@@ -133,7 +133,9 @@ def test_loo_and_if_signs_agree_wherever_the_shift_is_below_the_residual(problem
     loo = linear.leave_one_out(problem.X, problem.y, problem.X_test, problem.y_test)
     predicted = IF / (1.0 - h)[None, :] * (1.0 - s / (2.0 * r[:, None]))
     np.testing.assert_allclose(predicted, loo, rtol=1e-6, atol=1e-9 * np.abs(loo).max())
-    mask = (np.abs(s) <= np.abs(r)[:, None]) & (np.abs(IF) > 1e-8 * np.abs(IF).max())
+    # Entries within rounding of 0 are left out: with κ(H) ≤ 1e6, n + d ≤ 46 and noise
+    # ≥ 0.05 (γ ≲ 1e2) the rounding of IF is ≲ 1e-6 of its largest entry.
+    mask = (np.abs(s) <= np.abs(r)[:, None]) & (np.abs(IF) > 1e-5 * np.abs(IF).max())
     assert np.all(np.sign(IF[mask]) == np.sign(loo[mask]))
 
 
