@@ -90,3 +90,19 @@ def test_budget_chosen_chunks_give_identical_scores(monkeypatch):
                         dtype="float64", backend="numpy")
     assert np.array_equal(chunked.scores, whole.scores)
     assert np.array_equal(chunked_trak.scores, whole_trak.scores)
+
+
+@pytest.mark.parametrize("name", ["mse", "cross_entropy"])
+def test_closed_form_output_weights_equal_the_autodiff_gradient(name):
+    from torch.func import grad, vmap
+
+    from iif_ref.neural.functional import output_weights
+    from iif_ref.neural.losses import resolve_loss
+
+    loss = resolve_loss(name)
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(50, 7, generator=g, dtype=torch.float64) * 5
+    Y = torch.rand(50, 7, generator=g, dtype=torch.float64)    # soft, unnormalised targets
+    auto = vmap(grad(loss.fn, argnums=0))(F, Y)
+    # Both are a few float64 operations on entries of order 1-10: rounding only.
+    assert torch.allclose(output_weights(loss, F, Y), auto, rtol=0, atol=1e-13)

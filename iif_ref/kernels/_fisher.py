@@ -15,10 +15,12 @@ float32 data is the exact products of the float32 values summed in float64.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import numbers
+
 import numpy as np
 from scipy.linalg import lapack
-
-import numbers
 
 from iif_ref._defaults import RELATIVE_DAMPING, absolute_damping
 from iif_ref._validation import as_float_array
@@ -112,23 +114,53 @@ def not_positive_definite_error(slices, damping, suggested_damping, detail=""):
                                     suggested_damping=float(suggested_damping))
 
 
+#: Largest matrix order whose Cholesky factorisation and solves run on one BLAS thread.
+SINGLE_THREAD_ORDER = 2048
+
+
+@functools.lru_cache(maxsize=1)
+def _thread_controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _blas_threads(n):
+    """One BLAS thread for LAPACK work on a matrix of order ``n <= SINGLE_THREAD_ORDER``
+    (where threadpoolctl is installed; else the BLAS's own setting).
+
+    A multi-threaded ``potrf`` of order 512 takes about 3 ms on one thread; on a loaded
+    2-core machine, two OpenBLAS threads took 0.5-1.6 s for it (their hand-offs wait
+    for descheduled threads), so small factorisations gain nothing from threads and can
+    lose 100x. Larger ones keep the BLAS's setting.
+    """
+    controller = _thread_controller() if n <= SINGLE_THREAD_ORDER else None
+    if controller is None:
+        return contextlib.nullcontext()
+    return controller.limit(limits=1, user_api="blas")
+
+
 def _factor(matrix):
     """``(L, rcond)``: lower Cholesky factor of ``matrix`` (overwritten) and LAPACK's
     reciprocal 1-norm condition estimate from it (``pocon``), or None if the matrix is
     not positive definite to working precision (potrf fails, or ``rcond < n eps``)."""
     n = matrix.shape[0]
     anorm = np.max(np.sum(np.abs(matrix), axis=0))
-    factor, info = lapack.dpotrf(matrix, lower=1, clean=1, overwrite_a=1)
-    if info != 0:
-        return None
-    rcond, info = lapack.dpocon(factor, anorm, uplo="L")
+    with _blas_threads(n):
+        factor, info = lapack.dpotrf(matrix, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            return None
+        rcond, info = lapack.dpocon(factor, anorm, uplo="L")
     if info != 0 or not rcond >= n * _EPS64:
         return None
     return factor, float(rcond)
 
 
 def _solve(factor, rhs):
-    x, info = lapack.dpotrs(factor, rhs, lower=1)
+    with _blas_threads(factor.shape[0]):
+        x, info = lapack.dpotrs(factor, rhs, lower=1)
     if info != 0:  # only for an illegal argument, i.e. a bug here
         raise RuntimeError(f"LAPACK dpotrs failed with info={info}")
     return x

@@ -22,17 +22,21 @@ the chunk size, and shards computed elsewhere (e.g. by a distributed engine) con
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from iif_ref._defaults import DEFAULT_PROJ_DIM
 from iif_ref._validation import check_positive_int
+from iif_ref.kernels import Projector
 from iif_ref.neural.functional import (FunctionalModel, as_inputs, as_targets, chunks,
                                        output_weights)
 from iif_ref.neural.losses import TargetLinearLoss, resolve_loss
 
 __all__ = ["train_features", "test_features", "step_features", "gradient_features",
-           "project_rows", "make_projector", "chunk_rows", "FEATURE_MEMORY_BUDGET",
+           "project_rows", "make_projector", "TorchProjector", "chunk_rows",
+           "FEATURE_MEMORY_BUDGET",
            "DEFAULT_PROJ_DIM"]
 
 #: Bytes that one chunk's per-sample gradient block ``(chunk, 2, n_params)`` may take by
@@ -63,22 +67,96 @@ def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
 
 
 def make_projector(fm, proj_dim, *, seed, kind, backend):
-    """The :class:`iif_ref.kernels.Projector` of ``fm``'s flat parameters in its compute
-    dtype (None for ``proj_dim=None``), to be shared by every projection of one call."""
+    """The projector of ``fm``'s flat parameters in its compute dtype (None for
+    ``proj_dim=None``), to be shared by every projection of one call: a
+    :class:`TorchProjector`."""
     if proj_dim is None:
         return None
-    from iif_ref.kernels import Projector
-
     options = {} if backend is None else {"backend": backend}
     dtype = np.float32 if fm.dtype == torch.float32 else np.float64
-    return Projector(fm.n_params, proj_dim, seed=seed, kind=kind, dtype=dtype, **options)
+    return TorchProjector(fm.n_params, proj_dim, seed=seed, kind=kind, dtype=dtype,
+                          **options)
+
+
+class TorchProjector(Projector):
+    """A :class:`iif_ref.kernels.Projector` that also projects CPU torch rows in torch.
+
+    When ``A`` is held, a torch view of it (no copy) multiplies torch rows in torch's
+    own thread pool, the one the per-sample gradients were computed in. Handing the rows
+    to NumPy's BLAS instead puts a second thread pool beside torch's; on a shared
+    2-core machine the two contend (measured: the same ``(256, 17226) x (17226, 512)``
+    float32 product took 0.1 s in torch and 0.8-1.0 s in two-thread OpenBLAS right
+    after torch work). The product is the same up to float rounding (another GEMM
+    kernel); ``A`` is the same matrix bit for bit.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._A_torch = None
+        if self.A is not None:
+            with warnings.catch_warnings():
+                # A is read-only on the NumPy side; the view is only ever read.
+                warnings.simplefilter("ignore", UserWarning)
+                self._A_torch = torch.from_numpy(self.A)
+
+    def project_tensor(self, G):
+        """``G A`` (NumPy out) for a tensor ``G`` of shape (n, n_params)."""
+        G = G.detach()
+        if self._A_torch is None or G.device.type != "cpu" or G.dtype != self._A_torch.dtype:
+            return self(G.cpu().numpy())
+        if G.shape[1] != self.n_params:
+            raise ValueError(f"G must have n_params={self.n_params} columns, got shape "
+                             f"{tuple(G.shape)}")
+        return (G @ self._A_torch).numpy()
+
+    def project_blocks(self, blocks):
+        """``G A`` (NumPy out) from the column blocks of ``G``: tensors ``(n, numel_j)``
+        in flat parameter order, each multiplied by its rows of ``A`` and summed, so the
+        flat ``(n, n_params)`` matrix is never formed. Needs ``A`` held in ``G``'s dtype."""
+        out, offset = None, 0
+        for block in blocks:
+            block = block.detach()
+            a = self._A_torch[offset:offset + block.shape[1]]
+            offset += block.shape[1]
+            out = block @ a if out is None else out.addmm_(block, a)
+        if offset != self.n_params:
+            raise ValueError(f"the blocks have {offset} columns in all, not "
+                             f"n_params={self.n_params}")
+        return out.numpy()
+
+    def takes_blocks(self, dtype):
+        """Whether :meth:`project_blocks` can project CPU tensors of ``dtype``."""
+        return self._A_torch is not None and self._A_torch.dtype == dtype
 
 
 def project_rows(G, *, projector):
     """``G A`` with ``projector`` (NumPy out); the rows themselves if it is None (no
     projection). ``G`` is a tensor ``(n, n_params)``."""
-    arr = G.detach().cpu().numpy()
-    return arr if projector is None else projector(arr)
+    if projector is None:
+        return G.detach().cpu().numpy()
+    if isinstance(projector, TorchProjector):
+        return projector.project_tensor(G)
+    return projector(G.detach().cpu().numpy())
+
+
+def _vjp_rows(fm, params, X, W, projector):
+    """Per-sample VJPs ``J_f(x_n)ᵀ w_{n,r}`` projected, NumPy ``(n, R, P)`` (or
+    ``(n, R, n_params)`` for ``projector=None``).
+
+    With a :class:`TorchProjector` holding ``A``, each parameter's block of the
+    gradients is multiplied by its rows of ``A`` (:meth:`TorchProjector.project_blocks`),
+    so the flat ``(n, R, n_params)`` block is never concatenated: that copy cost as much
+    as the projection and doubled the memory of a chunk.
+    """
+    n, r = W.shape[0], W.shape[1]
+    if isinstance(projector, TorchProjector) and X.device.type == "cpu" \
+            and projector.takes_blocks(fm.dtype):
+        blocks = fm.per_sample_vjp_blocks(params, X, W)
+        rows = projector.project_blocks([b.reshape(n * r, -1) for b in blocks])
+    else:
+        rows = project_rows(fm.per_sample_vjp(params, X, W).reshape(n * r, -1),
+                            projector=projector)
+    return rows.reshape(n, r, -1)
 
 
 def _check_projector(projector, fm, proj_dim, seed, kind, backend):
@@ -308,31 +386,24 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
         alpha = _parallel_factor(w_to, w_from, w_d) if fuse else None
         if alpha is not None:
             # u_i and J_iΔy are multiples of one VJP: one gradient, one projected row.
-            if extra:   # one VJP call for the chunk and the test rows
-                V = fm.per_sample_vjp(params, torch.cat([Xc, Xt]),
-                                      torch.cat([w_to, Wt])[:, None, :])[:, 0]
-            else:
-                V = fm.per_sample_vjp(params, Xc, w_to[:, None, :])[:, 0]
-            rows = project_rows(V, projector=projector)
+            # With test rows riding along: one VJP call for the chunk and the test rows.
+            Xin, Win = (torch.cat([Xc, Xt]), torch.cat([w_to, Wt])) if extra else (Xc, w_to)
+            rows = _vjp_rows(fm, params, Xin, Win[:, None, :], projector)[:, 0]
             train_rows = rows[:m]
             _check_finite_rows(train_rows, start + sample_offset,
                                "per-sample gradient", step)
             Phi.append(train_rows)
             Psi.append(train_rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
-        else:
-            V = fm.per_sample_vjp(params, Xc, torch.stack([w_to, w_d], dim=1))
-            parts = [V[:, 0], V[:, 1]]
             if extra:
-                parts.append(fm.per_sample_vjp(params, Xt, Wt[:, None, :])[:, 0])
-            # One projection call for every row kind: A is generated once per chunk.
-            rows = project_rows(torch.cat(parts), projector=projector)
-            _check_finite_rows(np.concatenate([rows[:m], rows[m:2 * m]], axis=1),
-                               start + sample_offset, "per-sample gradient", step)
-            Phi.append(rows[:m])
-            Psi.append(rows[m:2 * m])
-            rows = rows[m:]      # the test rows, if any, follow the 2m training rows
+                Gamma = rows[m:]
+        else:
+            both = _vjp_rows(fm, params, Xc, torch.stack([w_to, w_d], dim=1), projector)
+            _check_finite_rows(both, start + sample_offset, "per-sample gradient", step)
+            Phi.append(both[:, 0])
+            Psi.append(both[:, 1])
+            if extra:
+                Gamma = _vjp_rows(fm, params, Xt, Wt[:, None, :], projector)[:, 0]
         if extra:
-            Gamma = rows[m:]
             _check_finite_rows(Gamma, 0, "test-loss gradient", step)
     if n_test and Gamma is None:
         Gamma = gradient_features(fm, loss, params, Xt, Yt, proj_dim=proj_dim, seed=seed,
@@ -384,8 +455,7 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
         with torch.no_grad():
             F = fm.forward(params, Xc)
         W = output_weights(loss, F, Y[start:stop])[:, None, :]
-        V = fm.per_sample_vjp(params, Xc, W)[:, 0]
-        rows = project_rows(V, projector=projector)
+        rows = _vjp_rows(fm, params, Xc, W, projector)[:, 0]
         _check_finite_rows(rows, start, what, step)
         out.append(rows)
     return np.concatenate(out)

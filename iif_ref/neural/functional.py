@@ -118,6 +118,14 @@ class FunctionalModel:
         target-linear losses, Eq. 23–24) and ``G = J_testᵀ ∂_f l(f_test, ŷ)``.
         ``torch.func.vmap`` over samples and weight rows of ``grad`` of ``w · f(x; θ)``.
         """
+        blocks = self.per_sample_vjp_blocks(params, X, W)
+        return torch.cat(blocks, dim=2)
+
+    def per_sample_vjp_blocks(self, params, X, W):
+        """:meth:`per_sample_vjp` split by parameter, not concatenated: a list, in the
+        order of :attr:`names`, of ``(n, R, numel_j)`` tensors whose concatenation along
+        the last axis is the flat ``(n, R, n_params)`` result (which is never formed:
+        a projection can multiply each block by its rows of ``A`` instead)."""
         def weighted_output(p, x, w):
             return torch.dot(w, self._single(p, x))
 
@@ -125,7 +133,7 @@ class FunctionalModel:
         per_sample = vmap(per_row, in_dims=(None, 0, 0))
         g = per_sample(params, X, W)
         n, r = W.shape[0], W.shape[1]
-        return torch.cat([g[name].reshape(n, r, -1) for name in self.names], dim=2)
+        return [g[name].reshape(n, r, -1) for name in self.names]
 
 
 def as_inputs(X, name, fm):
@@ -207,8 +215,32 @@ def as_targets(y, name, n_out, loss, fm):
     return torch.as_tensor(arr, dtype=fm.dtype, device=fm.device)
 
 
+def _mse_weights(F, Y):
+    return 2.0 * (F - Y)                       # ∂/∂f Σ (f − y)²
+
+
+def _cross_entropy_weights(F, Y):
+    # ∂/∂f of −Σ_c y_c log softmax(f)_c = (Σ_c y_c) softmax(f) − y.
+    return torch.softmax(F, dim=-1) * Y.sum(dim=-1, keepdim=True) - Y
+
+
 def output_weights(loss, F, Y):
-    """``∂l/∂f`` per sample, shape ``(n, n_out)``, for outputs ``F`` and targets ``Y``."""
+    """``∂l/∂f`` per sample, shape ``(n, n_out)``, for outputs ``F`` and targets ``Y``.
+
+    The package's two losses use their closed forms (a ``vmap`` of ``grad`` costs
+    milliseconds of dispatch per call, called a few times per chunk); any other
+    target-linear loss goes through ``torch.func``. The two agree to rounding
+    (tests/test_neural_projector.py).
+    """
+    from iif_ref.neural.losses import CROSS_ENTROPY, MSE
+
+    closed = {MSE.fn: _mse_weights, CROSS_ENTROPY.fn: _cross_entropy_weights}.get(loss.fn)
+    if closed is not None:
+        # Evaluated in float64 and rounded once: for a confident float32 classifier the
+        # entries of p − e_y are near 1e-30, where float32 products round differently
+        # enough that the weights of two path targets stop being parallel to rounding
+        # (features._parallel_factor); torch.func's float32 gradient keeps them parallel.
+        return closed(F.double(), Y.double()).to(F.dtype)
     return vmap(grad(loss.fn, argnums=0))(F, Y)
 
 
