@@ -8,7 +8,8 @@ Data flow (docs/algorithm1.md maps each line to the paper)::
           → per-sample u_i, J_iΔy, test gradients G at θ_k (chunks, torch.func,
             test rows projected with the last training chunk)
           → projected: Φ, Ψ, Γ = (U, D, G)·A → kernels.projected_scores (Eq. 17, 31)
-            unprojected: dense curvature C_k, −G (C_k + λ_d I)⁻¹ Dᵀ in float64
+            unprojected Gauss–Newton / Fisher: −G (C_k + λ_d I)⁻¹ Dᵀ through the
+            sample-space Gram (neural.sample_space); Hessian: dense C_k, float64
           → I += step term
       → scores (n_test, n_train); Δ of the baseline (Eq. 1, 12) and the path's own
         loss change L(θ_K) − L(θ_0) measured; residual Σ_i I − (L(θ_K) − L(θ_0))
