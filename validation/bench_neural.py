@@ -1,15 +1,34 @@
-"""Benchmark: IIF, TRAK and IF of iif_ref.neural against traker and dattri, in one run.
+"""Benchmark: IIF, TRAK and IF of iif_ref.neural against traker and dattri, at our defaults.
 
 Problem: MLP 64→128→64→10 (ReLU) trained on 1,000 standardised ``load_digits`` samples,
-100 test points, float32, 2 threads, P = 512. Measured per method: wall time of the
-whole attribution call (features, projection, solve; median of ``--repeats`` calls),
-then, in one more call, peak
-resident memory above the baseline via :mod:`iif_ref.bench` (its tracemalloc and RSS
-sampler would slow a timed call). Peers run where importable (traker's CPU
-``BasicProjector``; dattri's TRAK and CG influence function). Ratios are printed and the
-JSON goes to ``docs/results/bench_neural.json`` with the machine description.
+100 test points, 2 threads, P = 512. Our methods are called exactly as a user calls
+them: no tuning option (no ``chunk_size``, ``proj_dim``, ``dtype`` or damping), so the
+compute dtype is the one a user gets by default, the model's own float32, and P is the
+package default (:data:`iif_ref._defaults.DEFAULT_PROJ_DIM`, 512); the only options
+passed are the method's identity (``solver="projected"`` for the projected-Fisher IF) and
+``progress=False``. traker runs at its fastest documented setting: its featurize batch
+size is swept over ``--traker-batches`` (100 / 250 / 1,000) and the fastest is used for
+the ratios (its CPU ``BasicProjector``, float32, no half precision). The JSON records
+both sides' options.
 
-Usage: ``python validation/bench_neural.py [--quick] [--out PATH] [--previous PATH]``
+Measured per method: wall time of the whole attribution call (features, projection,
+solve; median of ``--repeats`` calls after a warm-up), then, in one more call, peak
+resident memory above the baseline via :mod:`iif_ref.bench` (its tracemalloc and RSS
+sampler would slow a timed call). Ratios and the targets of issue 13 (IIF K=5 <= 1.5x
+traker's TRAK, our TRAK <= 0.5x, peak memory <= traker's + 64 MiB) are printed, and the
+JSON goes to ``docs/results/bench_neural.json`` with the machine description and the
+load average before and after (the machine may be shared).
+
+``--scaling`` instead measures wall time and peak memory of IIF, TRAK and traker at
+``n_train`` = 1,000 / 10,000 / 60,000 (``--sizes``) on synthetic inputs of the digits'
+width (standard normal, labels drawn at random) with the same trained MLP, one call
+each for time and one for memory, and writes ``docs/results/bench_neural_scaling.json``
+and a Markdown table (docs/benchmarks-neural.md holds the published one).
+
+Usage::
+
+    python validation/bench_neural.py [--quick] [--out PATH] [--repeats 3]
+    python validation/bench_neural.py --scaling [--sizes 1000 10000 60000]
 
 ``--previous`` copies the seconds and ratios of an earlier run's JSON (e.g. of an older
 commit, run just before on the same machine) into ``meta.previous_run`` for a
@@ -28,8 +47,21 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "results" / "bench_neural.json"
+DEFAULT_SCALING_OUT = ROOT / "docs" / "results" / "bench_neural_scaling.json"
 #: Test points for the IF comparison with dattri (its CG solver is too slow for 100).
 N_IF_TEST = 10
+#: The projection dimension of every method here (ours: the package default).
+P_DEFAULT = 512
+TRAKER = "traker TRAK (BasicProjector)"
+IIF, TRAK = "iif_ref IIF (K=5, joint)", "iif_ref TRAK"
+#: Options passed to our calls: none that tunes speed (see the module docstring).
+OUR_OPTIONS = {IIF: {"progress": False}, TRAK: {},
+               "iif_ref IF (projected Fisher)": {"solver": "projected"},
+               f"iif_ref IF (projected Fisher, {N_IF_TEST} test points)":
+                   {"solver": "projected"}}
+#: Issue 13's targets: ratios to traker's TRAK, and memory above traker's peak.
+TARGETS = {f"{IIF} / traker TRAK": 1.5, f"{TRAK} / traker TRAK": 0.5}
+MEMORY_MARGIN = 64 * 2**20
 
 
 def _model_and_data(n_train, n_test, seed=0):
@@ -56,32 +88,30 @@ def _model_and_data(n_train, n_test, seed=0):
     return net, split, acc
 
 
-def _ours(net, split, P, chunk):
+def _ours(net, data):
+    """Our calls at their defaults on ``data = (X, y, X_test, y_test)``."""
     from iif_ref.neural import influence_function, integrated_influence, trak
 
-    common = dict(seed=0, chunk_size=chunk)
-    return {
-        "iif_ref IIF (K=5, joint)": lambda: integrated_influence(
-            net, "cross_entropy", split.X_train, split.y_train, split.X_test, split.y_test,
-            K=5, baseline="joint", proj_dim=P, unlearn_lr=1e-3, path_lr=1e-3,
-            progress=False, **common).scores,
-        "iif_ref TRAK": lambda: trak(
-            net, "cross_entropy", split.X_train, split.y_train, split.X_test, split.y_test,
-            proj_dim=P, **common).scores,
-        "iif_ref IF (projected Fisher)": lambda: influence_function(
-            net, "cross_entropy", split.X_train, split.y_train, split.X_test, split.y_test,
-            solver="projected", proj_dim=P, damping="auto", **common).scores,
-        f"iif_ref IF (projected Fisher, {N_IF_TEST} test points)": lambda: influence_function(
-            net, "cross_entropy", split.X_train, split.y_train, split.X_test[:N_IF_TEST],
-            split.y_test[:N_IF_TEST], solver="projected", proj_dim=P, damping="auto",
-            **common).scores,
-    }
+    X, y, Xt, yt = data
+    args = (net, "cross_entropy", X, y, Xt, yt)
+    few = (net, "cross_entropy", X, y, Xt[:N_IF_TEST], yt[:N_IF_TEST])
+    calls = {IIF: lambda: integrated_influence(*args, **OUR_OPTIONS[IIF]).scores,
+             TRAK: lambda: trak(*args, **OUR_OPTIONS[TRAK]).scores,
+             "iif_ref IF (projected Fisher)": lambda: influence_function(
+                 *args, **OUR_OPTIONS["iif_ref IF (projected Fisher)"]).scores,
+             f"iif_ref IF (projected Fisher, {N_IF_TEST} test points)":
+                 lambda: influence_function(*few, **OUR_OPTIONS[
+                     f"iif_ref IF (projected Fisher, {N_IF_TEST} test points)"]).scores}
+    return calls
 
 
-def _traker(net, split, P):
+def _traker(net, data, P, batch):
     import torch
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
+
+    X, y, Xt, yt = (torch.as_tensor(np.asarray(a)) for a in data)
+    X, Xt = X.float(), Xt.float()
 
     def run():
         n_params = sum(p.numel() for p in net.parameters())
@@ -89,17 +119,14 @@ def _traker(net, split, P):
             proj = BasicProjector(grad_dim=n_params, proj_dim=P, seed=0,
                                   proj_type=ProjectionType.rademacher, device="cpu",
                                   dtype=torch.float32)
-            tr = TRAKer(model=net, task="image_classification", train_set_size=len(split.X_train),
+            tr = TRAKer(model=net, task="image_classification", train_set_size=len(X),
                         save_dir=tmp, device="cpu", projector=proj, proj_dim=P,
                         use_half_precision=False, logging_level=40)
             tr.load_checkpoint(net.state_dict(), model_id=0)
-            X = torch.as_tensor(split.X_train, dtype=torch.float32)
-            y = torch.as_tensor(split.y_train)
-            for s in range(0, len(X), 250):
-                tr.featurize(batch=(X[s:s + 250], y[s:s + 250]), num_samples=len(X[s:s + 250]))
+            for s in range(0, len(X), batch):
+                tr.featurize(batch=(X[s:s + batch], y[s:s + batch]),
+                             num_samples=len(X[s:s + batch]))
             tr.finalize_features()
-            Xt = torch.as_tensor(split.X_test, dtype=torch.float32)
-            yt = torch.as_tensor(split.y_test)
             tr.start_scoring_checkpoint(exp_name="bench", checkpoint=net.state_dict(),
                                         model_id=0, num_targets=len(Xt))
             tr.score(batch=(Xt, yt), num_samples=len(Xt))
@@ -107,6 +134,12 @@ def _traker(net, split, P):
             return -np.asarray(scores, dtype=np.float64).T   # τ (n_train, n_test) → ours
 
     return run
+
+
+def _traker_options(P, batch):
+    return {"projector": "BasicProjector", "proj_type": "rademacher", "proj_dim": P,
+            "dtype": "float32", "use_half_precision": False, "device": "cpu",
+            "featurize_batch_size": batch}
 
 
 def _dattri(net, split, P):
@@ -155,107 +188,142 @@ def _dattri(net, split, P):
             f"dattri IF (CG, 10 iterations, {N_IF_TEST} test points)": if_run}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200 train / 20 test, P=128")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed calls per method; the median is reported (the machine "
-                             "is shared, single calls vary by 2x)")
-    parser.add_argument("--previous", default=None,
-                        help="JSON of an earlier run to record as meta.previous_run")
-    parser.add_argument("--previous-label", default="",
-                        help="what the earlier run measured (e.g. its commit)")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+def _load():
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
-    import torch
 
-    from iif_ref.bench import peak_memory, write_results
+def _measure(name, fn, repeats, skipped):
+    """Median wall time of ``repeats`` calls, then one call under the memory probe; a
+    row dict, or None (the reason in ``skipped``) when the call raises."""
+    from iif_ref.bench import peak_memory
 
-    torch.set_num_threads(2)
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
-    n_train, n_test, P = (200, 20, 128) if args.quick else (1000, 100, 512)
-    chunk = 1000   # one chunk: A is generated once per projection call
+    # tracemalloc and the 1 kHz RSS sampler slow Python-heavy code (torch.func, the
+    # peers' loops) several-fold on 2 cores, so a time taken under them measures the
+    # probe, not the method (iif_ref.bench.peak_memory says so): separate calls.
+    try:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        mem = peak_memory(fn)
+        t_probe = time.perf_counter() - start
+    except Exception as exc:  # an absent or failing optional peer is reported, not fatal
+        skipped[name] = f"{type(exc).__name__}: {exc}"
+        print(f"{name:44s} skipped: {skipped[name]}")
+        return None
+    peak = mem.rss_peak_delta if mem.rss_peak_delta is not None else mem.maxrss_increase
+    t = float(np.median(times))
+    print(f"{name:44s} {t:8.2f} s (median of {', '.join(f'{x:.2f}' for x in times)})"
+          f"   peak +{peak / 2**20:7.1f} MiB", flush=True)
+    return {"method": name, "seconds": t, "seconds_each": times,
+            "peak_rss_increase_bytes": int(peak),
+            "tracemalloc_peak_bytes": int(mem.tracemalloc_peak),
+            "seconds_under_memory_probe": t_probe}
+
+
+def _warm_up(net, data):
+    """JIT compilation (numba kernels) and torch.func's first-call imports are one-off
+    costs of a process, not of a method: pay them once on a tiny problem."""
+    from iif_ref.neural import integrated_influence, trak
+
+    X, y, Xt, yt = data
+    small = (net, "cross_entropy", X[:20], y[:20], Xt[:2], yt[:2])
+    trak(*small)
+    integrated_influence(*small, K=1, progress=False)
+
+
+def _bench(args):
+    from iif_ref.bench import write_results
+
+    n_train, n_test = (200, 20) if args.quick else (1000, 100)
+    P = P_DEFAULT
     t0 = time.perf_counter()
     net, split, acc = _model_and_data(n_train, n_test)
+    n_params = sum(p.numel() for p in net.parameters())
     print(f"model trained in {time.perf_counter() - t0:.1f}s, test accuracy {acc:.3f}; "
-          f"n_params = {sum(p.numel() for p in net.parameters())}")
+          f"n_params = {n_params}; load average {_load()}")
+    data = (split.X_train, split.y_train, split.X_test, split.y_test)
+    _warm_up(net, data)
 
-    methods = dict(_ours(net, split, P, chunk))
-    skipped = {}
+    load_start = _load()
+    skipped, rows = {}, []
+    methods = dict(_ours(net, data))
     try:
-        methods["traker TRAK (BasicProjector)"] = _traker(net, split, P)
-    except Exception as exc:  # an absent optional peer is reported, not fatal
-        skipped["traker"] = f"{type(exc).__name__}: {exc}"
-    try:
-        methods.update(_dattri(net, split, P))
+        for batch in args.traker_batches:
+            methods[f"{TRAKER}, featurize batch {batch}"] = _traker(net, data, P, batch)
     except Exception as exc:
-        skipped["dattri"] = f"{type(exc).__name__}: {exc}"
-
-    # Warm-up: JIT compilation (numba kernels) and torch.func's first-call imports are
-    # one-off costs of a process, not of a method; pay them once on a tiny problem.
-    from iif_ref.neural import trak as _warm
-
-    _warm(net, "cross_entropy", split.X_train[:20], split.y_train[:20], split.X_test[:2],
-          split.y_test[:2], proj_dim=P)
-
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    rows = []
-    for name, fn in methods.items():
-        # Timed calls alone (median of --repeats), then one call under the memory
-        # probe. tracemalloc and the 1 kHz RSS sampler slow Python-heavy code (torch.func,
-        # the peers' loops) several-fold on 2 cores, so a time taken under them measures
-        # the probe, not the method (iif_ref.bench.peak_memory says so).
+        skipped["traker"] = f"{type(exc).__name__}: {exc}"
+    if args.without_dattri:
+        skipped["dattri"] = "--without-dattri"
+    else:
         try:
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            t = float(np.median(times))
-            start = time.perf_counter()
-            mem = peak_memory(fn)
-            t_probe = time.perf_counter() - start
+            methods.update(_dattri(net, split, P))
         except Exception as exc:
-            skipped[name] = f"{type(exc).__name__}: {exc}"
-            print(f"{name:36s} skipped: {skipped[name]}")
-            continue
-        peak = mem.rss_peak_delta if mem.rss_peak_delta is not None else mem.maxrss_increase
-        rows.append({"method": name, "seconds": t, "seconds_each": times,
-                     "peak_rss_increase_bytes": int(peak),
-                     "tracemalloc_peak_bytes": int(mem.tracemalloc_peak),
-                     "seconds_under_memory_probe": t_probe})
-        print(f"{name:36s} {t:8.2f} s (median of {', '.join(f'{x:.2f}' for x in times)})"
-              f"   peak +{peak / 2**20:8.1f} MiB ({t_probe:.2f} s under the memory probe)")
+            skipped["dattri"] = f"{type(exc).__name__}: {exc}"
+    for name, fn in methods.items():
+        row = _measure(name, fn, args.repeats, skipped)
+        if row is not None:
+            rows.append(row)
 
-    by = {r["method"]: r["seconds"] for r in rows}
-    ratios = {}
-    ref = by.get("traker TRAK (BasicProjector)")
-    if ref:
-        for name in ("iif_ref TRAK", "iif_ref IIF (K=5, joint)"):
+    by = {r["method"]: r for r in rows}
+    sweep = {b: by[f"{TRAKER}, featurize batch {b}"]["seconds"] for b in args.traker_batches
+             if f"{TRAKER}, featurize batch {b}" in by}
+    ratios, memory, passed = {}, {}, {}
+    best = min(sweep, key=sweep.get) if sweep else None
+    if best is not None:
+        ref = by[f"{TRAKER}, featurize batch {best}"]
+        # Memory is held to traker's smallest peak over the sweep (its batch of 100 or
+        # 250 needs less than its fastest batch of 1,000): the stricter comparison.
+        ref_peak = min(by[f"{TRAKER}, featurize batch {b}"]["peak_rss_increase_bytes"]
+                       for b in sweep)
+        print(f"traker's fastest featurize batch: {best} ({ref['seconds']:.2f} s); its "
+              f"smallest peak over the sweep: +{ref_peak / 2**20:.1f} MiB")
+        for name in (TRAK, IIF):
             if name in by:
-                ratios[f"{name} / traker TRAK"] = by[name] / ref
-    if "dattri TRAK" in by and "iif_ref TRAK" in by:
-        ratios["iif_ref TRAK / dattri TRAK"] = by["iif_ref TRAK"] / by["dattri TRAK"]
+                key = f"{name} / traker TRAK"
+                ratios[key] = by[name]["seconds"] / ref["seconds"]
+                passed[key] = ratios[key] <= TARGETS[key]
+                extra = by[name]["peak_rss_increase_bytes"] - ref_peak
+                memory[f"{name} peak - traker's smallest peak (MiB)"] = extra / 2**20
+                passed[f"{name} peak <= traker's smallest peak + 64 MiB"] = \
+                    extra <= MEMORY_MARGIN
+    if "dattri TRAK" in by and TRAK in by:
+        ratios[f"{TRAK} / dattri TRAK"] = by[TRAK]["seconds"] / by["dattri TRAK"]["seconds"]
     ours_if = f"iif_ref IF (projected Fisher, {N_IF_TEST} test points)"
     their_if = f"dattri IF (CG, 10 iterations, {N_IF_TEST} test points)"
     if ours_if in by and their_if in by:
-        ratios[f"iif_ref IF / dattri IF (CG), {N_IF_TEST} test points"] = (by[ours_if]
-                                                                          / by[their_if])
+        ratios[f"iif_ref IF / dattri IF (CG), {N_IF_TEST} test points"] = (
+            by[ours_if]["seconds"] / by[their_if]["seconds"])
+    load_end = _load()
     for k, v in ratios.items():
-        print(f"ratio {k:45s} {v:6.2f}")
+        target = TARGETS.get(k)
+        print(f"ratio {k:50s} {v:6.2f}" + ("" if target is None else
+                                           f"   target <= {target}: "
+                                           f"{'met' if v <= target else 'NOT met'}"))
+    for k, v in memory.items():
+        print(f"memory {k:49s} {v:+7.1f}   target <= +64: {'met' if v <= 64 else 'NOT met'}")
+    print(f"load average: start {load_start}, end {load_end}")
+    import torch
+
     meta = {"problem": {"n_train": n_train, "n_test": n_test, "proj_dim": P,
-                        "architecture": "64-128-64-10 ReLU", "dtype": "float32",
-                        "threads": 2, "test_accuracy": acc, "chunk_size": chunk,
-                        "timed_calls_per_method": args.repeats, "statistic": "median"},
-            "ratios": ratios, "skipped": skipped,
-            # The machine is shared: the 1-, 5-, 15-minute load averages around the run.
-            "load_average": {"start": load_start,
-                             "end": os.getloadavg() if load_start is not None else None},
-            "targets": {"iif_ref TRAK / traker TRAK": 0.5,
-                        "iif_ref IIF (K=5, joint) / traker TRAK": 1.5}}
+                        "n_params": n_params, "architecture": "64-128-64-10 ReLU",
+                        "dtype": "float32 (the model's parameter dtype, what a user gets "
+                                 "by default)",
+                        "threads": torch.get_num_threads(), "test_accuracy": acc,
+                        "timed_calls_per_method": args.repeats, "statistic": "median",
+                        "warm_up": "one tiny TRAK and IIF call before timing"},
+            "options": {"iif_ref": OUR_OPTIONS,
+                        "traker": {str(b): _traker_options(P, b)
+                                   for b in args.traker_batches},
+                        "traker_featurize_batch_used": best,
+                        "traker_sweep_seconds": {str(b): t for b, t in sweep.items()}},
+            "ratios": ratios, "memory_above_traker_mib": memory, "targets_met": passed,
+            "targets": {**TARGETS, "peak memory above traker's (MiB)": 64},
+            "skipped": skipped,
+            # The machine may be shared: the 1-, 5-, 15-minute load averages.
+            "load_average": {"start": load_start, "end": load_end}}
     if args.previous:
         import json
 
@@ -270,6 +338,97 @@ def main(argv=None):
         write_results(args.out, rows, meta)
         print(f"wrote {args.out}")
     return 0
+
+
+def _synthetic(n, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, 64)).astype(np.float32),
+            rng.integers(0, 10, n).astype(np.int64))
+
+
+def _scaling(args):
+    from iif_ref.bench import peak_memory, write_results
+
+    net, split, acc = _model_and_data(1000, 100)
+    test = (split.X_test, split.y_test)
+    _warm_up(net, (split.X_train, split.y_train) + test)
+    P, rows, skipped = P_DEFAULT, [], {}
+    batch = args.traker_batch
+    load_start = _load()
+    for n in args.sizes:
+        X, y = _synthetic(n, seed=n)
+        data = (X, y) + test
+        calls = {k: v for k, v in _ours(net, data).items() if k in (IIF, TRAK)}
+        calls[TRAKER] = _traker(net, data, P, batch)
+        for name, fn in calls.items():
+            try:
+                start = time.perf_counter()
+                fn()
+                seconds = time.perf_counter() - start
+                mem = peak_memory(fn)
+            except Exception as exc:
+                skipped[f"{name}, n_train={n}"] = f"{type(exc).__name__}: {exc}"
+                continue
+            peak = mem.rss_peak_delta if mem.rss_peak_delta is not None \
+                else mem.maxrss_increase
+            rows.append({"method": name, "n_train": n, "seconds": seconds,
+                         "peak_rss_increase_bytes": int(peak), "load_average": _load()})
+            print(f"n_train={n:6d} {name:32s} {seconds:8.2f} s   peak +{peak / 2**20:8.1f} "
+                  f"MiB   load {_load()}", flush=True)
+    print("\n| n_train | " + " | ".join(f"{m} s / MiB" for m in (IIF, TRAK, TRAKER)) + " |")
+    print("|---:|" + "---:|" * 3)
+    for n in args.sizes:
+        cells = []
+        for m in (IIF, TRAK, TRAKER):
+            r = [r for r in rows if r["method"] == m and r["n_train"] == n]
+            cells.append(f"{r[0]['seconds']:.2f} / {r[0]['peak_rss_increase_bytes'] / 2**20:.0f}"
+                         if r else "—")
+        print(f"| {n:,} | " + " | ".join(cells) + " |")
+    meta = {"problem": {"n_test": len(split.X_test), "proj_dim": P,
+                        "inputs": "standard normal (n_train, 64) float32, labels uniform "
+                                  "in 0..9; the digits MLP and test points of the main "
+                                  "benchmark", "calls": "one timed, one under the memory "
+                                                        "probe, per cell"},
+            "options": {"iif_ref": {IIF: OUR_OPTIONS[IIF], TRAK: OUR_OPTIONS[TRAK]},
+                        "traker": _traker_options(P, batch)},
+            "skipped": skipped, "load_average": {"start": load_start, "end": _load()}}
+    write_results(args.scaling_out, rows, meta)
+    print(f"wrote {args.scaling_out}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="200 train / 20 test points")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON of the main run")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed calls per method; the median is reported (the machine "
+                             "may be shared, single calls vary by 2x)")
+    parser.add_argument("--traker-batches", type=int, nargs="+", default=[100, 250, 1000],
+                        help="traker featurize batch sizes swept; the fastest sets the ratios")
+    parser.add_argument("--without-dattri", action="store_true",
+                        help="skip the dattri comparisons (the slowest part of the run)")
+    parser.add_argument("--previous", default=None,
+                        help="JSON of an earlier run to record as meta.previous_run")
+    parser.add_argument("--previous-label", default="",
+                        help="what the earlier run measured (e.g. its commit)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="measure IIF, TRAK and traker at the --sizes instead")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 60000],
+                        help="n_train of the scaling table (synthetic inputs)")
+    parser.add_argument("--traker-batch", type=int, default=1000,
+                        help="traker featurize batch size in the scaling table")
+    parser.add_argument("--scaling-out", default=str(DEFAULT_SCALING_OUT),
+                        help="JSON of the scaling table")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+
+    import torch
+
+    torch.set_num_threads(2)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    return _scaling(args) if args.scaling else _bench(args)
 
 
 if __name__ == "__main__":
