@@ -196,11 +196,13 @@ def test_divergent_unlearning_reports_the_trajectory():
     X = rng.standard_normal((20, 3))
     y = X @ np.ones(3)
     net = torch.nn.Linear(3, 1, bias=False).double()
-    # λ far below the leverage of the test point: −L_test + λ L_train is unbounded below.
+    # λ far below the leverage of the test point: the summed −L_test + λ L_train is
+    # unbounded below, and plain full-batch SGD (no line search) runs down it.
     with pytest.raises(DivergenceError, match="trajectory") as info:
         integrated_influence(net, "mse", X, y, 10 * X[:1], y[:1] + 5, lam=1e-4,
                              unlearn_lr=0.5, unlearn_epochs=50, proj_dim=None,
-                             progress=False)
+                             unlearn_reduction="sum", unlearn_line_search=False,
+                             unlearn_batch_size=None, progress=False)
     assert len(info.value.trajectory) >= 2
 
 

@@ -398,7 +398,12 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
     for part in diag["distributed"]:
         sums[part["test_rows"]] = part["score_sums"]
     diag["loss_star"], diag["loss_prime"] = loss_star, loss_prime
+    # The single-process run's completeness rule: residual against the path's own loss
+    # change (θ_0 was computed when the plan's steps were walked).
+    path_delta = plan.path_delta()
+    diag.update(plan.completeness_diagnostics())
     diag["cached_steps"] = []
     config["damping_used"] = list(diag["damping"])
-    return AttributionResult(scores=scores, delta=delta, residual=sums - delta,
-                             config=config, diagnostics=diag, method=method)
+    return AttributionResult(scores=scores, delta=delta, path_delta=path_delta,
+                             residual=sums - path_delta, config=config, diagnostics=diag,
+                             method=method)

@@ -1,0 +1,108 @@
+"""The unlearning baseline of Eq. (12): it unlearns with the defaults, says when it does
+not, never diverges under its line search, and records its trajectory."""
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the neural half needs torch")
+
+from _helpers import trained_digits_mlp  # noqa: E402
+
+from iif_ref.neural import (DivergenceError, IIFConfig, integrated_influence,  # noqa: E402
+                            plan_path)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    split, model = trained_digits_mlp(128, 12, hidden=(32,), epochs=60, batch_size=32,
+                                      seed=2)
+    return model, split.X_train, split.y_train, split.X_test, split.y_test
+
+
+def test_default_unlearning_raises_every_test_loss_of_a_digits_mlp(digits):
+    model, X, y, Xt, yt = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # no "not unlearned" warning
+        plan = plan_path(model, "cross_entropy", X, y, Xt, yt, proj_dim=8, progress=False)
+    loss_prime = np.concatenate([g.loss_prime for g in plan.groups])
+    rows = np.concatenate([g.rows for g in plan.groups])
+    # Δ_t = L(θ*) − L(θ'_t) < 0 for every test point, including the confidently
+    # classified ones (losses down to ~4e-3 here), whose loss gradient is tiny.
+    assert np.all(plan.loss_star[rows] - loss_prime < 0)
+    assert plan.not_unlearned.size == 0
+    assert plan.loss_star.min() < 1e-2        # the instance has confident test points
+
+
+def test_unlearning_that_moves_nothing_names_every_test_point_and_warns(digits):
+    model, X, y, Xt, yt = digits
+    # A step of 1e-300 leaves θ' = θ* in float64: nothing is unlearned, Δ_t = 0.
+    with pytest.warns(RuntimeWarning, match=r"did not raise the test loss of 12 of 12"):
+        plan = plan_path(model, "cross_entropy", X, y, Xt, yt, proj_dim=8,
+                         unlearn_lr=1e-300, progress=False)
+    np.testing.assert_array_equal(plan.not_unlearned, np.arange(12))
+
+
+def test_unlearning_names_exactly_the_test_points_whose_loss_fell(digits):
+    model, X, y, Xt, yt = digits
+    # λ·mean L_train dominates the ascent of confidently classified test points: the
+    # training drift lowers their loss (docs/algorithm1.md, "Unlearning").
+    opts = dict(unlearn_reduction="mean", unlearn_lr=1e-3, baseline="joint", proj_dim=8,
+                progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_path(model, "cross_entropy", X, y, Xt, yt, **opts)
+    (group,) = plan.groups
+    failed = np.flatnonzero(plan.loss_star - group.loss_prime >= 0)
+    np.testing.assert_array_equal(plan.not_unlearned, failed)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if failed.size:
+        assert len(messages) == 1 and f"{failed.size} of 12" in messages[0]
+    else:
+        assert not messages
+
+
+def _linear_problem():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 3))
+    y = X @ np.ones(3) + 0.1 * rng.standard_normal(20)
+    net = torch.nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():                      # start at the least-squares fit θ*
+        net.weight.copy_(torch.as_tensor(np.linalg.lstsq(X, y, rcond=None)[0][None]))
+    return net, X, y, X[:1] + 0.5, y[:1] + 1.0
+
+
+def test_line_search_keeps_unlearning_finite_where_plain_sgd_diverges():
+    net, X, y, Xt, yt = _linear_problem()
+    # Summed Eq. (12) with λ = 5 is a convex quadratic (λ above the test leverage), so a
+    # full-batch step above 2/L_max (L_max ≈ 2λ·λ_max(XᵀX) ≈ 400 here) oscillates out,
+    # by a factor ≈ 200 per step: past float64's range (and a DivergenceError) in 200.
+    opts = dict(unlearn_reduction="sum", lam=5.0, unlearn_batch_size=None,
+                unlearn_lr=0.5, unlearn_epochs=200, proj_dim=None, K=1, progress=False)
+    with pytest.raises(DivergenceError):
+        integrated_influence(net, "mse", X, y, Xt, yt, unlearn_line_search=False, **opts)
+    r = integrated_influence(net, "mse", X, y, Xt, yt, **opts)
+    (hist,) = r.diagnostics["unlearning"]
+    obj = np.array(hist["objective"])
+    assert np.all(np.isfinite(obj))
+    # Full batch: the Armijo rule on the batch objective is on the full objective, which
+    # therefore never rises (up to rounding of the objective, ~eps·|obj|).
+    assert np.all(np.diff(obj) <= 1e-12 * np.abs(obj[:-1]).max())
+    assert max(s[2] for s in hist["step_size"]) < 0.5   # it backtracked below lr
+    assert r.delta[0] < 0
+
+
+def test_unlearning_trajectory_is_in_the_diagnostics_per_epoch(digits):
+    model, X, y, Xt, yt = digits
+    cfg = IIFConfig(K=1, proj_dim=8, unlearn_epochs=3, baseline="per_test", progress=False)
+    r = integrated_influence(model, "cross_entropy", X, y, Xt[:2], yt[:2], config=cfg)
+    assert len(r.diagnostics["unlearning"]) == 2                 # one per test point
+    for t, hist in enumerate(r.diagnostics["unlearning"]):
+        assert len(hist["objective"]) == len(hist["test_loss"]) == 4   # start + 3 epochs
+        assert len(hist["step_size"]) == len(hist["skipped_steps"]) == 3
+        # 128 samples in batches of 64: 2 steps per epoch, each at most unlearn_lr.
+        assert all(0 < s[0] <= s[1] <= s[2] <= cfg.unlearn_lr for s in hist["step_size"])
+        # The recorded last test loss is the loss at θ'_t that Δ_t is measured with.
+        np.testing.assert_allclose(hist["test_loss"][-1][0], r.diagnostics["loss_prime"][t],
+                                   rtol=1e-12)
+    assert r.diagnostics["not_unlearned"] == []
