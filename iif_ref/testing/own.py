@@ -64,6 +64,9 @@ def neural_iif(p):
     error (see ``tests/test_testing_neural.py`` for the tolerance that follows).
     """
     baseline = "per_test" if p.baseline == "unlearn" else "prediction"
+    # Eq. (12) with the summed losses of the problem (λ weighs Σ_i l_i), solved to
+    # convergence over the full batch: the exact θ'_t of iif_ref.linear.unlearned_params.
     return _attribute(p, "iif", K=p.K, lam=p.lam, baseline=baseline,
-                      unlearn_optimizer="lbfgs", path_models="refit", curvature="hessian",
+                      unlearn_optimizer="lbfgs", unlearn_reduction="sum",
+                      unlearn_batch_size=None, path_models="refit", curvature="hessian",
                       proj_dim=None, damping=0.0)
