@@ -315,6 +315,7 @@ def _bench(args):
                         "timed_calls_per_method": args.repeats, "statistic": "median",
                         "warm_up": "one tiny TRAK and IIF call before timing"},
             "options": {"iif_ref": OUR_OPTIONS,
+                        "iif_ref_departures_from_defaults": args.iif_option,
                         "traker": {str(b): _traker_options(P, b)
                                    for b in args.traker_batches},
                         "traker_featurize_batch_used": best,
@@ -390,6 +391,7 @@ def _scaling(args):
                                   "benchmark", "calls": "one timed, one under the memory "
                                                         "probe, per cell"},
             "options": {"iif_ref": {IIF: OUR_OPTIONS[IIF], TRAK: OUR_OPTIONS[TRAK]},
+                        "iif_ref_departures_from_defaults": args.iif_option,
                         "traker": _traker_options(P, batch)},
             "skipped": skipped, "load_average": {"start": load_start, "end": _load()}}
     write_results(args.scaling_out, rows, meta)
@@ -406,6 +408,9 @@ def main(argv=None):
                              "may be shared, single calls vary by 2x)")
     parser.add_argument("--traker-batches", type=int, nargs="+", default=[100, 250, 1000],
                         help="traker featurize batch sizes swept; the fastest sets the ratios")
+    parser.add_argument("--iif-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an IIF option that departs from the defaults (e.g. to work "
+                             "around a default that fails); recorded in the JSON as such")
     parser.add_argument("--without-dattri", action="store_true",
                         help="skip the dattri comparisons (the slowest part of the run)")
     parser.add_argument("--previous", default=None,
@@ -423,6 +428,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    for item in args.iif_option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--iif-option needs NAME=VALUE, got {item!r}")
+        import ast
+
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass   # a bare string such as mean
+        OUR_OPTIONS[IIF][name] = value
 
     import torch
 
