@@ -39,7 +39,8 @@ class IIFConfig:
         λ of the unlearning objective ``−L_test + λ L_train`` (Eq. 12), in the
         normalisation ``unlearn_reduction``. Default 0.5 (Table 6, MNIST attribution).
     baseline : {"joint", "per_test", "prediction", "given"}
-        ``"joint"``: one unlearned θ' for the whole test batch (``L_test`` summed over it);
+        ``"joint"``: one unlearned θ' for the whole test batch (``L_test`` over all of
+        it, normalised by ``unlearn_reduction``);
         ``"per_test"``: one θ'_t per test point; ``"prediction"``: θ' = θ*, i.e. baseline
         targets ``f(x; θ*)`` (the influence-function setting, Lemma 2.5);
         ``"given"``: the caller passes θ' (used by self-influence and proponents).
