@@ -231,7 +231,7 @@ def _warm_up(net, data):
     X, y, Xt, yt = data
     small = (net, "cross_entropy", X[:20], y[:20], Xt[:2], yt[:2])
     trak(*small)
-    integrated_influence(*small, K=1, progress=False)
+    integrated_influence(*small, **{**OUR_OPTIONS[IIF], "K": 1})
 
 
 def _bench(args):
