@@ -197,6 +197,22 @@ _NOTES = """\
   permutation equivariance and target scaling are exact; magnitudes are not. At its
   default (`proj_dim = 2048` for 3–5 parameters) `ΦᵀΦ` is singular and the scores are
   not meaningful — permutation equivariance fails too.
+- Changes from the report of 2026-11-29 (same peers, dattri 0.3.0 and traker 0.3.2; the
+  checks were made sound, see `docs/testing-guide.md`): (1) `loo_sign` no longer asks
+  for Spearman ρ > 0.5 on κ(H) ≤ 100, leverage ≤ 0.5 problems, a threshold that failed
+  the exact influence function on small random problems; it compares signs where the
+  least-squares LOO–IF relation fixes them, and so now applies to all three problems
+  (it was skipped on `ill_conditioned` and `high_leverage`). Exact solvers pass it
+  everywhere. EK-FAC, DataInf and dattri's TRAK, which passed the old rule on the
+  well-conditioned problem, now fail it on every problem at the fair setting: 3 to 29
+  of 96–120 pairs carry the opposite sign to the exact leave-one-out change. traker's
+  TRAKer fails it at its default (33 of 74 pairs) and passes at the fair setting.
+  (2) Tolerances now carry the cancellation factor of every residual the scores are
+  built from (6.2 on `ill_conditioned`, where only γ = 1.55 counted before). In float32
+  with κ(H) = 10⁴ the tolerance exceeds 1, i.e. float32 guarantees no relative accuracy
+  there, and the default-setting (float32) rows report those comparisons *skipped* with
+  that reason instead of passing (Explicit, CG, Arnoldi, TracIn) or failing (EK-FAC,
+  TRAK, TRAKer) against the former 0.65.
 - A projected TracIn (dattri's default projects to 512 Gaussian coordinates) has a
   Johnson–Lindenstrauss error of order `sqrt(2/512) ≈ 6%` in each dot product, which is
   what its `tracin_exact` error shows; unprojected it is exact.
