@@ -7,7 +7,9 @@ generated least-squares problems that span :func:`iif_ref.testing.make_problem`'
 sizes, κ(X) up to 10⁶ (κ(H) up to 10¹²), leverage of sample 0 up to 1 − 10⁻⁴, training
 and test noise from 0 to 3, λ from just above the largest test leverage to 100 times it,
 K and the TracIn checkpoints. Every check must pass or be skipped with its reason; the
-number that fail is the false-alarm count, and the target is 0.
+number that fail is the false-alarm count, and the target is 0. The torch IIF, whose
+L-BFGS refits cost seconds per problem, runs on the first ``--n-neural-iif`` problems
+with κ(X) ≤ 100.
 
 Writes ``docs/results/conformance_false_alarms.json``: one row per (attributor, check)
 with the number of problems, how many the check applied to, how many failed, the largest
