@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from iif_ref import linear
 from iif_ref.testing import (
     check_attributor,
     checks,
@@ -25,8 +26,6 @@ from iif_ref.testing import (
 from iif_ref.testing.checks import _loo_shift
 from iif_ref.testing.own import linear_if, linear_iif, linear_tracin
 from iif_ref.testing.strategies import linear_problems
-
-from iif_ref import linear
 
 NEAR_MISS = 1e-9
 WELL = default_problems()[0]
