@@ -143,6 +143,19 @@ def test_projected_fisher_converges_to_exact_fisher_as_P_grows():
     assert errors[64] < 1e-4, errors
 
 
+def test_cross_entropy_gauss_newton_keeps_n_out_minus_one_rows_on_a_confident_model():
+    # Logits scaled ×40: p_y ≈ 1 − 1e-9 on many samples, where S_i ~ 1e-9 and the
+    # rounding of its null direction 1 is relatively large; 1 must still be dropped.
+    net = _mlp(4, 8, 3, seed=5)
+    with torch.no_grad():
+        net[2].weight.mul_(40.0)
+    X, y, Xt, yt = _data("cross_entropy", 30, 4, 3, seed=5)
+    probs = torch.softmax(net(X), 1).max(1).values
+    assert float(probs.max()) > 1 - 1e-8
+    ex = exact_influence(net, "cross_entropy", X, y, Xt, yt)
+    assert ex.n_rows == 30 * 2
+
+
 def test_damping_grid_from_one_eigendecomposition_equals_separate_cholesky_solves():
     net = _mlp(4, 8, 3, seed=3)
     X, y, Xt, yt = _data("cross_entropy", 15, 4, 3, seed=4)

@@ -91,11 +91,12 @@ def _output_factors(loss, F, rho, curvature):
         return output_weights(loss, F, rho)[:, :, None]
     S = vmap(hessian(loss.fn, argnums=0))(F, rho)
     S = 0.5 * (S + S.transpose(1, 2))
-    # Directions null for *every* sample (cross-entropy's 1) are found once, from the
-    # sum of the normalised S_i, and projected out; per-sample eigenvalues are then all
-    # kept, however small (a class with p ~ 1e-20 is a real, tiny direction).
-    size = torch.diagonal(S, dim1=1, dim2=2).abs().sum(1).clamp(min=torch.finfo(S.dtype).tiny)
-    mu, Q = torch.linalg.eigh((S / size[:, None, None]).sum(0))
+    # Directions null for *every* sample (cross-entropy's 1) are found once, from Σ_i S_i
+    # (PSD, so its null space is the common one), and projected out; per-sample
+    # eigenvalues are then all kept, however small (a class with p ~ 1e-20 is a real,
+    # tiny direction). Not Σ_i S_i/‖S_i‖: a confident sample's S_i ~ 1e-8 carries
+    # rounding ~eps in its null direction, which that scaling would blow up to 1e-8.
+    mu, Q = torch.linalg.eigh(S.sum(0))
     Q = Q[:, mu > _RANK_TOL * float(mu.max().clamp(min=torch.finfo(S.dtype).tiny))]
     lam, V = torch.linalg.eigh(Q.T @ S @ Q)
     return (Q @ V) * torch.sqrt(torch.clamp(lam, min=0.0))[:, None, :]
