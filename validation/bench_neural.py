@@ -347,6 +347,10 @@ def _synthetic(n, seed):
             rng.integers(0, 10, n).astype(np.int64))
 
 
+def _short(name):
+    return {IIF: "iif", TRAK: "trak", TRAKER: "traker"}[name]
+
+
 def _scaling(args):
     from iif_ref.bench import peak_memory, write_results
 
@@ -361,6 +365,7 @@ def _scaling(args):
         data = (X, y) + test
         calls = {k: v for k, v in _ours(net, data).items() if k in (IIF, TRAK)}
         calls[TRAKER] = _traker(net, data, P, batch)
+        calls = {k: v for k, v in calls.items() if _short(k) in args.methods}
         for name, fn in calls.items():
             try:
                 start = time.perf_counter()
@@ -421,6 +426,8 @@ def main(argv=None):
                         help="measure IIF, TRAK and traker at the --sizes instead")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 60000],
                         help="n_train of the scaling table (synthetic inputs)")
+    parser.add_argument("--methods", nargs="+", default=["iif", "trak", "traker"],
+                        choices=["iif", "trak", "traker"], help="methods of the scaling table")
     parser.add_argument("--traker-batch", type=int, default=1000,
                         help="traker featurize batch size in the scaling table")
     parser.add_argument("--scaling-out", default=str(DEFAULT_SCALING_OUT),
