@@ -57,12 +57,17 @@ def unlearn(fm, loss, X, Y, X_test, Y_test, cfg, *, params=None):
     Implements Eq. (12), ``min_θ −s·L_test(θ) + λ L_train(θ)`` from θ*, with
     ``cfg.unlearn_reduction``:
 
-    * ``"mean"`` (default): ``L_test`` the mean test loss of the group and ``L_train``
-      the mean training loss, the normalisation of a mini-batch training loop (the
-      paper's "5 epochs using the SGD optimizer"); a mini-batch term is the batch mean,
-      so λ = 0.5 (Table 6, MNIST) weighs one mean test loss against half a mean
-      training loss, whatever ``n_train`` and the batch size.
-    * ``"sum"``: both summed. λ then multiplies ``n_train`` times more training loss;
+    * ``"log_mean"`` (default): ``−mean_t log l_t(θ) + λ·mean_i l_i(θ)``. ``L_train``
+      is the mean training loss, the normalisation of a mini-batch training loop (the
+      paper's "5 epochs using the SGD optimizer"; a batch term is the batch mean), so
+      λ = 0.5 (Table 6, MNIST) means the same whatever ``n_train`` and the batch size.
+      The log makes the ascent scale-free: ``∇(−log l_t) = −∇l_t / l_t`` is Eq. (12)'s
+      gradient with λ scaled by the current test loss, so a confidently fitted test
+      point (cross-entropy gradient ∝ its tiny loss) is still unlearned instead of
+      being outweighed by the training-loss drift at θ*, and the ascent slows as the
+      loss grows (docs/algorithm1.md, "Unlearning").
+    * ``"mean"``: ``−mean_t l_t + λ·mean_i l_i``, Eq. (12) as printed with mean losses.
+    * ``"sum"``: both summed (the linear reference's normalisation). λ then multiplies ``n_train`` times more training loss;
       at an imperfectly converged θ* the training gradient dominates and the
       optimiser keeps training instead of unlearning (docs/algorithm1.md).
 
