@@ -80,6 +80,7 @@ def required_bytes(n_rows, n_params):
     """Float64 bytes of a solve with ``n_rows = n_train · r`` rows of ``B``.
 
     ``B`` itself, the Gram of the smaller side and its factor (Cholesky or eigenvectors).
+    The Woodbury form (Ψ outside the range of ``Bᵀ``) holds ``n_train · n_params`` more.
     """
     g = min(n_rows, n_params)
     return 8 * (n_rows * n_params + 2 * g * g)
@@ -110,6 +111,7 @@ class SampleSpaceSolve:
     side : {"sample", "parameter"}
         Which Gram is factorised: ``K = BBᵀ`` (``n_rows²``) or ``C = BᵀB`` (``n_params²``).
     n_rows, n_params, n_test, n_train : int
+        ``n_rows = n_train · r``: rows of ``B`` (``r`` per sample).
     trace : float
         ``tr(C) = ‖B‖_F²``.
     scale : float
@@ -123,11 +125,11 @@ class SampleSpaceSolve:
         Seconds for the factors ``B``, the Gram, and each factorisation.
     """
 
-    def __init__(self, gram, left, rhs, direct, *, side, form, trace, n_params, complement,
-                 timings):
+    def __init__(self, gram, left, rhs, direct, *, side, form, trace, n_rows, n_params,
+                 complement, timings):
         self.gram, self._left, self._rhs, self._direct = gram, left, rhs, direct
         self.side, self.form = side, form
-        self.n_rows = gram.shape[0] if side == "sample" else None
+        self.n_rows = int(n_rows)
         self.n_params = int(n_params)
         self.n_test, self.n_train = left.shape[1], rhs.shape[1]
         self.trace = float(trace)
@@ -359,7 +361,7 @@ def build_solve(fm, loss, params, X, rho, X_test, Y_test, *, rho_from=None,
         rhs = (B.T @ A) if in_range else _psi_rows(fm, params, X, w, chunk_size).T
     timings["gram_s"] = time.perf_counter() - t0 - timings["factors_s"]
     return SampleSpaceSolve(gram, left, rhs, direct, side=side, form=form, trace=trace,
-                            n_params=M, complement=complement, timings=timings)
+                            n_rows=N, n_params=M, complement=complement, timings=timings)
 
 
 def _as64(t):
