@@ -4,8 +4,10 @@ Each is the IIF pipeline with one setting changed (docs/algorithm1.md, "special 
 
 * **IF** = IIF with ``K = 1``, baseline targets ``prediction(f(x; θ*))`` (θ' = θ*),
   unmasked path, curvature the Hessian of the summed training loss (Lemma 2.5,
-  Corollary 2.6): ``IF[t, i] = −∇L_test(θ*) H⁻¹ ∇l_i(θ*)``. Solvers: dense exact Hessian,
-  conjugate gradients on Hessian-vector products, or the projected Fisher (Eq. 17, 31).
+  Corollary 2.6): ``IF[t, i] = −∇L_test(θ*) H⁻¹ ∇l_i(θ*)``. Solvers: the exact
+  Gauss–Newton matrix or empirical Fisher in sample space (the default, within a memory
+  budget), the projected Fisher (Eq. 17, 31), the dense exact Hessian, or conjugate
+  gradients on Hessian-vector products.
 * **TracIn** (TracInCP) drops the curvature and the path: ``−Σ_c η_c ∇l_test(θ_c)·∇l_i(θ_c)``
   over checkpoints θ_c with step sizes η_c. Sign: positive pushes the test loss up
   (the negative of TracIn's "proponent-positive" convention).
