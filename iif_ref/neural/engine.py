@@ -5,11 +5,13 @@
 :func:`~iif_ref.neural.plan.plan_problem` hands out (baselines, targets, path models)
 and adds each step's term ``−G_k F_k⁻¹ (J Δy)_kᵀ`` (Eq. 10):
 
-* projected: ``Φ, Ψ, Γ = (U, D, G)·A`` → :func:`iif_ref.kernels.projected_scores`
-  (Eq. 17, 31);
+* projected: ``Φ, Ψ, Γ = (U, D, G)·A`` (one ``A`` for the whole run,
+  :func:`~iif_ref.neural.features.make_projector`), then the Fisher ``ΦᵀΦ`` through the
+  package's one step solve :func:`iif_ref.kernels.solve_step` (Eq. 17, 31);
 * unprojected Gauss–Newton or empirical Fisher: the exact damped solve in sample space
   (:mod:`iif_ref.neural.sample_space`), no ``n_params × n_params`` matrix;
-* unprojected Hessian: the dense float64 solve of :mod:`iif_ref.neural.curvature`.
+* unprojected Hessian: the dense float64 curvature of :mod:`iif_ref.neural.curvature`,
+  through the same step solve.
 
 The public calls (:func:`~iif_ref.neural.attribution.integrated_influence` and the
 methods of :mod:`iif_ref.neural.methods`) both sit on this module, which imports
