@@ -7,7 +7,7 @@ Data flow (docs/algorithm1.md maps each line to the paper)::
       → for k = K..1: targets ρ(t_k) (Eq. 15), path model θ_k (Eq. 16, θ_K = θ*)
           → per-sample u_i, J_iΔy, test gradients G at θ_k (chunks, torch.func,
             test rows projected with the last training chunk)
-          → projected: Φ, Ψ, Γ = (U, D, G)·A → kernels.projected_scores (Eq. 17, 31)
+          → projected: Φ, Ψ, Γ = (U, D, G)·A → kernels.solve_step with ΦᵀΦ (Eq. 17, 31)
             unprojected Gauss–Newton / Fisher: −G (C_k + λ_d I)⁻¹ Dᵀ through the
             sample-space Gram (neural.sample_space); Hessian: dense C_k, float64
           → I += step term
