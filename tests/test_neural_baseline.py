@@ -105,3 +105,34 @@ def test_unlearning_trajectory_is_in_the_diagnostics_per_epoch(digits):
         np.testing.assert_allclose(hist["test_loss"][-1][0], r.diagnostics["loss_prime"][t],
                                    rtol=1e-12)
     assert r.diagnostics["not_unlearned"] == []
+
+
+def test_log_test_loss_stays_finite_and_exact_where_the_loss_underflows():
+    # A float32 network whose margins (up to 120) put the cross-entropy of its confident
+    # rows below float32 and float64 resolution: log l must stay finite, equal log of the
+    # float64 loss where that is representable, and equal −margin-ish asymptote a beyond.
+    from iif_ref.neural import FunctionalModel, resolve_loss
+    from iif_ref.neural.baseline import log_per_sample_losses
+
+    model = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    fm = FunctionalModel(model)
+    X = torch.tensor([[120.0, 0.0], [30.0, 0.0], [0.5, 0.2]])
+    Y = torch.nn.functional.one_hot(torch.tensor([0, 0, 1]), 3).to(torch.float32)
+    loss = resolve_loss("cross_entropy")
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in fm.theta_star.items()}
+    logs = log_per_sample_losses(fm, loss, params, X, Y)
+    assert logs.dtype == torch.float64 and torch.isfinite(logs).all()
+    F = (X.double() @ model.weight.detach().double().T).numpy()
+    y = [0, 0, 1]
+    # CE = log1p(Σ_{j≠y} e^{f_j − f_y}), free of the cancellation in lse(f) − f_y.
+    exact = np.array([np.log(np.log1p(sum(np.exp(F[r, j] - F[r, y[r]])
+                                          for j in range(3) if j != y[r])))
+                      for r in range(3)])
+    # rows 1-2: representable in float64 -> equal to its log.
+    np.testing.assert_allclose(logs[1:].detach().numpy(), exact[1:], rtol=1e-12)
+    # row 0: CE = log(1 + 2e^-120) ~ 2e^-120 -> log CE = log 2 − 120 within e^-120.
+    np.testing.assert_allclose(float(logs[0]), np.log(2.0) - 120.0, rtol=1e-12)
+    logs.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in params.values())

@@ -21,6 +21,30 @@ def per_sample_losses(fm, loss, params, X, Y):
     return vmap(loss.fn)(fm.forward(params, X), Y)
 
 
+def log_per_sample_losses(fm, loss, params, X, Y):
+    """``log l(f(x_n; θ), y_n)`` in float64, finite for a loss that underflows to 0.
+
+    A confidently classified point has a cross-entropy below the float32 (even float64)
+    resolution, and ``log 0 = −inf`` would make the unlearning objective of Eq. (12)
+    infinite. For a one-hot target the cross-entropy is ``softplus(a)`` with
+    ``a = logsumexp_{j≠y} f_j − f_y``, and ``log softplus(a) = a + O(e^a)`` for
+    ``a < −20`` (absolute error below ``e^{-20}/2``), which keeps the log and its gradient
+    exact where the loss itself underflows. Other losses are floored at the smallest
+    normal float64.
+    """
+    F = fm.forward(params, X).to(torch.float64)
+    Y = Y.to(torch.float64)
+    one_hot = bool(((Y == 0) | (Y == 1)).all()) and bool((Y.sum(-1) == 1).all())
+    if loss.name == "cross_entropy" and one_hot:
+        others = F.masked_fill(Y > 0, float("-inf"))
+        a = torch.logsumexp(others, dim=-1) - (F * Y).sum(-1)
+        tail = a < -20.0
+        # The unselected branch must stay finite, or its NaN gradient leaks through where.
+        safe = torch.where(tail, torch.zeros_like(a), a)
+        return torch.where(tail, a, torch.log(torch.nn.functional.softplus(safe)))
+    return torch.log(vmap(loss.fn)(F, Y).clamp_min(torch.finfo(torch.float64).tiny))
+
+
 def unlearn(fm, loss, X, Y, X_test, Y_test, cfg, *, params=None):
     """Unlearned parameters θ' of Eq. (12) for a group of test points.
 
@@ -83,8 +107,8 @@ def unlearn(fm, loss, X, Y, X_test, Y_test, cfg, *, params=None):
     sign = float(cfg.unlearn_sign)
 
     def objective(p, idx, scale):
-        test = per_sample_losses(fm, loss, p, X_test, Y_test)
-        test = (torch.log(test) if log else test).sum()
+        test = (log_per_sample_losses(fm, loss, p, X_test, Y_test) if log
+                else per_sample_losses(fm, loss, p, X_test, Y_test)).sum()
         Xb, Yb = (X, Y) if idx is None else (X[idx], Y[idx])
         train = per_sample_losses(fm, loss, p, Xb, Yb).sum()
         return -sign * norm_test * test + cfg.lam * norm_train * scale * train
