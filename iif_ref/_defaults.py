@@ -12,25 +12,47 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["RELATIVE_DAMPING", "DEFAULT_PROJ_DIM", "absolute_damping"]
+__all__ = ["RELATIVE_DAMPING", "DEFAULT_RELATIVE_DAMPING", "DEFAULT_PROJ_DIM",
+           "absolute_damping", "default_relative_damping"]
 
 #: Default damping relative to the mean eigenvalue ``tr(C) / dim`` of the undamped
 #: curvature (``dim = P`` projected, ``n_params`` unprojected). It caps
 #: ``cond(C + lam_d I) <= 1 + dim / RELATIVE_DAMPING`` (docs/kernels.md).
 RELATIVE_DAMPING = 1e-3
 
+#: The relative damping ``r`` that ``damping="auto"`` means for each attributor, chosen
+#: by measurement (``validation/damping_defaults.py``, docs/results/damping_defaults.json):
+#: on the digits MLP at 1,000 and 500 training samples each value is the LDS-best of the
+#: grid ``r = 1e-4 … 100`` at both sizes. One ``r`` for all would cost up to 0.27 LDS (the
+#: best ``r`` spans 0.1 for IIF to 10 for TRAK), so the rule ``r · tr(C)/dim`` is one
+#: function with one constant per attributor. Keys: ``(method, projected)``.
+DEFAULT_RELATIVE_DAMPING = {
+    ("iif", True): 0.1,      # IIF, projected Fisher per step (Eq. 17, 31)
+    ("iif", False): 10.0,    # IIF unprojected: as the exact influence function
+    ("if", True): 1.0,       # influence function, projected Fisher
+    ("if", False): 10.0,     # influence function, exact Gauss-Newton / Fisher / Hessian
+    ("trak", True): 10.0,    # TRAK, projected margin-gradient Gram
+    ("trak", False): 10.0,
+}
+
 #: Projection dimension ``P`` of Eq. (17) used by default by IIF, the projected
 #: influence function and TRAK, so that their defaults are like for like.
 DEFAULT_PROJ_DIM = 512
 
 
-def absolute_damping(damping, trace, dim):
+def default_relative_damping(method, *, projected):
+    """``r`` of ``damping="auto"`` for ``method`` (:data:`DEFAULT_RELATIVE_DAMPING`);
+    :data:`RELATIVE_DAMPING` for a method without a measured default."""
+    return DEFAULT_RELATIVE_DAMPING.get((method, bool(projected)), RELATIVE_DAMPING)
+
+
+def absolute_damping(damping, trace, dim, *, relative=RELATIVE_DAMPING):
     """The absolute damping ``lam_d`` that a ``damping=`` argument stands for.
 
     Parameters
     ----------
     damping : None, "auto", float or callable
-        None or ``"auto"``: the relative default ``RELATIVE_DAMPING * trace / dim``; a
+        None or ``"auto"``: the relative default ``relative * trace / dim``; a
         float: that absolute value (the caller has checked it finite and >= 0); a
         callable: ``damping(trace, dim) -> lam_d`` per trace, whose results must be
         finite and >= 0.
@@ -39,6 +61,10 @@ def absolute_damping(damping, trace, dim):
         ``tr(Phi^T Phi) = ||Phi||_F^2``).
     dim : int
         Order of ``C``.
+    relative : float, keyword-only
+        ``r`` of the relative default; :func:`default_relative_damping` gives each
+        attributor's measured value (the kernel layer's own default is
+        :data:`RELATIVE_DAMPING`).
 
     Returns
     -------
@@ -66,7 +92,7 @@ def absolute_damping(damping, trace, dim):
     scalar = np.ndim(trace) == 0
     traces = np.atleast_1d(np.asarray(trace, dtype=np.float64))
     if damping is None or (isinstance(damping, str) and damping == "auto"):
-        lam = RELATIVE_DAMPING * traces / dim
+        lam = float(relative) * traces / dim
     elif isinstance(damping, str):
         raise ValueError(f"damping must be 'auto', None, a float >= 0 or a callable, "
                          f"got {damping!r}")

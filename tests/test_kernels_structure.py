@@ -148,3 +148,32 @@ def test_step_solve_names_the_step_and_a_damping_that_fixes_an_indefinite_matrix
         kernels.solve_step(C, np.ones((2, 3)), np.ones((1, 3)), damping=0.0, step=4)
     fixed = info.value.suggested_damping
     assert np.all(np.linalg.eigvalsh(C + fixed * np.eye(3)) > 0)
+
+
+def test_auto_damping_is_each_methods_measured_relative_value():
+    # "auto" means r · tr(C)/dim with the method's measured r (one rule, one table):
+    # the damping a result used, divided by tr(C)/dim of the matrix it solved, is r.
+    torch = pytest.importorskip("torch", reason="the neural half needs torch")
+    from iif_ref import attribute
+    from iif_ref._defaults import DEFAULT_RELATIVE_DAMPING, default_relative_damping
+    from iif_ref.neural.sample_space import exact_influence
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 3)).double()
+    X = torch.randn(30, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    data = (X, y, X[:4], y[:4])
+    assert len(set(DEFAULT_RELATIVE_DAMPING.values())) > 1   # the table is not one value
+    ex = exact_influence(net, "cross_entropy", *data)
+    res = attribute(net, "cross_entropy", *data, method="if")
+    r = default_relative_damping("if", projected=False)
+    assert res.config["damping_relative"] == r
+    np.testing.assert_allclose(res.config["damping_used"][0], r * ex.scale, rtol=1e-12)
+    for method, options in (("trak", {"proj_dim": 16}), ("iif", {"proj_dim": 16, "K": 1}),
+                            ("if", {"solver": "projected", "proj_dim": 16})):
+        res = attribute(net, "cross_entropy", *data, method=method, progress=False,
+                        **options) if method == "iif" else attribute(
+            net, "cross_entropy", *data, method=method, **options)
+        assert res.config["damping_relative"] == default_relative_damping(method,
+                                                                          projected=True)

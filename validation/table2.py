@@ -28,6 +28,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -116,7 +117,6 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
 
     from iif_ref import attribute
     from iif_ref.errors import NotPositiveDefiniteError
-    from iif_ref.neural.curvature import RELATIVE_DAMPING
 
     data = (split.X_train, split.y_train, split.X_test, split.y_test)
     rows, reference = [], None
@@ -131,9 +131,8 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
             if "scale" not in state:
                 res = attribute(model, "cross_entropy", *data, method=method, seed=args.seed,
                                 damping="auto", **options)
-                state["scale"] = float(res.config["damping_used"][0]) / RELATIVE_DAMPING \
-                    if "damping_used" in res.config else float(res.diagnostics["damping"][0]) / RELATIVE_DAMPING
-                if np.isclose(r, RELATIVE_DAMPING):
+                state["scale"] = float(res.config["damping_used"][0]) / res.config["damping_relative"]
+                if np.isclose(r, res.config["damping_relative"]):
                     return res.scores, r * state["scale"], res
             lam_d = r * state["scale"]
             res = attribute(model, "cross_entropy", *data, method=method, seed=args.seed,
@@ -243,19 +242,17 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
     return rows, reference
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def ground_truth(args):
+    """θ* (with TracIn checkpoints), the subset masks and their retrained test losses."""
     from iif_ref.metrics import random_subset_masks
     from iif_ref.models import PAPER_TRAINING, TrainConfig
-    from iif_ref.retraining import ModelSpec, benchmark_parallelism, retrain_subsets
+    from iif_ref.retraining import ModelSpec, retrain_subsets
 
-    t_start = time.perf_counter()
     split = load_data(args)
     tc = TrainConfig(**{**PAPER_TRAINING["mlp"].to_dict(), "epochs": args.epochs})
     spec = ModelSpec("mlp", {"in_features": int(np.prod(split.X_train.shape[1:]))}, tc)
     model, checkpoints, t_train = train_reference(split, spec, args.seed)
     log(f"trained θ* on {len(split.X_train)} samples in {t_train:.1f}s")
-
     masks = random_subset_masks(len(split.X_train), args.n_subsets, alpha=args.alpha,
                                 seed=args.seed + 1)
     data = (split.X_train, split.y_train, split.X_test, split.y_test)
@@ -263,6 +260,19 @@ def main(argv=None):
         json.dumps([split.source, args.n_train, args.n_test, args.seed]).encode()).hexdigest()[:12]
     gt = retrain_subsets(spec, *data, masks, seed=args.seed + 2, cache_dir=cache,
                          n_workers=args.workers)
+    return SimpleNamespace(split=split, spec=spec, model=model, checkpoints=checkpoints,
+                           t_train=t_train, masks=masks, data=data, cache=cache, gt=gt)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from iif_ref.retraining import benchmark_parallelism, retrain_subsets
+
+    t_start = time.perf_counter()
+    truth = ground_truth(args)
+    split, spec, model, checkpoints, t_train = (truth.split, truth.spec, truth.model,
+                                                truth.checkpoints, truth.t_train)
+    masks, data, cache, gt = truth.masks, truth.data, truth.cache, truth.gt
     n_noise = min(args.n_noise, args.n_subsets)
     noise_gt = retrain_subsets(spec, *data, masks[:n_noise], seed=args.seed + 3,
                                cache_dir=cache / "noise", n_workers=args.workers)

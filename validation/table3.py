@@ -123,8 +123,8 @@ def replicate(args, seed):
 def mislabel_scores(args, rep, method, relative_damping, scale_cache):
     """Negative self-influence of every training sample; (scores, absolute damping)."""
     from iif_ref import attribute
+    from iif_ref._defaults import default_relative_damping
     from iif_ref.neural import self_influence
-    from iif_ref.neural.curvature import RELATIVE_DAMPING
 
     X, y, model = rep["X"], rep["y"], rep["model"]
     common = dict(seed=args.seed, chunk_size=args.chunk_size)
@@ -134,9 +134,10 @@ def mislabel_scores(args, rep, method, relative_damping, scale_cache):
         if key not in scale_cache:
             res = attribute(model, "cross_entropy", X, y, X, y, damping="auto", **common,
                             **options)
-            scale_cache[key] = float(res.config["damping_used"][0]) / RELATIVE_DAMPING
-            if relative_damping is not None and np.isclose(relative_damping, RELATIVE_DAMPING):
-                return -np.diag(res.scores), RELATIVE_DAMPING * scale_cache[key]
+            relative = res.config["damping_relative"]
+            scale_cache[key] = float(res.config["damping_used"][0]) / relative
+            if relative_damping is not None and np.isclose(relative_damping, relative):
+                return -np.diag(res.scores), relative * scale_cache[key]
         lam_d = relative_damping * scale_cache[key]
         res = attribute(model, "cross_entropy", X, y, X, y, damping=lam_d, **common, **options)
         return -np.diag(res.scores), lam_d
@@ -156,14 +157,16 @@ def mislabel_scores(args, rep, method, relative_damping, scale_cache):
         if key not in scale_cache:
             res = self_influence(model, "cross_entropy", X, y, lr=args.eta, damping="auto",
                                  **opts)
-            # The auto damping is RELATIVE_DAMPING · tr(ΦᵀΦ)/P; recover the scale from
-            # the projected features' trace via an IF run with the same P and seed.
+            # The auto damping is r_IIF · tr(ΦᵀΦ)/P; recover the scale from the projected
+            # features' trace via an IF run with the same P and seed.
             probe = attribute(model, "cross_entropy", X, y, X[:1], y[:1], method="if",
                               solver="projected", proj_dim=args.proj_dim, damping="auto",
                               **common)
-            scale_cache[key] = float(probe.config["damping_used"][0]) / RELATIVE_DAMPING
-            if np.isclose(relative_damping, RELATIVE_DAMPING):
-                return res.mislabel_score, RELATIVE_DAMPING * scale_cache[key]
+            scale_cache[key] = (float(probe.config["damping_used"][0])
+                                / probe.config["damping_relative"])
+            relative = default_relative_damping("iif", projected=True)
+            if np.isclose(relative_damping, relative):
+                return res.mislabel_score, relative * scale_cache[key]
         lam_d = relative_damping * scale_cache[key]
         res = self_influence(model, "cross_entropy", X, y, lr=args.eta, damping=lam_d, **opts)
         return res.mislabel_score, lam_d

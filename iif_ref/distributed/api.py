@@ -325,7 +325,7 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
     """
     import torch
 
-    from iif_ref._defaults import absolute_damping
+    from iif_ref._defaults import absolute_damping, default_relative_damping
     from iif_ref.neural.functional import eval_mode
     from iif_ref.neural.plan import plan_path
     from iif_ref.neural.result import AttributionResult
@@ -333,6 +333,7 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
 
     cfg = _method_config(method, seed, dict(options))
     cfg.validate()
+    relative = default_relative_damping(method, projected=True)
     if cfg.proj_dim is None:
         raise ValueError("the distributed engine needs proj_dim (the projected Fisher "
                          "is what is reduced across workers); proj_dim=None runs "
@@ -376,7 +377,8 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
                     fn, X_np, Yboth, Gamma, client=client,
                     store=None if store is None else f"{store}/group_{group.index}",
                     chunk_rows=chunk_rows, test_block=test_block,
-                    damping=lambda tr, P: absolute_damping(cfg.damping, tr, P),
+                    damping=lambda tr, P: absolute_damping(cfg.damping, tr, P,
+                                                           relative=relative),
                     top_k=top_k, return_scores=True)
                 scores[rows] = out.scores
                 # Listed k = K..1, the order of the single-process run.

@@ -95,11 +95,15 @@ class IIFConfig:
         ``"gauss_newton"``: ``Σ J_iᵀ ∇²_f l J_i`` (exact Hessian for MSE with a linear
         model); ``"hessian"``: exact ``∇²L_train`` (small models, unprojected only).
     damping : float or "auto"
-        λ_d in ``F = C + λ_d I`` (absolute). ``"auto"``: the kernel layer's relative
-        default ``1e-3 · tr(C) / dim`` per step (dim = P, or n_params unprojected); the
-        values used are recorded in the result. A non-positive-definite ``F`` is an error.
+        λ_d in ``F = C + λ_d I`` (absolute). ``"auto"``: ``r · tr(C) / dim`` per step
+        (dim = P, or n_params unprojected) with the method's measured ``r``
+        (:data:`iif_ref._defaults.DEFAULT_RELATIVE_DAMPING`: 0.1 for projected IIF);
+        the values used are recorded in the result. A non-positive-definite ``F`` is an
+        error.
     proj_dim : int or None
-        P of Eq. (17). ``None``: no projection, dense float64 solve in parameter space.
+        P of Eq. (17). ``None``: no projection; the exact curvature, solved in sample
+        space for ``"gauss_newton"``/``"fisher"`` and densely in parameter space for
+        ``"hessian"``.
     kind : {"rademacher", "gaussian"}
         Distribution of the projection entries (docs/rng.md).
     seed : int

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from iif_ref._defaults import default_relative_damping
 from iif_ref.errors import NotPositiveDefiniteError
 from iif_ref.neural.curvature import dense_curvature, dense_scores, resolve_damping
 from iif_ref.neural.features import make_projector, step_features
@@ -43,12 +44,14 @@ def _step_scores(plan, step, projector=None):
     prob, cfg, k, theta = plan.problem, plan.config, step.k, step.theta
     fm, loss = prob.fm, prob.loss
     rows = step.group.rows
+    relative = default_relative_damping(plan.run_config["method"],
+                                        projected=cfg.proj_dim is not None)
     if cfg.proj_dim is None and cfg.curvature in SAMPLE_SPACE_CURVATURES:
         solve = build_solve(fm, loss, theta, prob.X, step.rho_k, prob.X_test[rows],
                             prob.Y_test[rows], rho_from=step.rho_prev,
                             curvature=cfg.curvature, chunk_size=cfg.chunk_size)
         try:
-            scores, cond, lam_d = solve.scores(cfg.damping)
+            scores, cond, lam_d = solve.scores(cfg.damping, relative=relative)
         except NotPositiveDefiniteError as exc:
             raise NotPositiveDefiniteError(f"path step k={k}: {exc}", slices=(k,),
                                            damping=exc.damping,
@@ -66,7 +69,7 @@ def _step_scores(plan, step, projector=None):
         Phi64 = Phi.astype(np.float64)
         C = Phi64.T @ Phi64            # the projected Fisher of Eq. (31), float64
     # One solve for both: its Cholesky factor also gives the condition estimate.
-    lam_d = resolve_damping(cfg.damping, np.trace(C), C.shape[0])
+    lam_d = resolve_damping(cfg.damping, np.trace(C), C.shape[0], relative=relative)
     scores, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=k)
     return scores, cond, lam_d, None
 
@@ -121,6 +124,8 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
     diag["cached_steps"] = list(plan.cache.loaded)
     config = plan.run_config
     config["damping_used"] = list(diag["damping"])
+    config["damping_relative"] = default_relative_damping(
+        method, projected=cfg.proj_dim is not None)
     return AttributionResult(scores=scores, delta=delta, path_delta=path_delta,
                              residual=scores.sum(axis=1) - path_delta,
                              config=config, diagnostics=diag, method=method)

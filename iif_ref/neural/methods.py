@@ -30,6 +30,7 @@ from iif_ref._validation import check_nonnegative_real, check_positive_int, chec
 from iif_ref.errors import NotPositiveDefiniteError
 from iif_ref.neural.baseline import per_sample_losses
 from iif_ref.neural.config import IIFConfig
+from iif_ref._defaults import default_relative_damping
 from iif_ref.neural.curvature import dense_scores, resolve_damping
 from iif_ref.neural.engine import run
 from iif_ref.neural.features import DEFAULT_PROJ_DIM, gradient_features, make_projector
@@ -70,8 +71,10 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
           ``"projected"``; ``config["solver"]`` records which ran.
     damping : float or "auto"
         λ_d (absolute), or the package's relative rule ``"auto"``
-        (:func:`~iif_ref.neural.curvature.resolve_damping` on ``tr(C)`` and the
-        dimension of ``C``). ``solver="cg"`` needs a number.
+        (:func:`~iif_ref._defaults.absolute_damping` on ``tr(C)`` and the dimension of
+        ``C``, with the measured ``r`` of :data:`~iif_ref._defaults.DEFAULT_RELATIVE_DAMPING`:
+        10 for the exact solvers, 1 for the projected Fisher). ``solver="cg"`` needs a
+        number.
     proj_dim : int
         P for ``solver="projected"``.
     memory_budget : int
@@ -151,10 +154,12 @@ def _influence_sample_space(model, loss, data, *, solver, damping, dtype, chunk_
         solve = build_solve(prob.fm, prob.loss, prob.fm.theta_star, prob.X, prob.Y,
                             prob.X_test, prob.Y_test, curvature=curvature,
                             memory_budget=memory_budget, chunk_size=chunk_size)
-    scores, cond, lam_d = solve.scores(damping)
+    relative = default_relative_damping("if", projected=False)
+    scores, cond, lam_d = solve.scores(damping, relative=relative)
     config = dict(method="if", solver="fisher_exact" if curvature == "fisher" else
                   "gauss_newton", loss=prob.loss.name, curvature=curvature, proj_dim=None,
-                  damping=damping, damping_used=[lam_d], memory_budget=int(memory_budget),
+                  damping=damping, damping_used=[lam_d], damping_relative=relative,
+                  memory_budget=int(memory_budget),
                   chunk_size=chunk_size, n_params=prob.fm.n_params,
                   torch_dtype=str(prob.fm.dtype).replace("torch.", ""),
                   solve_dtype="float64")
@@ -327,7 +332,8 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
     proj_dim : int or None
         P (TRAK always projects; None gives the exact unprojected twin for small models).
     damping : float or "auto"
-        λ_d; "auto" is the kernel layer's relative default ``1e-3 · tr(ΦᵀΦ)/P``.
+        λ_d; "auto" is ``r · tr(ΦᵀΦ)/P`` with TRAK's measured ``r``
+        (:data:`iif_ref._defaults.DEFAULT_RELATIVE_DAMPING`).
     seed, kind, backend, chunk_size, dtype, progress
         As in :class:`IIFConfig`. Every checkpoint uses the same projection ``A``.
 
@@ -356,6 +362,7 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
         cks = _checkpoint_list(fm, checkpoints)
         scores = np.zeros((prob.n_test, prob.n_train))
         conds, lams = [], []
+        relative = default_relative_damping("trak", projected=proj_dim is not None)
         # Every checkpoint uses the same A: generated once for the call.
         projector = make_projector(fm, proj_dim, seed=seed, kind=kind, backend=backend)
         for c, theta in enumerate(cks):
@@ -372,14 +379,15 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
             # Projected or not, the Gram of the features and the package's one step solve.
             Phi64 = Phi.astype(np.float64)
             C = Phi64.T @ Phi64
-            lam_d = resolve_damping(damping, np.trace(C), C.shape[0])
+            lam_d = resolve_damping(damping, np.trace(C), C.shape[0], relative=relative)
             term, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=c)
             scores += term / len(cks)
             conds.append(cond)
             lams.append(lam_d)
     config = dict(method="trak", loss="cross_entropy", n_checkpoints=len(cks),
                   proj_dim=proj_dim, seed=seed, kind=kind, backend=backend,
-                  damping=damping, damping_used=lams, n_params=fm.n_params,
+                  damping=damping, damping_used=lams, damping_relative=relative,
+                  n_params=fm.n_params,
                   torch_dtype=str(fm.dtype).replace("torch.", ""))
     return AttributionResult(scores=scores, delta=None, residual=None, config=config,
                              diagnostics={"condition": conds, "damping": lams},

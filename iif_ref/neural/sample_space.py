@@ -39,6 +39,7 @@ import torch
 from torch.func import hessian, vmap
 
 from iif_ref.errors import NotPositiveDefiniteError
+from iif_ref._defaults import default_relative_damping
 from iif_ref.neural.curvature import resolve_damping
 from iif_ref.neural.functional import FunctionalModel, chunks, eval_mode, output_weights
 from iif_ref.neural.plan import prepare_problem
@@ -149,10 +150,13 @@ class SampleSpaceSolve:
                 "n_params": self.n_params, "trace_per_param": self.scale,
                 "complement": self.complement, "timings": dict(self.timings)}
 
-    def resolve(self, damping):
+    def resolve(self, damping, *, relative=None):
         """Absolute λ_d for ``damping`` (a number, or "auto": the package's damping rule
-        :func:`~iif_ref.neural.curvature.resolve_damping` on ``tr(C)`` and ``n_params``)."""
-        return resolve_damping(damping, self.trace, self.n_params)
+        :func:`~iif_ref._defaults.absolute_damping` on ``tr(C)`` and ``n_params`` with
+        ``relative``, by default the exact influence function's measured value)."""
+        if relative is None:
+            relative = default_relative_damping("if", projected=False)
+        return resolve_damping(damping, self.trace, self.n_params, relative=relative)
 
     def _check(self, lam_d):
         if not np.isfinite(lam_d) or lam_d < 0:
@@ -169,11 +173,12 @@ class SampleSpaceSolve:
             return -core
         return -(self._direct - core) / lam_d
 
-    def scores(self, damping="auto"):
+    def scores(self, damping="auto", *, relative=None):
         """Scores ``(n_test, n_train)`` and the condition number of ``C + λ_d I``.
 
         Uses the eigendecomposition when :meth:`scores_grid` has computed it, else one
         Cholesky factor of the damped Gram (``g³/3`` flops against eigh's ``~4g³``).
+        ``relative`` is the ``r`` of ``damping="auto"`` (see :meth:`resolve`).
 
         Returns
         -------
@@ -184,7 +189,7 @@ class SampleSpaceSolve:
         lam_d : float
             The absolute damping used.
         """
-        lam_d = self.resolve(damping)
+        lam_d = self.resolve(damping, relative=relative)
         self._check(lam_d)
         if self._eig is not None:
             return self._eig_scores(lam_d) + (lam_d,)

@@ -11,6 +11,7 @@ from iif_ref._validation import check_positive_int, check_positive_real
 from iif_ref.neural.attribution import Problem, _run, integrated_influence, prepare_problem
 from iif_ref.neural.baseline import per_sample_baselines, per_sample_losses
 from iif_ref.neural.config import IIFConfig
+from iif_ref._defaults import default_relative_damping
 from iif_ref.neural.curvature import dense_curvature, dense_scores, resolve_damping
 from iif_ref.neural.features import train_features
 from iif_ref.neural.functional import eval_mode
@@ -125,13 +126,15 @@ def _self_influence_k1(prob, cfg, thetas, idx, mask):
     if cfg.proj_dim is None:
         C = dense_curvature(fm, loss, fm.theta_star, prob.X, rho1, kind=cfg.curvature,
                             U=Phi, chunk_size=cfg.chunk_size)
-        lam_d = resolve_damping(cfg.damping, np.trace(C), C.shape[0])
+        lam_d = resolve_damping(cfg.damping, np.trace(C), C.shape[0],
+                                relative=default_relative_damping("iif", projected=False))
         S, _ = dense_scores(C, Psi[idx], Gamma, damping=lam_d, step=1)
     else:
         from iif_ref.kernels import projected_scores
 
         lam_d = resolve_damping(cfg.damping, float(np.sum(np.square(Phi, dtype=np.float64))),
-                                cfg.proj_dim)
+                                cfg.proj_dim,
+                                relative=default_relative_damping("iif", projected=True))
         options = {} if cfg.backend is None else {"backend": cfg.backend}
         # The Fisher uses every training sample; only the diagonal pairs are kept.
         S = projected_scores(Phi, Psi[idx], Gamma, damping=lam_d, **options)
