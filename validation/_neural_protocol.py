@@ -33,7 +33,7 @@ CACHE_DIR = REPO / ".iif_cache"
 
 #: Relative damping grid: λ_d = r · tr(C)/dim for each method's own curvature C.
 #: Six decades, one point per decade; the same grid for every method.
-RELATIVE_DAMPING_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RELATIVE_DAMPING_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 # --------------------------------------------------------------------------- statistics
