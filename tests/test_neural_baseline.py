@@ -136,3 +136,12 @@ def test_log_test_loss_stays_finite_and_exact_where_the_loss_underflows():
     np.testing.assert_allclose(float(logs[0]), np.log(2.0) - 120.0, rtol=1e-12)
     logs.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in params.values())
+
+
+def test_progress_bar_only_on_a_terminal(digits, capsys):
+    # progress=True draws the step bar on a terminal only (tqdm's disable=None); pytest's
+    # captured stderr is not a terminal, so nothing may be written there.
+    model, X, y, Xt, yt = digits
+    integrated_influence(model, "cross_entropy", X, y, Xt, yt, K=2, proj_dim=8,
+                         progress=True)
+    assert "steps" not in capsys.readouterr().err

@@ -92,7 +92,7 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
     projector = make_projector(prob.fm, cfg.proj_dim, seed=cfg.seed, kind=cfg.kind,
                                backend=cfg.backend)
     bar = tqdm(total=len(plan.groups) * cfg.K, desc=f"{method} steps",
-               disable=not cfg.progress)
+               disable=None if cfg.progress else True)  # None: off unless a terminal
     for group in plan.groups:
         diag["unlearning_trajectory"].append(group.unlearning_trajectory)
         loss_prime[group.rows] = group.loss_prime
