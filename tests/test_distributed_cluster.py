@@ -312,6 +312,8 @@ def _torch_problem():
 @pytest.mark.parametrize("method,options", [
     ("iif", dict(K=3, proj_dim=8, lam=0.5, unlearn_epochs=2, path_lr=1e-4)),
     ("if", dict(proj_dim=8, damping=1e-3, solver="projected")),
+    # the default damping: the same measured r in both engines
+    ("if", dict(proj_dim=8, solver="projected")),
 ])
 def test_attribute_with_client_equals_single_process(client, tmp_path, method, options):
     import iif_ref

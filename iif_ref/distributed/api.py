@@ -268,7 +268,7 @@ def _method_config(method, seed, options):
             raise ValueError(f"method='if' runs distributed only with solver='projected', "
                              f"got {solver!r}")
         options.pop("cache_dir", None)
-        options = {"damping": 0.0, **options}
+        # damping "auto" (IIFConfig's default) with IF's r, as influence_function does.
         return IIFConfig(K=1, baseline="prediction", mask_path=False, seed=seed, **options)
     options.pop("cache_dir", None)
     return IIFConfig.from_options({**options, "seed": seed})
