@@ -18,7 +18,8 @@ __all__ = ["IIFConfig"]
 
 _CHOICES = {
     "baseline": ("joint", "per_test", "prediction", "given"),
-    "unlearn_optimizer": ("sgd", "adam", "lbfgs"),
+    "unlearn_optimizer": ("sgd", "adam", "lbfgs", "newton"),
+    "refit_optimizer": ("lbfgs", "newton"),
     "train_reduction": ("sum", "mean"),
     "unlearn_reduction": ("log_mean", "mean", "sum"),
     "path_models": ("one_step", "sgd_epoch", "refit"),
@@ -47,8 +48,9 @@ class IIFConfig:
     unlearn_epochs : int
         Passes over the training data of the unlearning optimiser (paper, Sec. 3.1:
         "5 epochs using the SGD optimizer").
-    unlearn_optimizer : {"sgd", "adam", "lbfgs"}
-        ``"lbfgs"`` (full batch, strong-Wolfe line search) solves Eq. (12) to convergence.
+    unlearn_optimizer : {"sgd", "adam", "lbfgs", "newton"}
+        ``"lbfgs"`` (full batch, strong-Wolfe line search) solves Eq. (12) to convergence;
+        ``"newton"`` (full batch, exact Hessian, small models) to rounding.
     unlearn_lr : float
         Step size of the unlearning optimiser; with ``unlearn_line_search`` the largest
         step tried.
@@ -86,8 +88,14 @@ class IIFConfig:
         η of Eq. (16).
     path_batch_size : int
         Mini-batch size for ``path_models="sgd_epoch"``.
+    refit_optimizer : {"lbfgs", "newton"}
+        Solver of ``path_models="refit"``: full-batch L-BFGS, or Newton's method with the
+        exact Hessian (models of at most
+        :data:`~iif_ref.neural.optimise.NEWTON_MAX_PARAMS` parameters; a quadratic
+        objective is solved to rounding in one step).
     refit_max_iter : int
-        Iteration cap of the L-BFGS refit (``path_models="refit"``, ``"lbfgs"`` unlearning).
+        Iteration cap of the refit (``path_models="refit"``, ``"lbfgs"``/``"newton"``
+        unlearning).
     refit_tol : float
         Gradient tolerance (infinity norm, relative to the gradient at the start) of the refit.
     curvature : {"fisher", "gauss_newton", "hessian"}
@@ -136,6 +144,7 @@ class IIFConfig:
     path_models: str = "one_step"
     path_lr: float = 1e-3
     path_batch_size: int = 64
+    refit_optimizer: str = "lbfgs"
     refit_max_iter: int = 500
     refit_tol: float = 1e-10
     curvature: str = "fisher"

@@ -61,7 +61,7 @@ def path_model_step(fm, loss, params, X, rho, cfg, *, k):
     X, rho : tensors, shapes (n_train, ...), (n_train, n_out)
     cfg : IIFConfig
         ``path_models``, ``path_lr`` (η), ``path_batch_size``, ``train_reduction``,
-        ``refit_max_iter``, ``refit_tol``, ``seed``.
+        ``refit_optimizer``, ``refit_max_iter``, ``refit_tol``, ``seed``.
     k : int
         Step index (seeds the mini-batch order of ``"sgd_epoch"``).
 
@@ -80,7 +80,8 @@ def path_model_step(fm, loss, params, X, rho, cfg, *, k):
 
     if cfg.path_models == "refit":
         theta, history = minimise(objective, params, n_samples=n, epochs=1,
-                                  optimizer="lbfgs", lr=1.0, max_iter=cfg.refit_max_iter,
+                                  optimizer=cfg.refit_optimizer, lr=1.0,
+                                  max_iter=cfg.refit_max_iter,
                                   tol=cfg.refit_tol,
                                   what=f"path model refit at step k={k} (Eq. 16)")
         return theta, history["objective"]
