@@ -6,7 +6,7 @@ import torch
 from iif_ref.neural import (IIFConfig, integrated_influence, path_model_step, path_targets,
                             plan_path, test_features, train_features, unlearn)
 from iif_ref.neural.features import step_features
-from iif_ref.neural.features import _parallel_factor
+from iif_ref.neural.features import _fuse_factor, _parallel_factor
 from iif_ref.neural.functional import FunctionalModel, output_weights
 from iif_ref.neural.losses import resolve_loss
 
@@ -113,6 +113,60 @@ def test_fused_path_engages_when_float32_weights_underflow():
     scale = np.abs(b[1]).max()
     assert scale > 0
     np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e3 * EPS32 * scale)
+
+
+def _confident_float32_classifier():
+    # Logit margins 20..40 (identity weights): for margins above ~29, 1 − p_y < 1e-11,
+    # and the float32 true-class weight s (p_y − 1) is dominated by the rounding of p_y
+    # (relative 1e-16 of 1); its square does not underflow.
+    net = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.eye(3))
+    m = np.linspace(20.0, 40.0, 50)
+    X = np.stack([m, np.zeros_like(m), np.full_like(m, 0.5)], 1).astype(np.float32)
+    return net, X, np.zeros(50, dtype=int)
+
+
+def test_fused_path_engages_on_a_confident_float32_classifier():
+    # The weights of the masked path's two targets are parallel analytically but not to
+    # their float32 rounding here; the targets are, and the cross-entropy's ∂l/∂f is
+    # linear in them, so the chunk must still take the one-row path.
+    net, X, y = _confident_float32_classifier()
+    fm = FunctionalModel(net)
+    loss = resolve_loss("cross_entropy")
+    Y = torch.as_tensor(np.eye(3, dtype=np.float32)[y])
+    with torch.no_grad():
+        F = fm.forward(fm.theta_star, torch.as_tensor(X))
+        pbar = torch.softmax(F, 1)
+    pbar = 0.9 * pbar + 0.05                   # a baseline away from the model's output
+    rho_k, rho_prev = (path_targets(Y, pbar, t, mask=True) for t in (0.6, 0.4))
+    w_to, w_from = output_weights(loss, F, rho_k), output_weights(loss, F, rho_prev)
+    assert _parallel_factor(w_to, w_from, w_to - w_from) is None     # the premise
+    alpha = _fuse_factor(loss, F, rho_k, rho_prev, w_to, w_from, w_to - w_from)
+    assert alpha is not None
+    # α_i = Δρ_i/ρ_i on the true class (the other entries are 0 on the masked path).
+    r_to = (rho_k * Y).sum(1).double()
+    r_from = (rho_prev * Y).sum(1).double()
+    np.testing.assert_allclose(alpha.numpy(), ((r_to - r_from) / r_to).numpy(),
+                               rtol=64 * EPS32)
+    a = train_features(net, "cross_entropy", None, X, rho_prev, rho_k, proj_dim=16,
+                       backend="numpy", fuse=True)
+    b = train_features(net, "cross_entropy", None, X, rho_prev, rho_k, proj_dim=16,
+                       backend="numpy", fuse=False)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e3 * EPS32 * np.abs(b[1]).max())
+
+
+def test_fuse_factor_tests_the_weights_for_a_loss_affine_in_the_target():
+    # MSE: ∂l/∂f = f − y is affine, not linear, in y. Parallel targets (y_to = 2 y_from)
+    # do not make the weights parallel, so the target test must not be used.
+    loss = resolve_loss("mse")
+    F = torch.tensor([[0.3, -1.0], [2.0, 0.5]], dtype=torch.float64)
+    y_from = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
+    y_to = 2 * y_from
+    w_to, w_from = output_weights(loss, F, y_to), output_weights(loss, F, y_from)
+    assert _parallel_factor(y_to, y_from, y_to - y_from) is not None
+    assert _fuse_factor(loss, F, y_to, y_from, w_to, w_from, w_to - w_from) is None
 
 
 def test_parallel_factor_refuses_a_zero_row_with_a_nonzero_direction():
