@@ -185,6 +185,7 @@ def test_bad_data_is_refused_naming_the_argument(bad, match):
     ("K", 0, ValueError), ("proj_dim", 0, ValueError), ("K", 1.5, TypeError),
     ("damping", -1.0, ValueError), ("baseline", "mean", ValueError),
     ("curvature", "hessian", ValueError),   # with the default projection: refused
+    ("refit_optimizer", "sgd", ValueError), ("unlearn_optimizer", "bfgs", ValueError),
 ])
 def test_impossible_options_are_refused(option, value, exc):
     with pytest.raises(exc, match=option):

@@ -12,8 +12,9 @@ Path models start at ``θ_K = θ*`` and go *down* the grid, each from the next o
   full-batch gradient step;
 * ``"sgd_epoch"``: one epoch of mini-batch SGD on ``L_train(Γ(t_k))`` from θ_{k+1}
   (the text's "one epoch of SGD");
-* ``"refit"``: full-batch L-BFGS on ``L_train(Γ(t_k))`` to convergence from θ_{k+1}
-  (Eq. 2: θ(Γ(t)) is the minimiser; this is what the linear closed form computes).
+* ``"refit"``: full-batch L-BFGS (or Newton's method, ``refit_optimizer``) on
+  ``L_train(Γ(t_k))`` to convergence from θ_{k+1} (Eq. 2: θ(Γ(t)) is the minimiser;
+  this is what the linear closed form computes).
 """
 from __future__ import annotations
 
