@@ -106,3 +106,17 @@ def test_closed_form_output_weights_equal_the_autodiff_gradient(name):
     auto = vmap(grad(loss.fn, argnums=0))(F, Y)
     # Both are a few float64 operations on entries of order 1-10: rounding only.
     assert torch.allclose(output_weights(loss, F, Y), auto, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["mse", "cross_entropy"])
+def test_batched_losses_equal_the_per_sample_loss_row_by_row(name):
+    from torch.func import vmap
+
+    from iif_ref.neural.losses import resolve_loss
+
+    loss = resolve_loss(name)
+    g = torch.Generator().manual_seed(1)
+    F = torch.randn(50, 7, generator=g, dtype=torch.float64) * 5
+    Y = torch.rand(50, 7, generator=g, dtype=torch.float64)
+    # The same float64 operations on each row (a sum of 7 terms of order 1-100): rounding.
+    torch.testing.assert_close(loss.batched(F, Y), vmap(loss.fn)(F, Y), rtol=1e-14, atol=0)

@@ -18,7 +18,11 @@ __all__ = ["unlearn", "per_sample_baselines", "per_sample_losses", "DivergenceEr
 
 def per_sample_losses(fm, loss, params, X, Y):
     """``l(f(x_n; θ), y_n)`` for every row, shape ``(n,)``."""
-    return vmap(loss.fn)(fm.forward(params, X), Y)
+    return _rows(loss, fm.forward(params, X), Y)
+
+
+def _rows(loss, F, Y):
+    return vmap(loss.fn)(F, Y) if loss.batched is None else loss.batched(F, Y)
 
 
 def log_per_sample_losses(fm, loss, params, X, Y):
@@ -42,7 +46,7 @@ def log_per_sample_losses(fm, loss, params, X, Y):
         # The unselected branch must stay finite, or its NaN gradient leaks through where.
         safe = torch.where(tail, torch.zeros_like(a), a)
         return torch.where(tail, a, torch.log(torch.nn.functional.softplus(safe)))
-    return torch.log(vmap(loss.fn)(F, Y).clamp_min(torch.finfo(torch.float64).tiny))
+    return torch.log(_rows(loss, F, Y).clamp_min(torch.finfo(torch.float64).tiny))
 
 
 def unlearn(fm, loss, X, Y, X_test, Y_test, cfg, *, params=None):

@@ -41,12 +41,17 @@ class TargetLinearLoss:
         MSE, ``softmax`` for cross-entropy). Baseline targets are ``prediction(f(x; θ'))``.
     classification : bool
         Targets are one-hot class vectors; integer labels are accepted and one-hot encoded.
+    batched : callable or None
+        ``batched(F, Y) -> (n,)``: the per-sample losses of a batch in one call, equal to
+        ``vmap(fn)`` row by row (the built-in losses; a ``vmap`` costs a fraction of a
+        millisecond of dispatch per call, which adds up over the optimisers' steps).
     """
 
     name: str
     fn: Callable
     prediction: Callable
     classification: bool = False
+    batched: Callable | None = None
 
     def __call__(self, f, y):
         return self.fn(f, y)
@@ -60,6 +65,14 @@ def _soft_cross_entropy(f, y):
     return -torch.sum(y * torch.log_softmax(f, dim=-1))
 
 
+def _mse_rows(F, Y):
+    return torch.sum((F - Y) ** 2, dim=-1)
+
+
+def _soft_cross_entropy_rows(F, Y):
+    return -torch.sum(Y * torch.log_softmax(F, dim=-1), dim=-1)
+
+
 def _identity(f):
     return f
 
@@ -68,9 +81,9 @@ def _softmax(f):
     return torch.softmax(f, dim=-1)
 
 
-MSE = TargetLinearLoss("mse", _mse, _identity, classification=False)
+MSE = TargetLinearLoss("mse", _mse, _identity, classification=False, batched=_mse_rows)
 CROSS_ENTROPY = TargetLinearLoss("cross_entropy", _soft_cross_entropy, _softmax,
-                                 classification=True)
+                                 classification=True, batched=_soft_cross_entropy_rows)
 
 
 def resolve_loss(loss):
