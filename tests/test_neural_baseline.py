@@ -133,7 +133,7 @@ def test_log_test_loss_stays_finite_and_exact_where_the_loss_underflows():
     # rows 1-2: representable in float64 -> equal to its log.
     np.testing.assert_allclose(logs[1:].detach().numpy(), exact[1:], rtol=1e-12)
     # row 0: CE = log(1 + 2e^-120) ~ 2e^-120 -> log CE = log 2 − 120 within e^-120.
-    np.testing.assert_allclose(float(logs[0]), np.log(2.0) - 120.0, rtol=1e-12)
+    np.testing.assert_allclose(float(logs[0].detach()), np.log(2.0) - 120.0, rtol=1e-12)
     logs.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in params.values())
 

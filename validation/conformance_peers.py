@@ -43,11 +43,11 @@ def _own_attributors():
                        name="iif_ref.linear.integrated_influence"),
             Attributor(neural_if, kind="if", name="iif_ref.attribute[if, exact]"),
             Attributor(neural_tracin, kind="tracin", name="iif_ref.attribute[tracin]"),
-            # L-BFGS stops at a relative gradient of 1e-10: parameter error ≤ κ(H)·1e-10,
-            # κ(H) ≤ 1e4 here, ×10 for the score products (tests/test_testing_neural.py).
-            Attributor(neural_iif, kind="iif", rtol=1e-5,
+            # Newton refits solve these quadratics in one exact step: no solver rtol, the
+            # rounding tolerance of the closed forms (tests/test_testing_neural.py).
+            Attributor(neural_iif, kind="iif",
                        capabilities={"prediction_baseline", "exact_path"},
-                       name="iif_ref.attribute[iif, L-BFGS refits, exact Hessian]")]
+                       name="iif_ref.attribute[iif, Newton refits, exact Hessian]")]
 
 
 def _plan(att, problems):
