@@ -120,3 +120,19 @@ def test_batched_losses_equal_the_per_sample_loss_row_by_row(name):
     Y = torch.rand(50, 7, generator=g, dtype=torch.float64)
     # The same float64 operations on each row (a sum of 7 terms of order 1-100): rounding.
     torch.testing.assert_close(loss.batched(F, Y), vmap(loss.fn)(F, Y), rtol=1e-14, atol=0)
+
+
+def test_closed_form_trak_margin_weights_equal_the_autodiff_gradient():
+    from torch.func import grad, vmap
+
+    from iif_ref.neural.functional import output_weights
+    from iif_ref.neural.losses import TargetLinearLoss, trak_margin
+
+    g = torch.Generator().manual_seed(2)
+    F = torch.randn(50, 7, generator=g, dtype=torch.float64) * 5
+    Y = torch.nn.functional.one_hot(torch.randint(0, 7, (50,), generator=g), 7).double()
+    # gradient_features wraps an output function in a TargetLinearLoss like this one.
+    margin = TargetLinearLoss("trak_margin", trak_margin, lambda f: f, classification=True)
+    auto = vmap(grad(trak_margin, argnums=0))(F, Y)
+    # A softmax over 6 logits of order 1-10 and one subtraction: rounding only.
+    assert torch.allclose(output_weights(margin, F, Y), auto, rtol=0, atol=1e-13)

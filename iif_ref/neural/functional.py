@@ -224,17 +224,24 @@ def _cross_entropy_weights(F, Y):
     return torch.softmax(F, dim=-1) * Y.sum(dim=-1, keepdim=True) - Y
 
 
+def _trak_margin_weights(F, Y):
+    # ∂/∂f of f_y − logsumexp(f_c, c ≠ y): y minus the softmax over the other classes.
+    others = torch.where(Y > 0.5, torch.full_like(F, -torch.inf), F)
+    return Y - torch.softmax(others, dim=-1)
+
+
 def output_weights(loss, F, Y):
     """``∂l/∂f`` per sample, shape ``(n, n_out)``, for outputs ``F`` and targets ``Y``.
 
-    The package's two losses use their closed forms (a ``vmap`` of ``grad`` costs
-    milliseconds of dispatch per call, called a few times per chunk); any other
-    target-linear loss goes through ``torch.func``. The two agree to rounding
+    The package's two losses and TRAK's margin use their closed forms (a ``vmap`` of
+    ``grad`` costs milliseconds of dispatch per call, called a few times per chunk); any
+    other target-linear loss goes through ``torch.func``. The two agree to rounding
     (tests/test_neural_projector.py).
     """
-    from iif_ref.neural.losses import CROSS_ENTROPY, MSE
+    from iif_ref.neural.losses import CROSS_ENTROPY, MSE, trak_margin
 
-    closed = {MSE.fn: _mse_weights, CROSS_ENTROPY.fn: _cross_entropy_weights}.get(loss.fn)
+    closed = {MSE.fn: _mse_weights, CROSS_ENTROPY.fn: _cross_entropy_weights,
+              trak_margin: _trak_margin_weights}.get(loss.fn)
     if closed is not None:
         # Evaluated in float64 and rounded once: for a confident float32 classifier the
         # entries of p − e_y are near 1e-30, where float32 products round differently

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["TargetLinearLoss", "resolve_loss", "check_target_linear"]
+__all__ = ["TargetLinearLoss", "resolve_loss", "check_target_linear", "trak_margin"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,20 @@ def _softmax(f):
 MSE = TargetLinearLoss("mse", _mse, _identity, classification=False, batched=_mse_rows)
 CROSS_ENTROPY = TargetLinearLoss("cross_entropy", _soft_cross_entropy, _softmax,
                                  classification=True, batched=_soft_cross_entropy_rows)
+
+
+def trak_margin(f, y):
+    """TRAK's output function ``log(p_y / (1 − p_y))`` for logits ``f`` and one-hot ``y``.
+
+    Computed as ``f_y − logsumexp(f_c, c ≠ y)``, which has no cancellation when
+    ``p_y → 1``.
+    """
+    f_y = torch.sum(y * f)
+    others = torch.where(y > 0.5, torch.full_like(f, -torch.inf), f)
+    return f_y - torch.logsumexp(others, dim=-1)
+
+
+trak_margin.classification = True
 
 
 def resolve_loss(loss):

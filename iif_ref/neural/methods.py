@@ -35,6 +35,7 @@ from iif_ref.neural.curvature import dense_scores, resolve_damping
 from iif_ref.neural.engine import run
 from iif_ref.neural.features import DEFAULT_PROJ_DIM, gradient_features, make_projector
 from iif_ref.neural.functional import chunks, eval_mode
+from iif_ref.neural.losses import trak_margin
 from iif_ref.neural.plan import prepare_problem
 from iif_ref.neural.result import AttributionResult
 from iif_ref.neural.sample_space import DEFAULT_MEMORY_BUDGET, MemoryBudgetError, build_solve
@@ -301,20 +302,6 @@ def tracin(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, l
                   n_params=fm.n_params, torch_dtype=str(fm.dtype).replace("torch.", ""))
     return AttributionResult(scores=scores, delta=None, residual=None, config=config,
                              method="tracin")
-
-
-def trak_margin(f, y):
-    """TRAK's output function ``log(p_y / (1 − p_y))`` for logits ``f`` and one-hot ``y``.
-
-    Computed as ``f_y − logsumexp(f_c, c ≠ y)``, which has no cancellation when
-    ``p_y → 1``.
-    """
-    f_y = torch.sum(y * f)
-    others = torch.where(y > 0.5, torch.full_like(f, -torch.inf), f)
-    return f_y - torch.logsumexp(others, dim=-1)
-
-
-trak_margin.classification = True
 
 
 def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
