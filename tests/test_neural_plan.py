@@ -88,16 +88,23 @@ def _saturated_float32_classifier():
     return net, X, y
 
 
-def test_fused_path_engages_when_float32_weights_underflow():
-    net, X, y = _saturated_float32_classifier()
+def _masked_step(net, X, y, baseline=lambda p: p):
+    """Masked cross-entropy targets of one path step (t = 0.4 → 0.6) from the softmax
+    baseline, and their output weights: (loss, F, Y, rho_k, rho_prev, w_to, w_from)."""
     fm = FunctionalModel(net)
     loss = resolve_loss("cross_entropy")
     Y = torch.as_tensor(np.eye(3, dtype=np.float32)[y])
     with torch.no_grad():
         F = fm.forward(fm.theta_star, torch.as_tensor(X))
-        pbar = torch.softmax(F, 1)
+        pbar = baseline(torch.softmax(F, 1))
     rho_k, rho_prev = (path_targets(Y, pbar, t, mask=True) for t in (0.6, 0.4))
-    w_to, w_from = output_weights(loss, F, rho_k), output_weights(loss, F, rho_prev)
+    return (loss, F, Y, rho_k, rho_prev, output_weights(loss, F, rho_k),
+            output_weights(loss, F, rho_prev))
+
+
+def test_fused_path_engages_when_float32_weights_underflow():
+    net, X, y = _saturated_float32_classifier()
+    loss, F, Y, rho_k, rho_prev, w_to, w_from = _masked_step(net, X, y)
     # The premise: float32 squares of some rows' weights underflow to 0.
     assert bool(((w_to * w_to).sum(1) == 0).any())
     alpha = _parallel_factor(w_to, w_from, w_to - w_from)
@@ -132,15 +139,9 @@ def test_fused_path_engages_on_a_confident_float32_classifier():
     # their float32 rounding here; the targets are, and the cross-entropy's ∂l/∂f is
     # linear in them, so the chunk must still take the one-row path.
     net, X, y = _confident_float32_classifier()
-    fm = FunctionalModel(net)
-    loss = resolve_loss("cross_entropy")
-    Y = torch.as_tensor(np.eye(3, dtype=np.float32)[y])
-    with torch.no_grad():
-        F = fm.forward(fm.theta_star, torch.as_tensor(X))
-        pbar = torch.softmax(F, 1)
-    pbar = 0.9 * pbar + 0.05                   # a baseline away from the model's output
-    rho_k, rho_prev = (path_targets(Y, pbar, t, mask=True) for t in (0.6, 0.4))
-    w_to, w_from = output_weights(loss, F, rho_k), output_weights(loss, F, rho_prev)
+    # A baseline away from the model's output.
+    loss, F, Y, rho_k, rho_prev, w_to, w_from = _masked_step(
+        net, X, y, baseline=lambda p: 0.9 * p + 0.05)
     assert _parallel_factor(w_to, w_from, w_to - w_from) is None     # the premise
     alpha = _fuse_factor(loss, F, rho_k, rho_prev, w_to, w_from, w_to - w_from)
     assert alpha is not None
