@@ -17,6 +17,11 @@ with the number of problems, how many the check applied to, how many failed, the
 error/tolerance ratio seen (the margin left), the skip reasons, and, for any failure, the
 problem's parameters so it can be rebuilt with ``make_problem``.
 
+Every finished problem is appended to a journal next to the output
+(``<out>.journal.jsonl``), so an interrupted sweep resumes where it stopped when rerun
+with the same arguments; the journal is keyed by a digest of the package's and this
+script's sources, so a changed tolerance or attributor starts afresh.
+
 Usage::
 
     python validation/conformance_false_alarms.py [--n-problems 10000]
@@ -33,6 +38,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -206,17 +213,28 @@ def main(argv=None):
         which = tuple(w for w, n in (("linear", args.n_problems), ("neural", args.n_neural),
                                      ("neural_iif", args.n_neural_iif)) if j < n)
         tasks.append((j, which))
+    journal = Journal(args.out.with_suffix(".journal.jsonl"), _sources_digest())
+    results, wall_before = journal.load(tasks)
+    if results:
+        print(f"resuming: {len(results)}/{len(tasks)} tasks already in {journal.path}",
+              flush=True)
+    done = {res[0] for res in results}
+    which_of = dict(tasks)
+    todo = [t for t in tasks if t[0] not in done]
     t0 = time.perf_counter()
-    results = []
     with get_context("spawn").Pool(args.jobs) as pool:
-        for k, res in enumerate(pool.imap_unordered(run_one, tasks, chunksize=2)):
+        for res in pool.imap_unordered(run_one, todo, chunksize=2):
             results.append(res)
-            if (k + 1) % 500 == 0 and k + 1 < len(tasks):
-                print(f"{k + 1}/{len(tasks)} tasks, {time.perf_counter() - t0:.0f} s",
+            journal.append(res, which_of[res[0]], wall_before + time.perf_counter() - t0)
+            k = len(results)
+            if k % 500 == 0 and k < len(tasks):
+                print(f"{k}/{len(tasks)} tasks, {time.perf_counter() - t0:.0f} s",
                       flush=True)
-                _write(args, results, time.perf_counter() - t0, complete=False)
-    wall = time.perf_counter() - t0
+                _write(args, results, wall_before + time.perf_counter() - t0,
+                       complete=False)
+    wall = wall_before + time.perf_counter() - t0
     rows, total_failed = _write(args, results, wall, complete=True)
+    journal.remove()
     print(f"{'attributor':<30} {'check':<18} {'problems':>8} {'applied':>8} {'failed':>6} "
           f"{'max err/tol':>11}")
     for r in rows:
@@ -227,6 +245,75 @@ def main(argv=None):
     print(f"false alarms: {total_failed}; wall {wall:.1f} s with {args.jobs} job(s)")
     print(f"wrote {args.out}")
     return 1 if total_failed else 0
+
+
+def _sources_digest():
+    """SHA-256 of the package's and this script's sources: what decides the results."""
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "iif_ref").rglob("*.py")) + [Path(__file__).resolve()]:
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:32]
+
+
+class Journal:
+    """Append-only record of finished problems, so an interrupted sweep resumes.
+
+    One JSON line per problem after a header naming the sources' digest. A line cut
+    short by an interruption is ignored, and a journal written by other sources (a
+    changed tolerance, a changed attributor) is set aside rather than resumed.
+    """
+
+    def __init__(self, path, digest):
+        self.path, self.digest = Path(path), digest
+
+    def load(self, tasks):
+        """Results already recorded for ``tasks`` (same problem, same attributors)
+        and the wall time they took; starts a new journal when there is none."""
+        wanted = {j: list(which) for j, which in tasks}
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        header = _parse(lines[0]) if lines else None
+        if header is None or header.get("sources") != self.digest:
+            if lines:
+                stale = self.path.with_suffix(".stale")
+                os.replace(self.path, stale)
+                print(f"{self.path.name} was written by other sources; moved to "
+                      f"{stale.name}", flush=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"sources": self.digest})
+            return [], 0.0
+        results, wall, seen = [], 0.0, set()
+        for line in lines[1:]:
+            rec = _parse(line)
+            if rec is None or rec["j"] in seen or wanted.get(rec["j"]) != rec["which"]:
+                continue
+            seen.add(rec["j"])
+            results.append((rec["j"], rec["params"], [tuple(o) for o in rec["out"]]))
+            wall = max(wall, rec["wall"])
+        return results, wall
+
+    def append(self, res, which, wall):
+        """Record one finished problem (flushed to disk before returning)."""
+        j, params, out = res
+        self._append({"j": j, "which": list(which), "params": params, "out": out,
+                      "wall": round(wall, 1)})
+
+    def _append(self, record):
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def remove(self):
+        self.path.unlink(missing_ok=True)
+
+
+def _parse(line):
+    """One journal line as a dict, or None when it was cut short."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _write(args, results, wall, *, complete):
@@ -249,6 +336,7 @@ def _write(args, results, wall, *, complete):
             "jobs": args.jobs}
     write_results(args.out, rows, meta)
     return rows, total_failed
+
 
 if __name__ == "__main__":
     sys.exit(main())
