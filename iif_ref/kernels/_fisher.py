@@ -23,6 +23,7 @@ import numpy as np
 from scipy.linalg import lapack
 
 from iif_ref._defaults import RELATIVE_DAMPING, absolute_damping
+from iif_ref._threads import blas_one_thread
 from iif_ref._validation import as_float_array
 from iif_ref.errors import NotPositiveDefiniteError
 
@@ -119,14 +120,6 @@ SINGLE_THREAD_ORDER = 2048
 
 
 @functools.lru_cache(maxsize=1)
-def _thread_controller():
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    return ThreadpoolController()
-
-
 def _blas_threads(n):
     """One BLAS thread for LAPACK work on a matrix of order ``n <= SINGLE_THREAD_ORDER``
     (where threadpoolctl is installed; else the BLAS's own setting).
@@ -136,10 +129,7 @@ def _blas_threads(n):
     for descheduled threads), so small factorisations gain nothing from threads and can
     lose 100x. Larger ones keep the BLAS's setting.
     """
-    controller = _thread_controller() if n <= SINGLE_THREAD_ORDER else None
-    if controller is None:
-        return contextlib.nullcontext()
-    return controller.limit(limits=1, user_api="blas")
+    return blas_one_thread() if n <= SINGLE_THREAD_ORDER else contextlib.nullcontext()
 
 
 def _factor(matrix):

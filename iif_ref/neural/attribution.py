@@ -16,6 +16,7 @@ Data flow (docs/algorithm1.md maps each line to the paper)::
 """
 from __future__ import annotations
 
+from iif_ref._threads import torch_owns_the_cores
 from iif_ref._validation import check_options
 from iif_ref.neural.config import IIFConfig
 from iif_ref.neural.engine import run as _run
@@ -26,6 +27,7 @@ from iif_ref.neural.plan import Problem, prepare_problem
 __all__ = ["integrated_influence", "attribute", "prepare_problem", "Problem"]
 
 
+@torch_owns_the_cores
 def integrated_influence(model, loss, X_train, y_train, X_test, y_test, *, config=None,
                          baseline_params=None, callback=None, **options):
     """Integrated Influence (Algorithm 1) of every training sample on every test loss.
@@ -99,6 +101,7 @@ def integrated_influence(model, loss, X_train, y_train, X_test, y_test, *, confi
 _METHODS = ("iif", "if", "tracin", "trak")
 
 
+@torch_owns_the_cores
 def attribute(model, loss, X_train, y_train, X_test, y_test, *, method="iif", seed=0,
               client=None, **options):
     """Attribute test losses to training samples with one of the four methods.

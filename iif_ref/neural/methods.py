@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.func import grad, jvp, vmap
 
+from iif_ref._threads import torch_owns_the_cores
 from iif_ref._validation import check_nonnegative_real, check_positive_int, check_positive_real
 from iif_ref.errors import NotPositiveDefiniteError
 from iif_ref.neural.baseline import per_sample_losses
@@ -46,6 +47,7 @@ __all__ = ["influence_function", "tracin", "trak", "trak_margin"]
 _SOLVERS = ("auto", "gauss_newton", "fisher_exact", "projected", "exact", "cg")
 
 
+@torch_owns_the_cores
 def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver="auto",
                        damping="auto", proj_dim=DEFAULT_PROJ_DIM, seed=0,
                        kind="rademacher", backend=None,
@@ -251,6 +253,7 @@ def _checkpoint_list(fm, checkpoints):
     return out
 
 
+@torch_owns_the_cores
 def tracin(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, lrs=None,
            proj_dim=None, seed=0, kind="rademacher", backend=None, chunk_size=256,
            dtype=None, progress=False):
@@ -304,6 +307,7 @@ def tracin(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, l
                              method="tracin")
 
 
+@torch_owns_the_cores
 def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
          proj_dim=DEFAULT_PROJ_DIM,
          damping="auto", seed=0, kind="rademacher", backend=None, chunk_size=256,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from iif_ref._threads import torch_owns_the_cores
 from iif_ref._validation import check_positive_int, check_positive_real
 from iif_ref.neural.attribution import Problem, _run, integrated_influence, prepare_problem
 from iif_ref.neural.baseline import per_sample_baselines, per_sample_losses
@@ -46,6 +47,7 @@ class SelfInfluenceResult:
     config: dict
 
 
+@torch_owns_the_cores
 def self_influence(model, loss, X_train, y_train, *, lr=1e-2, indices=None, fast=True,
                    **options):
     """Self-influence with the per-sample baselines ``θ'_i = θ* + η ∇l_i(θ*)`` (Sec. 3.3).
@@ -163,6 +165,7 @@ class ProponentsOpponents:
     learned: object
 
 
+@torch_owns_the_cores
 def proponents_opponents(model, loss, X_train, y_train, X_test, y_test, *, n_top=8,
                          **options):
     """Proponents and opponents with the two opposite baselines of Sec. 3.2.
