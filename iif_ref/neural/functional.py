@@ -5,6 +5,10 @@ docs/rng.md) runs over the *trainable* parameters in ``model.named_parameters()`
 each flattened row-major. Frozen parameters (``requires_grad=False``) are kept as
 constants. The model is evaluated with ``torch.func.functional_call`` in eval mode
 (dropout off, batch-norm statistics fixed): attribution explains the deployed function.
+A plain ``nn.Sequential`` of ``nn.Linear`` layers and parameter-free modules (the
+package's MLPs) is evaluated layer by layer instead, the same operations without
+``functional_call``'s re-parametrisation, which costs more than the forward pass itself
+at the batch sizes of unlearning (tested equal bit for bit).
 """
 from __future__ import annotations
 
@@ -74,6 +78,8 @@ class FunctionalModel:
         consts.update(dict(model.named_buffers()))
         self.constants = {n: (t.detach().to(self.dtype) if t.is_floating_point() else t)
                           for n, t in consts.items()}
+        self._layers = _linear_stack(model)
+        self._layers_linear = [l for l in self._layers or () if isinstance(l, tuple)]
 
     # ---- parameters as vectors -------------------------------------------------
     def flatten(self, params):
@@ -94,12 +100,20 @@ class FunctionalModel:
     # ---- evaluation -------------------------------------------------------------
     def forward(self, params, X):
         """Batched outputs ``f(X; θ)``, shape ``(n, n_out)``."""
-        out = functional_call(self.model, ({**self.constants, **params},), (X,))
+        tensors = {**self.constants, **params}
+        if self._layers is None:
+            out = functional_call(self.model, (tensors,), (X,))
+        else:
+            out = X
+            for layer in self._layers:
+                out = (layer(out) if isinstance(layer, torch.nn.Module) else
+                       torch.nn.functional.linear(out, tensors[layer[0]],
+                                                  None if layer[1] is None
+                                                  else tensors[layer[1]]))
         return out.reshape(out.shape[0], -1)
 
     def _single(self, params, x):
-        out = functional_call(self.model, ({**self.constants, **params},), (x.unsqueeze(0),))
-        return out.reshape(-1)
+        return self.forward(params, x.unsqueeze(0)).reshape(-1)
 
     def per_sample_vjp(self, params, X, W):
         """Per-sample VJPs ``J_f(x_n)ᵀ w_{n,r}``, flattened: shape ``(n, R, n_params)``.
@@ -126,6 +140,11 @@ class FunctionalModel:
         order of :attr:`names`, of ``(n, R, numel_j)`` tensors whose concatenation along
         the last axis is the flat ``(n, R, n_params)`` result (which is never formed:
         a projection can multiply each block by its rows of ``A`` instead)."""
+        differentiated = torch.is_grad_enabled() and any(
+            v.requires_grad for v in params.values())
+        if self._layers is not None and not differentiated:
+            return self._stack_vjp_blocks(params, X, W)
+
         def weighted_output(p, x, w):
             return torch.dot(w, self._single(p, x))
 
@@ -134,6 +153,66 @@ class FunctionalModel:
         g = per_sample(params, X, W)
         n, r = W.shape[0], W.shape[1]
         return [g[name].reshape(n, r, -1) for name in self.names]
+
+    def _stack_vjp_blocks(self, params, X, W):
+        """:meth:`per_sample_vjp_blocks` of a Linear stack in closed form: one batched
+        backward pass per weight row gives ``g = ∂(w·f)/∂z`` at every Linear output
+        ``z = a Wᵀ + b``, and the per-sample gradients are ``g aᵀ`` (weight) and ``g``
+        (bias). The same numbers as ``vmap(grad)`` up to rounding, without its per-call
+        dispatch (tests/test_neural_functional.py)."""
+        tensors = {k: v.detach() for k, v in {**self.constants, **params}.items()}
+        n, r = W.shape[0], W.shape[1]
+        inputs, outputs = [], []
+        with torch.enable_grad():
+            h = X.detach()
+            for layer in self._layers:
+                if isinstance(layer, torch.nn.Module):
+                    h = layer(h)
+                    continue
+                inputs.append(h.detach())
+                h = torch.nn.functional.linear(h, tensors[layer[0]],
+                                               None if layer[1] is None else tensors[layer[1]])
+                if not outputs:    # the graph starts at the first Linear's output
+                    h.requires_grad_(True)
+                outputs.append(h)
+            out = h.reshape(n, -1)
+            grads = [torch.autograd.grad(out, outputs, W[:, j], retain_graph=j < r - 1)
+                     for j in range(r)]
+        blocks = {}
+        for i, (w_name, b_name) in enumerate(self._layers_linear):
+            g = torch.stack([row[i] for row in grads], dim=1)          # (n, r, out)
+            a = inputs[i]
+            blocks[w_name] = (g[:, :, :, None] * a[:, None, None, :]).reshape(n, r, -1)
+            if b_name is not None:
+                blocks[b_name] = g
+        return [blocks[name] for name in self.names]
+
+
+def _linear_stack(model):
+    """The layers of ``model`` when it is a plain ``nn.Sequential`` (nested ones too) of
+    ``nn.Linear`` and modules without parameters or buffers, else None: a Linear as its
+    ``(weight name, bias name or None)``, any other layer as the module itself. Modules
+    with hooks or subclasses (which may override ``forward``) go through
+    ``functional_call``."""
+    layers = []
+
+    def walk(module, prefix):
+        if module._forward_hooks or module._forward_pre_hooks:
+            return False
+        if type(module) is torch.nn.Sequential:
+            return all(walk(child, f"{prefix}{name}.")
+                       for name, child in module.named_children())
+        if type(module) is torch.nn.Linear:
+            layers.append((prefix + "weight",
+                           None if module.bias is None else prefix + "bias"))
+            return True
+        stateless = (next(module.parameters(), None) is None
+                     and next(module.buffers(), None) is None)
+        if stateless:
+            layers.append(module)
+        return stateless
+
+    return layers if walk(model, "") else None
 
 
 def as_inputs(X, name, fm):
