@@ -36,9 +36,16 @@ def log_per_sample_losses(fm, loss, params, X, Y):
     exact where the loss itself underflows. Other losses are floored at the smallest
     normal float64.
     """
-    F = fm.forward(params, X).to(torch.float64)
-    Y = Y.to(torch.float64)
-    one_hot = bool(((Y == 0) | (Y == 1)).all()) and bool((Y.sum(-1) == 1).all())
+    return _log_rows(loss, fm.forward(params, X), Y, one_hot=_is_one_hot(Y))
+
+
+def _is_one_hot(Y):
+    return bool(((Y == 0) | (Y == 1)).all()) and bool((Y.sum(-1) == 1).all())
+
+
+def _log_rows(loss, F, Y, *, one_hot):
+    """:func:`log_per_sample_losses` from the outputs ``F`` (``one_hot``: ``Y`` is)."""
+    F, Y = F.to(torch.float64), Y.to(torch.float64)
     if loss.name == "cross_entropy" and one_hot:
         others = F.masked_fill(Y > 0, float("-inf"))
         a = torch.logsumexp(others, dim=-1) - (F * Y).sum(-1)
@@ -110,11 +117,16 @@ def unlearn(fm, loss, X, Y, X_test, Y_test, cfg, *, params=None):
     log = cfg.unlearn_reduction == "log_mean"
     sign = float(cfg.unlearn_sign)
 
+    n_rows, test_one_hot = X_test.shape[0], _is_one_hot(Y_test)
+
     def objective(p, idx, scale):
-        test = (log_per_sample_losses(fm, loss, p, X_test, Y_test) if log
-                else per_sample_losses(fm, loss, p, X_test, Y_test)).sum()
         Xb, Yb = (X, Y) if idx is None else (X[idx], Y[idx])
-        train = per_sample_losses(fm, loss, p, Xb, Yb).sum()
+        # One forward for both terms: at these batch sizes a call costs its dispatch.
+        F = fm.forward(p, torch.cat([X_test, Xb]))
+        F_test, F_train = F[:n_rows], F[n_rows:]
+        test = (_log_rows(loss, F_test, Y_test, one_hot=test_one_hot) if log
+                else _rows(loss, F_test, Y_test)).sum()
+        train = _rows(loss, F_train, Yb).sum()
         return -sign * norm_test * test + cfg.lam * norm_train * scale * train
 
     def test_losses(p):

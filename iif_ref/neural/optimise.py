@@ -201,7 +201,8 @@ def _armijo_step(objective, leaves, idx, scale, alpha):
     f0 = objective(leaves, idx, scale)
     grads = torch.autograd.grad(f0, values)
     f0 = float(f0.detach())
-    gg = float(sum(torch.sum(g * g) for g in grads))
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    gg = float(flat @ flat)
     if not (np.isfinite(f0) and np.isfinite(gg)) or gg == 0.0:
         return 0.0
     with torch.no_grad():
