@@ -139,11 +139,16 @@ class FunctionalModel:
         """:meth:`per_sample_vjp` split by parameter, not concatenated: a list, in the
         order of :attr:`names`, of ``(n, R, numel_j)`` tensors whose concatenation along
         the last axis is the flat ``(n, R, n_params)`` result (which is never formed:
-        a projection can multiply each block by its rows of ``A`` instead)."""
-        differentiated = torch.is_grad_enabled() and any(
-            v.requires_grad for v in params.values())
-        if self._layers is not None and not differentiated:
-            return self._stack_vjp_blocks(params, X, W)
+        a projection can multiply each block by its rows of ``A`` instead).
+
+        A Linear stack's blocks are the outer products of :meth:`per_sample_vjp_factors`,
+        the same numbers as the general ``vmap(grad)`` up to rounding without its
+        per-call dispatch (tests/test_neural_functional.py)."""
+        factors = self.per_sample_vjp_factors(params, X, W)
+        if factors is not None:
+            n, r = W.shape[0], W.shape[1]
+            return [(f[0][:, :, None] * f[1][:, None, :] if isinstance(f, tuple) else f)
+                    .reshape(n, r, -1) for f in factors]
 
         def weighted_output(p, x, w):
             return torch.dot(w, self._single(p, x))
@@ -154,12 +159,20 @@ class FunctionalModel:
         n, r = W.shape[0], W.shape[1]
         return [g[name].reshape(n, r, -1) for name in self.names]
 
-    def _stack_vjp_blocks(self, params, X, W):
-        """:meth:`per_sample_vjp_blocks` of a Linear stack in closed form: one batched
-        backward pass per weight row gives ``g = ∂(w·f)/∂z`` at every Linear output
-        ``z = a Wᵀ + b``, and the per-sample gradients are ``g aᵀ`` (weight) and ``g``
-        (bias). The same numbers as ``vmap(grad)`` up to rounding, without its per-call
-        dispatch (tests/test_neural_functional.py)."""
+    def per_sample_vjp_factors(self, params, X, W):
+        """Per-sample VJPs of a Linear stack as factors, in the order of :attr:`names`:
+        a weight's rows are the outer products ``g aᵀ`` of its output gradient ``g`` and
+        input ``a``, given as the pair ``(g, a)`` of shapes ``(n R, out)``, ``(n R, in)``;
+        a bias's rows are ``g`` itself, ``(n R, out)``. Row ``i R + r`` is sample ``i``
+        with weight row ``r``. For a model that is not a Linear stack: None.
+
+        One batched backward pass per weight row gives ``g = ∂(w·f)/∂z`` at every Linear
+        output ``z = a Wᵀ + b`` (samples do not mix in a stack evaluated in eval mode).
+        """
+        differentiated = torch.is_grad_enabled() and any(
+            v.requires_grad for v in params.values())
+        if self._layers is None or differentiated:    # vmap(grad) keeps the graph
+            return None
         tensors = {k: v.detach() for k, v in {**self.constants, **params}.items()}
         n, r = W.shape[0], W.shape[1]
         inputs, outputs = [], []
@@ -175,18 +188,19 @@ class FunctionalModel:
                 if not outputs:    # the graph starts at the first Linear's output
                     h.requires_grad_(True)
                 outputs.append(h)
+            if any(t.ndim != 2 for t in inputs):  # a Linear over a sequence sums g aᵀ
+                return None
             out = h.reshape(n, -1)
             grads = [torch.autograd.grad(out, outputs, W[:, j], retain_graph=j < r - 1)
                      for j in range(r)]
-        blocks = {}
+        factors = {}
         for i, (w_name, b_name) in enumerate(self._layers_linear):
-            g = torch.stack([row[i] for row in grads], dim=1)          # (n, r, out)
-            a = inputs[i]
-            blocks[w_name] = (g[:, :, :, None] * a[:, None, None, :]).reshape(n, r, -1)
+            g = torch.stack([row[i] for row in grads], dim=1).reshape(n * r, -1)
+            a = inputs[i].reshape(n, -1)
+            factors[w_name] = (g, a if r == 1 else a.repeat_interleave(r, dim=0))
             if b_name is not None:
-                blocks[b_name] = g
-        return [blocks[name] for name in self.names]
-
+                factors[b_name] = g
+        return [factors[name] for name in self.names]
 
 def _linear_stack(model):
     """The layers of ``model`` when it is a plain ``nn.Sequential`` (nested ones too) of
