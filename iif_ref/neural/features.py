@@ -10,8 +10,8 @@ For one path step ``k`` (parameters θ_k, targets ``ρ(t_{k−1}) → ρ(t_k)``)
 All are per-sample VJPs of the network output with an output-space weight, computed
 with ``torch.func`` one chunk of samples at a time and handed to a
 :class:`iif_ref.kernels.Projector` as NumPy arrays, so the ``(n, n_params)`` gradient
-matrix never exists (only one ``(chunk, rows, n_params)`` block does, ``rows`` = 1 or 2
-gradient rows per sample, or ``(chunk + n_test, n_params)`` in :func:`step_features`). The chunk holds at most
+matrix never exists (only one ``(chunk, 2, n_params)`` block does, or
+``(chunk + n_test, n_params)`` in :func:`step_features`). The chunk holds at most
 ``chunk_size`` samples and at most what :data:`FEATURE_MEMORY_BUDGET` allows for that
 block, so memory grows with ``n·P`` (the features) and not with ``n·n_params``. One
 projector serves every chunk of a call (and, passed as ``projector=``, every path step):
@@ -39,14 +39,13 @@ __all__ = ["train_features", "test_features", "step_features", "gradient_feature
            "FEATURE_MEMORY_BUDGET",
            "DEFAULT_PROJ_DIM"]
 
-#: Bytes that one chunk's per-sample gradient block ``(chunk, rows, n_params)`` may take
-#: by default (16 MiB; 32 MiB cost IIF 38 MiB more peak memory at the same speed on the
-#: digits MLP): the chunk size is capped at ``budget // (rows n_params itemsize)``, with
-#: ``rows`` the gradient rows per sample (:func:`chunk_rows`).
+#: Bytes that one chunk's per-sample gradient block ``(chunk, 2, n_params)`` may take by
+#: default (16 MiB; 32 MiB cost IIF 38 MiB more peak memory at the same speed on the
+#: digits MLP): the chunk size is capped at ``budget // (2 n_params itemsize)``.
 FEATURE_MEMORY_BUDGET = 16 * 2**20
 
 
-def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None, rows_per_sample=2):
+def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
     """Samples per chunk: ``chunk_size`` capped by the memory budget of the gradient block.
 
     Parameters
@@ -56,11 +55,7 @@ def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None, rows_per_s
     n_params, itemsize : int
         Parameters of the model and bytes per entry of its compute dtype.
     memory_budget : int, optional
-        Bytes of one ``(chunk, rows_per_sample, n_params)`` block; default
-        :data:`FEATURE_MEMORY_BUDGET`.
-    rows_per_sample : int
-        Gradient rows computed per sample at once: 2 for a path step's ``u_i`` and
-        ``J_iΔy``, 1 for a gradient alone or the fused step (``J_iΔy = α_i u_i``).
+        Bytes of one ``(chunk, 2, n_params)`` block; default :data:`FEATURE_MEMORY_BUDGET`.
 
     Returns
     -------
@@ -68,7 +63,7 @@ def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None, rows_per_s
         The features do not depend on it (rows are projected independently).
     """
     budget = FEATURE_MEMORY_BUDGET if memory_budget is None else memory_budget
-    cap = max(1, int(budget) // (int(rows_per_sample) * int(n_params) * int(itemsize)))
+    cap = max(1, int(budget) // (2 * int(n_params) * int(itemsize)))
     return cap if chunk_size is None else min(int(chunk_size), cap)
 
 
@@ -385,10 +380,7 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
     proj_dim = check_positive_int(proj_dim, "proj_dim", allow_none=True)
     fm, loss, params = _prepare(model, loss, params, dtype)
     projector = _check_projector(projector, fm, proj_dim, seed, kind, backend)
-    # Chunks sized for one row per sample when the step may fuse; a chunk that does not
-    # fuse computes its two rows per sample in halves, within the same budget.
-    chunk_size = chunk_rows(chunk_size, fm.n_params, fm.dtype.itemsize,
-                            rows_per_sample=1 if fuse else 2)
+    chunk_size = chunk_rows(chunk_size, fm.n_params, fm.dtype.itemsize)
     X = X if isinstance(X, torch.Tensor) and X.dtype == fm.dtype else as_inputs(X, "X", fm)
     with torch.no_grad():
         n_out = fm.forward(params, X[:1]).shape[1]
@@ -437,10 +429,7 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
             if extra:
                 Gamma = rows[m:]
         else:
-            W2 = torch.stack([w_to, w_d], dim=1)
-            half = m if not fuse else -(-m // 2)
-            both = np.concatenate([_vjp_rows(fm, params, Xc[s:e], W2[s:e], projector)
-                                   for s, e in chunks(m, half)])
+            both = _vjp_rows(fm, params, Xc, torch.stack([w_to, w_d], dim=1), projector)
             _check_finite_rows(both, start + sample_offset, "per-sample gradient", step)
             Phi.append(both[:, 0])
             Psi.append(both[:, 1])
@@ -484,7 +473,7 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
         classification=bool(getattr(fn, "classification", False)))
     fm, loss, params = _prepare(model, loss, params, dtype)
     projector = _check_projector(projector, fm, proj_dim, seed, kind, backend)
-    chunk_size = chunk_rows(chunk_size, fm.n_params, fm.dtype.itemsize, rows_per_sample=1)
+    chunk_size = chunk_rows(chunk_size, fm.n_params, fm.dtype.itemsize)
     X = X if isinstance(X, torch.Tensor) and X.dtype == fm.dtype else as_inputs(X, "X", fm)
     with torch.no_grad():
         n_out = fm.forward(params, X[:1]).shape[1]
