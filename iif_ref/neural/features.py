@@ -125,17 +125,6 @@ class TorchProjector(Projector):
                              f"n_params={self.n_params}")
         return out.numpy()
 
-    def project_factors(self, factors):
-        """``G A`` (NumPy out) from :meth:`FunctionalModel.per_sample_vjp_factors`: a
-        weight block given as ``(g, a)`` is formed as the outer products ``g aᵀ`` just
-        before its own GEMM, so each block is still in cache when it is multiplied (one
-        block at a time, not the whole chunk's gradients first: 0.51 s against 0.56 s
-        per default IIF call on the benchmark); other blocks as in
-        :meth:`project_blocks`."""
-        return self.project_blocks(
-            (f[0][:, :, None] * f[1][:, None, :]).reshape(f[0].shape[0], -1)
-            if isinstance(f, tuple) else f for f in factors)
-
     def takes_blocks(self, dtype):
         """Whether :meth:`project_blocks` can project CPU tensors of ``dtype``."""
         return self._A_torch is not None and self._A_torch.dtype == dtype
@@ -163,12 +152,8 @@ def _vjp_rows(fm, params, X, W, projector):
     n, r = W.shape[0], W.shape[1]
     if isinstance(projector, TorchProjector) and X.device.type == "cpu" \
             and projector.takes_blocks(fm.dtype):
-        factors = fm.per_sample_vjp_factors(params, X, W)
-        if factors is not None:
-            rows = projector.project_factors(factors)
-        else:
-            blocks = fm.per_sample_vjp_blocks(params, X, W)
-            rows = projector.project_blocks([b.reshape(n * r, -1) for b in blocks])
+        blocks = fm.per_sample_vjp_blocks(params, X, W)
+        rows = projector.project_blocks([b.reshape(n * r, -1) for b in blocks])
     else:
         rows = project_rows(fm.per_sample_vjp(params, X, W).reshape(n * r, -1),
                             projector=projector)
