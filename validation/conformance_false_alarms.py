@@ -247,6 +247,20 @@ def main(argv=None):
     return 1 if total_failed else 0
 
 
+def _commit():
+    """The checkout's commit (with "+changes" when the tree differs), or None."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "iif_ref",
+                                "validation"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def _sources_digest():
     """SHA-256 of the package's and this script's sources: what decides the results."""
     h = hashlib.sha256()
@@ -332,6 +346,7 @@ def _write(args, results, wall, *, complete):
             "neural_iif_note": ("Newton refits (unlearn_optimizer and refit_optimizer "
                                 "'newton'), full K; no declared rtol: the checks' "
                                 "rounding tolerance"),
+            "commit": _commit(), "sources_digest": _sources_digest(),
             "false_alarms": total_failed, "wall_seconds": round(wall, 1),
             "jobs": args.jobs}
     write_results(args.out, rows, meta)
