@@ -42,3 +42,17 @@ def test_limits_are_restored_when_the_call_raises():
         trak(torch.nn.Linear(2, 2), "cross_entropy", X, np.array([0, 1, 5]), X, [0, 1, 0])
     assert _blas_threads() == before_blas
     assert numba.get_num_threads() == before_numba
+
+
+
+def test_every_small_factorisation_runs_on_one_blas_thread():
+    # The limit is applied per call: a second factorisation is limited like the first,
+    # and the caller's setting is back after each.
+    from iif_ref.kernels._fisher import _blas_threads as factor_limit
+    before = _blas_threads()
+    for _ in range(2):
+        with factor_limit(512):
+            assert set(_blas_threads().values()) == {1}
+        assert _blas_threads() == before
+    with factor_limit(4096):                 # larger ones keep the caller's setting
+        assert _blas_threads() == before

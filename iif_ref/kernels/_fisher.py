@@ -16,7 +16,6 @@ float32 data is the exact products of the float32 values summed in float64.
 from __future__ import annotations
 
 import contextlib
-import functools
 import numbers
 
 import numpy as np
@@ -119,7 +118,6 @@ def not_positive_definite_error(slices, damping, suggested_damping, detail=""):
 SINGLE_THREAD_ORDER = 2048
 
 
-@functools.lru_cache(maxsize=1)
 def _blas_threads(n):
     """One BLAS thread for LAPACK work on a matrix of order ``n <= SINGLE_THREAD_ORDER``
     (where threadpoolctl is installed; else the BLAS's own setting).

@@ -202,6 +202,7 @@ class FunctionalModel:
                 factors[b_name] = g
         return [factors[name] for name in self.names]
 
+
 def _linear_stack(model):
     """The layers of ``model`` when it is a plain ``nn.Sequential`` (nested ones too) of
     ``nn.Linear`` and modules without parameters or buffers, else None: a Linear as its
