@@ -213,7 +213,9 @@ def main(argv=None):
         which = tuple(w for w, n in (("linear", args.n_problems), ("neural", args.n_neural),
                                      ("neural_iif", args.n_neural_iif)) if j < n)
         tasks.append((j, which))
-    journal = Journal(args.out.with_suffix(".journal.jsonl"), _sources_digest())
+    # What the results were computed with: the checkout as the sweep starts.
+    args.commit, args.sources_digest = _commit(), _sources_digest()
+    journal = Journal(args.out.with_suffix(".journal.jsonl"), args.sources_digest)
     results, wall_before = journal.load(tasks)
     if results:
         print(f"resuming: {len(results)}/{len(tasks)} tasks already in {journal.path}",
@@ -346,7 +348,7 @@ def _write(args, results, wall, *, complete):
             "neural_iif_note": ("Newton refits (unlearn_optimizer and refit_optimizer "
                                 "'newton'), full K; no declared rtol: the checks' "
                                 "rounding tolerance"),
-            "commit": _commit(), "sources_digest": _sources_digest(),
+            "commit": args.commit, "sources_digest": args.sources_digest,
             "false_alarms": total_failed, "wall_seconds": round(wall, 1),
             "jobs": args.jobs}
     write_results(args.out, rows, meta)
