@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iif_ref._optional import require
 from iif_ref._validation import as_float_array, check_positive_int
 
 __all__ = [
@@ -116,7 +117,7 @@ def load_digits_split(n_train, n_test, *, standardise=True, seed):
     DataSplit
         ``X_train`` shape ``(n_train, 64)``, ``image_shape=(8, 8)``, 10 classes.
     """
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "iif_ref.datasets.load_digits_split").load_digits
 
     n_train = check_positive_int(n_train, "n_train")
     n_test = check_positive_int(n_test, "n_test")

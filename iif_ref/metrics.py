@@ -20,6 +20,7 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 from scipy.stats import ConstantInputWarning
 
+from iif_ref._optional import require
 from iif_ref._validation import (as_float_array, as_generator, check_nonnegative_real,
                                  check_positive_int)
 
@@ -405,5 +406,5 @@ def auc(scores_for_positive, is_positive):
     if n_pos == 0 or n_pos == labels.size:
         raise ValueError(f"is_positive must contain both classes, got {n_pos} positive of "
                          f"{labels.size}")
-    from sklearn.metrics import roc_auc_score    # lazy: scikit-learn is optional ([data])
-    return float(roc_auc_score(labels, scores))
+    metrics = require("sklearn.metrics", "iif_ref.metrics.auc")   # lazy: optional ([data])
+    return float(metrics.roc_auc_score(labels, scores))

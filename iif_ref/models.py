@@ -23,10 +23,13 @@ import contextlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-from torch import nn
 
-from iif_ref._validation import as_float_array, check_positive_int, check_positive_real
+from iif_ref._optional import require
+
+torch = require("torch", "iif_ref.models")
+from torch import nn  # noqa: E402
+
+from iif_ref._validation import as_float_array, check_positive_int, check_positive_real  # noqa: E402
 
 __all__ = ["make_mlp", "make_resnet9", "make_model", "TrainConfig", "PAPER_TRAINING", "train",
            "per_sample_cross_entropy", "count_parameters"]

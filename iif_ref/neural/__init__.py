@@ -42,7 +42,11 @@ cross-entropy, ``scores[t, i] > 0`` means sample ``i`` pushes test loss ``t`` up
 The torch side knows no kernel backend: ``backend=`` is passed through to
 :mod:`iif_ref.kernels`, and tensors become NumPy arrays at that boundary.
 """
-from iif_ref.neural.attribution import attribute, integrated_influence, prepare_problem
+from iif_ref._optional import require
+
+require("torch", "iif_ref.neural")  # a missing torch names the extra that installs it
+
+from iif_ref.neural.attribution import attribute, integrated_influence, prepare_problem  # noqa: E402
 from iif_ref.neural.baseline import per_sample_baselines, unlearn
 from iif_ref.neural.config import IIFConfig
 from iif_ref.neural.features import (gradient_features, step_features, test_features,

@@ -34,7 +34,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import ConstantInputWarning
@@ -43,13 +42,12 @@ from iif_ref import linear
 from iif_ref.bench import write_results, write_text_atomic
 from iif_ref.errors import IndefiniteObjectiveError
 from iif_ref.metrics import lds, lds_ceiling, random_subset_masks
+from iif_ref.reproduce import _output, description
 from iif_ref.synthetic import make_linear_problem
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = REPO_ROOT / "docs" / "results"
-# Quick runs are previews: by default they go to the ignored scratch folder so that they
-# never overwrite the published full-protocol results in docs/results.
-QUICK_OUT = REPO_ROOT / "results"
+#: The published record ``docs/results`` of the source checkout (``None`` when installed);
+#: only ``--full`` writes it (``_output``).
+DEFAULT_OUT = _output.published_dir()
 
 METHODS = ("iif_exact", "iif_k1", "iif_k5", "if", "tracin", "loo")
 LABELS = {"iif_exact": "IIF exact (K=∞)", "iif_k1": "IIF K=1", "iif_k5": "IIF K=5",
@@ -60,6 +58,8 @@ PAPER_ROW = {"iif_exact": "IIF", "iif_k1": "IIF", "iif_k5": "IIF", "if": "IF",
 
 QUICK = {"trials": 10, "subsets": 500}
 FULL = {"trials": 100, "subsets": 5000}
+# --smoke: the whole code path at a size for the tests (a second or so), no meaning.
+SMOKE = {"trials": 2, "subsets": 40, "n_test": 4}
 
 
 @dataclass(frozen=True)
@@ -412,8 +412,9 @@ def build_parser(prog, description):
                         f"(default quick: {QUICK['trials']} × {QUICK['subsets']})")
     p.add_argument("--trials", type=int, help="number of trials (overrides --full)")
     p.add_argument("--subsets", type=int, help="random subsets per trial (overrides --full)")
-    p.add_argument("--n-test", type=int, default=Config.n_test,
-                   help="test points per trial (paper silent; default %(default)s)")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--n-test", type=int,
+                   help=f"test points per trial (paper silent; default {Config.n_test})")
     p.add_argument("--lam", type=float, default=Config.lam,
                    help="unlearning regularisation λ of Eq. 12 (default %(default)s)")
     p.add_argument("--alpha", type=float, default=Config.alpha,
@@ -430,22 +431,22 @@ def build_parser(prog, description):
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes for the trials (results do not depend on it; "
                         "default 1)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory for NAME.json and NAME.md (default: docs/results "
-                        "with --full, the scratch folder results/ otherwise)")
+    _output.add_out_argument(p)
     return p
 
 
 def config_from_args(args):
-    base = FULL if args.full else QUICK
+    base = SMOKE if args.smoke else FULL if args.full else QUICK
     return Config(trials=args.trials or base["trials"], subsets=args.subsets or base["subsets"],
-                  n_test=args.n_test, lam=args.lam, alpha=args.alpha,
+                  n_test=args.n_test or base.get("n_test", Config.n_test), lam=args.lam,
+                  alpha=args.alpha,
                   tracin_lr=args.tracin_lr, tracin_checkpoints=args.tracin_checkpoints, seed=args.seed)
 
 
-def run_table(name, title, settings, argv, description):
-    """Entry point shared by ``table1`` and ``table4``; returns the exit code."""
-    args = build_parser(f"iif-ref reproduce {name}", description).parse_args(argv)
+def run_table(name, title, settings, argv, doc):
+    """Entry point shared by ``table1`` and ``table4`` (``doc``: the module docstring,
+    whose first paragraph is the description); returns the exit code."""
+    args = build_parser(f"iif-ref reproduce {name}", description(doc)).parse_args(argv)
     cfg = config_from_args(args)
     progress = not args.no_progress
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -477,8 +478,7 @@ def run_table(name, title, settings, argv, description):
     }
     if sweep_rows is not None:
         meta["sweeps"] = sweep_rows
-    out_dir = Path(args.out) if args.out is not None else (
-        DEFAULT_OUT if args.full else QUICK_OUT)
+    out_dir = _output.output_dir(args)
     write_results(out_dir / f"{name}.json", rows, meta)
     md = markdown_table(title, settings, results, cfg, sweep_rows)
     write_text_atomic(out_dir / f"{name}.md", md)

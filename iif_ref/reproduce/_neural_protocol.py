@@ -15,7 +15,6 @@ Uses only the public API of :mod:`iif_ref` (plus torch for the exact reference).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -24,12 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
+from iif_ref import _resources
 from iif_ref.bench import machine_info, write_results
 from iif_ref.metrics import lds
+from iif_ref.reproduce import _output
+from iif_ref.reproduce._output import (CACHE_DIR_ENV, add_out_argument,  # noqa: F401
+                                       cache_dir, output_dir)
 
-REPO = Path(__file__).resolve().parents[2]
-RESULTS_DIR = REPO / "docs" / "results"
-CACHE_DIR = REPO / ".iif_cache"
+#: The source checkout, else the working folder: paths inside it are recorded relative to it.
+REPO = _resources.source_checkout() or Path.cwd()
+#: The published record ``docs/results`` of the source checkout (``None`` when installed).
+RESULTS_DIR = _output.published_dir()
 
 #: Relative damping grid: λ_d = r · tr(C)/dim for each method's own curvature C.
 #: Six decades, one point per decade; the same grid for every method.
@@ -96,20 +100,24 @@ class DampingChoice:
     result: object = None    # the AttributionResult (or None for the exact reference)
 
 
-def choose_damping(run, masks, losses, tune_index, *, grid=RELATIVE_DAMPING_GRID):
+def choose_damping(run, masks, losses, tune_index, *, grid=RELATIVE_DAMPING_GRID, log=None):
     """Run ``run(relative_damping) -> (scores, absolute_damping, result)`` on ``grid``
     and keep the damping with the highest mean LDS on the tuning subsets.
 
     Ties and NaN means are broken towards the larger damping (the better-conditioned
     solve). Each run is timed; the reported time is that of the chosen damping's run.
+    ``log(message)``, when given, is called after each run (progress of a long row).
     """
     best, table = None, {}
-    for r in grid:
+    for k, r in enumerate(grid):
         t0 = time.perf_counter()
         scores, absolute, result = run(r)
         seconds = time.perf_counter() - t0
         value = mean_se(lds_on(scores, masks, losses, tune_index))["mean"]
         table[float(r)] = value
+        if log is not None:
+            shown = "n/a" if value is None else f"{value:.4f}"
+            log(f"damping r={r:g} ({k + 1}/{len(grid)}): tuning LDS {shown}, {seconds:.1f}s")
         key = -np.inf if value is None else value
         if best is None or key >= best[0]:
             best = (key, DampingChoice(float(r), absolute, table, scores, seconds, result))
@@ -272,34 +280,14 @@ def retraining_noise(losses_a, losses_b):
 
 # --------------------------------------------------------------------------- output
 
-#: Where quick runs write: a scratch folder, so that only --full replaces the published record.
-QUICK_OUT = REPO / "results"
-
-
-def add_out_argument(parser):
-    """``--out DIR``, the output option of every reproduction (``--results-dir`` is its old
-    name, still accepted)."""
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="output directory (default: docs/results with --full, the "
-                             "scratch folder results/ otherwise)")
-    parser.add_argument("--results-dir", dest="out", help=argparse.SUPPRESS)
-
-
-def output_dir(args):
-    """``args.out``, else ``docs/results`` for a ``--full`` run and ``results/`` otherwise."""
-    if args.out is not None:
-        return Path(args.out)
-    return RESULTS_DIR if args.full else QUICK_OUT
-
-
 def show_progress(args):
     """Progress bars unless ``--no-progress`` or standard error is not a terminal."""
     return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
-def write_json(name, rows, meta, *, directory=None):
-    """Write ``docs/results/<name>.json`` atomically (with the machine description)."""
-    directory = RESULTS_DIR if directory is None else Path(directory)
+def write_json(name, rows, meta, *, directory):
+    """Write ``<directory>/<name>.json`` atomically (with the machine description)."""
+    directory = Path(directory)
     return write_results(directory / f"{name}.json", rows, meta, machine=machine_info())
 
 

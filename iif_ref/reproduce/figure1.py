@@ -4,8 +4,9 @@ test point B, while integrated influence does.
 
 ``iif-ref reproduce figure1 [--full] [--out DIR]`` writes ``figure1.png`` (three panels: data
 and fit; the leave-A-out fit; B's unlearning baseline targets and the target paths) and
-``figure1.json`` (the measured scores) into the scratch folder ``results/``; ``--full``
-(the same computation, it takes a second) writes the published record ``docs/results/``.
+``figure1.json`` (the measured scores) into ``./results/``; ``--full`` (the same
+computation, it takes a second) run from a source checkout writes its published record
+``docs/results/``.
 
 Construction. Kernel regression with a fixed dictionary is linear regression on kernel
 features ``φ_j(x) = sinc((x − c_j)/h)`` (``np.sinc``: sin(πu)/(πu)) on a grid of centres
@@ -20,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from iif_ref import linear
+from iif_ref._optional import require
 from iif_ref.bench import write_results
-
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "results"
-QUICK_OUT = Path(__file__).resolve().parents[2] / "results"
+from iif_ref.reproduce import _output, description
 
 CENTRES = np.arange(-6.0, 6.0 + 1e-9, 1.0)     # 13 centres, spacing = kernel width
 WIDTH = 1.0
@@ -88,8 +87,7 @@ def compute(seed=0, lam=1.0):
 
 
 def plot(res, path):
-    import matplotlib
-    matplotlib.use("Agg")
+    require("matplotlib", "figure1's plot").use("Agg")
     import matplotlib.pyplot as plt
 
     x, y, a = res["x"], res["y"], res["a"]
@@ -142,14 +140,13 @@ def plot(res, path):
 def build_parser():
     """The command line of ``iif-ref reproduce figure1``."""
     p = argparse.ArgumentParser(prog="iif-ref reproduce figure1",
-                                description=" ".join(__doc__.split("\n\n")[0].split()))
+                                description=description(__doc__))
     p.add_argument("--seed", type=int, default=0, help="seed of the training data (0)")
     p.add_argument("--lam", type=float, default=1.0, help="unlearning λ (Eq. 12; 1.0)")
     p.add_argument("--full", action="store_true",
-                   help="write the published record docs/results/ (same computation)")
-    p.add_argument("--out", metavar="DIR", type=Path, default=None,
-                   help="output directory (default: docs/results with --full, the scratch "
-                        "folder results/ otherwise)")
+                   help="the same computation, written to the published record "
+                        "docs/results/ when run from a source checkout")
+    _output.add_out_argument(p)
     return p
 
 
@@ -157,7 +154,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     res = compute(args.seed, args.lam)
     a = res["a"]
-    out = Path(args.out) if args.out is not None else (DEFAULT_OUT if args.full else QUICK_OUT)
+    out = _output.output_dir(args)
     plot(res, out / "figure1.png")
     ranks = np.argsort(-np.abs(res["iif"]))
     summary = {

@@ -9,9 +9,9 @@ the unlearned model (the test loss falls along it), opponents from the path that
 at the model that fits the test point better (the loss rises along it).
 
 Writes a PNG grid (Figure 2) and the labels of the selected images (Figure 3) into the
-results JSON. ``iif-ref reproduce figure2`` (quick: 500 training digits, written to the
-scratch folder ``results/``) or ``--full`` (all 1,797 − n_test digits as training set,
-written to the published record ``docs/results/``); ``--out DIR`` writes elsewhere.
+results JSON. ``iif-ref reproduce figure2`` (quick: 500 training digits, written to
+``./results/``) or ``--full`` (all 1,797 − n_test digits as training set; run from a source
+checkout it writes the published record ``docs/results/``); ``--out DIR`` writes elsewhere.
 """
 from __future__ import annotations
 
@@ -22,12 +22,21 @@ import time
 
 import numpy as np
 
-from iif_ref.reproduce import _neural_protocol as proto
+from iif_ref._optional import require
+from iif_ref.reproduce import _neural_protocol as proto, description
+
+
+# --smoke: the whole code path at a size for the tests (seconds), no meaning.
+SMOKE = dict(n_train=40, n_test=40, epochs=3, K=2, n_top=3)
 
 
 def parse_args(argv):
     """Arguments with the defaults that depend on others filled in."""
     args = build_parser().parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            if getattr(args, key) == build_parser().get_default(key):
+                setattr(args, key, value)
     if args.n_train is None:
         args.n_train = (1797 - args.n_test if not args.mnist else 5000) if args.full else 500
     if args.name is None:
@@ -40,10 +49,11 @@ def parse_args(argv):
 def build_parser():
     """The command line of ``iif-ref reproduce figure2``."""
     p = argparse.ArgumentParser(prog="iif-ref reproduce figure2",
-                                description=" ".join(__doc__.split("\n\n")[0].split()))
+                                description=description(__doc__))
     p.add_argument("--full", action="store_true",
-                   help="all digits not in the test pool as training set, and write the "
-                        "published record docs/results/")
+                   help="all digits not in the test pool as training set; from a source "
+                        "checkout it writes the published record docs/results/")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
     p.add_argument("--n-train", type=int,
                    help="training images (default 500 quick, all remaining digits --full)")
@@ -59,6 +69,11 @@ def build_parser():
                    help="proponents and opponents shown per method (8)")
     p.add_argument("--K", type=int, default=5, help="IIF path steps (Eq. 10; 5)")
     p.add_argument("--lam", type=float, default=0.5, help="IIF unlearning λ (Eq. 12; 0.5)")
+    p.add_argument("--unlearn-lr", type=float, default=0.1,
+                   help="largest step of IIF's unlearning SGD (Eq. 12; 0.1, with "
+                        "backtracking)")
+    p.add_argument("--unlearn-epochs", type=int, default=5,
+                   help="epochs of IIF's unlearning SGD (Eq. 12; 5)")
     p.add_argument("--methods", nargs="+", default=["if", "tracin", "trak", "iif"],
                    help="methods, one row each (if tracin trak iif)")
     p.add_argument("--seed", type=int, default=0, help="seed of data split, model and projection")
@@ -126,8 +141,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         if method == "iif":
             po = proponents_opponents(model, "cross_entropy", *data, n_top=args.n_top,
-                                      K=args.K, lam=args.lam, proj_dim=256, seed=args.seed,
-                                      progress=args.progress)
+                                      K=args.K, lam=args.lam, unlearn_lr=args.unlearn_lr,
+                                      unlearn_epochs=args.unlearn_epochs, proj_dim=256,
+                                      seed=args.seed, progress=args.progress)
             picks[method] = {"proponents": po.proponents[0].tolist(),
                              "opponents": po.opponents[0].tolist(),
                              "delta_unlearned": float(po.unlearned.delta[0]),
@@ -156,7 +172,8 @@ def main(argv=None):
             "n_train": len(split.X_train), "test_pool": len(split.X_test), "test_index": t,
             "test_label": int(y_t[0]), "test_probabilities": probs[t].tolist(),
             "png": str(png.relative_to(proto.REPO)) if png.is_relative_to(proto.REPO) else str(png),
-            "K": args.K, "lam": args.lam, "wall_seconds": time.perf_counter() - t_start}
+            "K": args.K, "lam": args.lam, "unlearn_lr": args.unlearn_lr,
+            "unlearn_epochs": args.unlearn_epochs, "wall_seconds": time.perf_counter() - t_start}
     path = proto.write_json(args.name, rows, meta, directory=results_dir)
     print(render(rows, meta))
     print(f"\nwritten {path} and {png}")
@@ -168,9 +185,7 @@ NAMES = {"if": "IF", "tracin": "TracIn", "trak": "TRAK", "iif": "IIF"}
 
 def plot(split, t, picks, args, path):
     """Rows: methods; columns: the test image, 8 proponents, 8 opponents."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "figure2's plot").use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(picks)

@@ -20,7 +20,7 @@ SETTINGS = (
 
 def main(argv=None):
     return run_table("table1", "Table 1 — LDS under Gaussian noise levels (σn, σs)",
-                     SETTINGS, argv, __doc__.splitlines()[0])
+                     SETTINGS, argv, __doc__)
 
 
 if __name__ == "__main__":

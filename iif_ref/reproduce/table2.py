@@ -32,22 +32,32 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from iif_ref.reproduce import _neural_protocol as proto
+from iif_ref.reproduce import _neural_protocol as proto, description
 
 PAPER = {"IF": 0.1035, "TracIn": 0.1379, "TRAK": 0.1115, "IIF": 0.1635}
 
+# The paper's rows and the exact reference; --full adds IIF with the exact Gauss–Newton
+# curvature (K exact solves, the slowest row) and times the retraining engine.
+QUICK_METHODS = ["exact_gn_if", "if_projected", "tracin", "trak", "iif"]
 QUICK = dict(n_train=500, n_test=20, n_subsets=100, grid=(1e-2, 1e-1, 1.0, 10.0), n_noise=24,
-             epochs=50, K=5)
+             epochs=50, K=5, methods=QUICK_METHODS)
 FULL = dict(n_train=1000, n_test=100, n_subsets=1000, grid=proto.RELATIVE_DAMPING_GRID,
-            n_noise=100, epochs=50, K=5)
+            n_noise=100, epochs=50, K=5, methods=QUICK_METHODS + ["iif_gn"])
+# --smoke: the whole code path at a size for the tests (seconds), no meaning; one
+# retraining process, no benchmark and no dattri cross-check.
+SMOKE = dict(n_train=60, n_test=4, n_subsets=12, grid=(1e-3, 1e-2), n_noise=4, epochs=3, K=2,
+             workers=1, methods=FULL["methods"])
 MNIST_QUICK = dict(QUICK, n_train=1000)
 MNIST_FULL = dict(FULL, n_train=5000, n_test=1000, n_subsets=1000)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="iif-ref reproduce table2", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="iif-ref reproduce table2",
+                                description=description(__doc__))
     p.add_argument("--full", action="store_true",
-                   help="paper-scale protocol (long); writes the published docs/results/")
+                   help="paper-scale protocol (long); from a source checkout it writes the "
+                        "published docs/results/")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
     p.add_argument("--n-train", type=int, help="training images (quick 500, --full 1000)")
     p.add_argument("--n-test", type=int, help="test images whose losses are attributed")
@@ -58,22 +68,29 @@ def parse_args(argv):
     p.add_argument("--alpha", type=float, default=0.5, help="subset fraction")
     p.add_argument("--grid", type=float, nargs="+", help="relative damping grid")
     p.add_argument("--methods", nargs="+",
-                   default=["exact_gn_if", "if_projected", "tracin", "trak", "iif", "iif_gn"],
-                   help="methods, one row each (default: all but if_cg, the exact-Hessian "
-                        "IF by conjugate gradients, which is slow and indefinite here)")
-    p.add_argument("--workers", type=int, default=2, help="retraining processes (2)")
+                   help="methods, one row each, of exact_gn_if if_cg if_projected tracin trak "
+                        "iif iif_gn (default: all but iif_gn with --full only, and if_cg, the "
+                        "exact-Hessian IF by conjugate gradients, slow and indefinite here)")
+    p.add_argument("--workers", type=int, help="retraining processes (2)")
     p.add_argument("--seed", type=int, default=0, help="seed of split, models and subsets (0)")
-    p.add_argument("--cache-dir", default=str(proto.CACHE_DIR / "table2"),
-                   help="where retrained subsets are kept, so a rerun resumes")
+    p.add_argument("--cache-dir",
+                   help="where retrained subsets are kept, so a rerun resumes (default: "
+                        f"${proto.CACHE_DIR_ENV}/table2, else .iif_cache/table2 of a source "
+                        "checkout, else ~/.cache/iif_ref/table2)")
     proto.add_out_argument(p)
     p.add_argument("--name", help="results file stem (default table2 / table2_full / _mnist)")
     p.add_argument("--no-dattri", action="store_true",
                    help="skip the cross-check of TRAK and of the LDS against dattri")
-    p.add_argument("--no-benchmark", action="store_true",
-                   help="skip the processes-vs-threads timing of the retraining engine")
+    p.add_argument("--benchmark", action=argparse.BooleanOptionalAction,
+                   help="time the retraining engine's processes against threads (default: "
+                        "with --full only; it retrains 4 subsets per worker twice)")
     args = p.parse_args(argv)
     base = (MNIST_FULL if args.full else MNIST_QUICK) if args.mnist else (FULL if args.full else QUICK)
-    for key, value in base.items():
+    if args.smoke:
+        base = dict(base, **SMOKE)
+        args.benchmark, args.no_dattri = False, True
+    defaults = {"workers": 2, "cache_dir": proto.cache_dir("table2"), "benchmark": args.full}
+    for key, value in {**defaults, **base}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.name is None:
@@ -147,6 +164,10 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
     for name in args.methods:
         log(f"method {name}")
         t0 = time.perf_counter()
+
+        def progress(msg, name=name):
+            log(f"{name}: {msg}")
+
         row = {"method": name}
         defaults = {}      # the run at the method's default damping ("auto")
         try:
@@ -158,14 +179,18 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
                                "Jacobians (limit 3 GB)")
                     rows.append(row)
                     continue
+                progress(f"Jacobians and Gram of {split.X_train.shape[0]} samples x "
+                         f"{split.n_classes - 1} rows (float64, unprojected) ...")
                 ex = proto.exact_gauss_newton_if(model, *data, n_classes=split.n_classes)
+                progress(f"Jacobians and Gram in {ex.seconds:.1f}s")
                 scale = ex.trace / ex.n_params
 
                 def run(r, ex=ex, scale=scale):
                     return ex.scores(r * scale), r * scale, None
                 r0 = default_relative_damping("if", projected=False)
                 defaults.update(scores=ex.scores(r0 * scale), relative=r0, seconds=ex.seconds)
-                choice = proto.choose_damping(run, masks, losses, tune, grid=args.grid)
+                choice = proto.choose_damping(run, masks, losses, tune, grid=args.grid,
+                                              log=progress)
                 choice.seconds += ex.seconds  # the factorisation-independent part
                 reference = choice.scores
                 row.update(curvature="exact Gauss-Newton, float64, unprojected",
@@ -192,7 +217,8 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
                             r * scale, None
                     return res.scores, r * scale, res
                 not_pd = []
-                choice = proto.choose_damping(run, masks, losses, tune, grid=args.grid)
+                choice = proto.choose_damping(run, masks, losses, tune, grid=args.grid,
+                                              log=progress)
                 row["not_positive_definite_at"] = not_pd
                 if len(not_pd) == len(args.grid):
                     raise RuntimeError("H + λI was not positive definite for any damping of "
@@ -201,7 +227,8 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
                            "max, tol 1e-6); a damping whose H + λI is not PD scores 0")
             elif name == "if_projected":
                 choice = proto.choose_damping(
-                    auto_scaled("if", solver="projected"), masks, losses, tune, grid=args.grid)
+                    auto_scaled("if", solver="projected"), masks, losses, tune,
+                    grid=args.grid, log=progress)
                 row.update(curvature="projected empirical Fisher, default P")
             elif name == "tracin":
                 lr = 0.01
@@ -214,12 +241,13 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
                 row.update(curvature="none (TracInCP)", n_checkpoints=len(checkpoints))
             elif name == "trak":
                 choice = proto.choose_damping(
-                    auto_scaled("trak"), masks, losses, tune, grid=args.grid)
+                    auto_scaled("trak"), masks, losses, tune, grid=args.grid, log=progress)
                 row.update(curvature="projected margin-gradient Gram, default P, 1 model")
             elif name == "iif":
                 choice = proto.choose_damping(
-                    auto_scaled("iif", K=args.K, progress=False),
-                    masks, losses, tune, grid=args.grid)
+                    # progress: a bar of the K path steps, on a terminal only.
+                    auto_scaled("iif", K=args.K, progress=True),
+                    masks, losses, tune, grid=args.grid, log=progress)
                 res = defaults["result"]
                 row.update(curvature="projected empirical Fisher per step, default P",
                            K=args.K, lam=res.config["lam"],
@@ -232,7 +260,7 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
                 # its default damping only: one run is K exact solves.
                 t1 = time.perf_counter()
                 res = attribute(model, "cross_entropy", *data, method="iif", K=args.K,
-                                curvature="gauss_newton", proj_dim=None, progress=False,
+                                curvature="gauss_newton", proj_dim=None, progress=True,
                                 seed=args.seed)
                 seconds = time.perf_counter() - t1
                 defaults.update(scores=res.scores, relative=res.config["damping_relative"],
@@ -304,7 +332,7 @@ def main(argv=None):
                                cache_dir=cache / "noise", n_workers=args.workers)
     noise = proto.retraining_noise(gt.losses[:n_noise], noise_gt.losses)
     bench = None
-    if not args.no_benchmark:
+    if args.benchmark:
         bench = benchmark_parallelism(spec, *data, masks[:4 * args.workers], seed=99,
                                       n_workers=args.workers)
         log(f"retraining: {bench['n_trainings']} trainings, {args.workers} processes "

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from iif_ref.reproduce import _neural_protocol as proto
+from iif_ref.reproduce import _neural_protocol as proto, description
 
 PAPER = {"MNIST": {"IF": 0.869, "TracIn": 0.853, "TRAK": 0.866, "IIF": 0.885},
          "CIFAR-10": {"IF": None, "TracIn": 0.677, "TRAK": 0.728, "IIF": 0.736}}
@@ -34,12 +34,17 @@ PAPER_NOTE = {"CIFAR-10": {"IF": "OOM"}}
 
 QUICK = dict(n_train=1000, epochs=None, grid=(1e-4, 1e-3, 1e-2), n_eval_replicates=2)
 FULL = dict(n_train=1000, epochs=None, grid=proto.RELATIVE_DAMPING_GRID, n_eval_replicates=5)
+# --smoke: the whole code path at a size for the tests (seconds), no meaning.
+SMOKE = dict(n_train=40, epochs=3, grid=(1e-3,), n_eval_replicates=1)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="iif-ref reproduce table3", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="iif-ref reproduce table3",
+                                description=description(__doc__))
     p.add_argument("--full", action="store_true",
-                   help="paper-scale protocol (long); writes the published docs/results/")
+                   help="paper-scale protocol (long); from a source checkout it writes the "
+                        "published docs/results/")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (MLP)")
     src.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches (ResNet-9)")
@@ -62,7 +67,7 @@ def parse_args(argv):
     proto.add_out_argument(p)
     p.add_argument("--name", help="results file stem (default table3[_full][_mnist|_cifar10])")
     args = p.parse_args(argv)
-    for key, value in (FULL if args.full else QUICK).items():
+    for key, value in (SMOKE if args.smoke else FULL if args.full else QUICK).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.dataset = "CIFAR-10" if args.cifar10 else "MNIST"

@@ -21,7 +21,7 @@ SETTINGS = (
 
 def main(argv=None):
     return run_table("table4", "Table 4 — LDS under Gaussian/Laplace noise (σn = σs = 1)",
-                     SETTINGS, argv, __doc__.splitlines()[0])
+                     SETTINGS, argv, __doc__)
 
 
 if __name__ == "__main__":
