@@ -159,7 +159,7 @@ def main(argv=None):
         result = _load(args.name, available[args.name]).main(
             (["--help"] if args.help else []) + rest)
     except MissingDependencyError as exc:
-        print(f"iif-ref: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return 1
     except SystemExit as exc:  # argparse's --help and usage errors inside the reproduction
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

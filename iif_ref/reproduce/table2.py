@@ -79,8 +79,9 @@ def parse_args(argv):
                         "checkout, else ~/.cache/iif_ref/table2)")
     proto.add_out_argument(p)
     p.add_argument("--name", help="results file stem (default table2 / table2_full / _mnist)")
-    p.add_argument("--no-dattri", action="store_true",
-                   help="skip the cross-check of TRAK and of the LDS against dattri")
+    p.add_argument("--dattri", action=argparse.BooleanOptionalAction,
+                   help="cross-check TRAK and the LDS against dattri where it is installed "
+                        "(default: with --full only)")
     p.add_argument("--benchmark", action=argparse.BooleanOptionalAction,
                    help="time the retraining engine's processes against threads (default: "
                         "with --full only; it retrains 4 subsets per worker twice)")
@@ -88,8 +89,9 @@ def parse_args(argv):
     base = (MNIST_FULL if args.full else MNIST_QUICK) if args.mnist else (FULL if args.full else QUICK)
     if args.smoke:
         base = dict(base, **SMOKE)
-        args.benchmark, args.no_dattri = False, True
-    defaults = {"workers": 2, "cache_dir": proto.cache_dir("table2"), "benchmark": args.full}
+        args.benchmark = args.dattri = False
+    defaults = {"workers": 2, "cache_dir": proto.cache_dir("table2"), "benchmark": args.full,
+                "dattri": args.full}
     for key, value in {**defaults, **base}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -312,8 +314,12 @@ def ground_truth(args):
     data = (split.X_train, split.y_train, split.X_test, split.y_test)
     cache = Path(args.cache_dir) / hashlib.sha256(
         json.dumps([split.source, args.n_train, args.n_test, args.seed]).encode()).hexdigest()[:12]
+    log(f"ground truth: {args.n_subsets} subsets retrained in {args.workers} processes, "
+        f"cached in {cache}")
     gt = retrain_subsets(spec, *data, masks, seed=args.seed + 2, cache_dir=cache,
                          n_workers=args.workers)
+    log(f"ground truth: {args.n_subsets - gt.n_cached} retrained in {gt.wall_seconds:.1f}s, "
+        f"{gt.n_cached} from the cache")
     return SimpleNamespace(split=split, spec=spec, model=model, checkpoints=checkpoints,
                            t_train=t_train, masks=masks, data=data, cache=cache, gt=gt)
 
@@ -328,6 +334,7 @@ def main(argv=None):
                                                 truth.checkpoints, truth.t_train)
     masks, data, cache, gt = truth.masks, truth.data, truth.cache, truth.gt
     n_noise = min(args.n_noise, args.n_subsets)
+    log(f"retraining noise: the first {n_noise} subsets again with another seed")
     noise_gt = retrain_subsets(spec, *data, masks[:n_noise], seed=args.seed + 3,
                                cache_dir=cache / "noise", n_workers=args.workers)
     noise = proto.retraining_noise(gt.losses[:n_noise], noise_gt.losses)
@@ -353,11 +360,12 @@ def main(argv=None):
                                 "per test point on a held-out third of the tuning subsets"}
     crosscheck = None
     ok, reason = proto.dattri_available()
-    if args.no_dattri:
-        crosscheck = {"skipped": "--no-dattri"}
+    if not args.dattri:
+        crosscheck = {"skipped": "--no-dattri (the default without --full)"}
     elif not ok:
         crosscheck = {"skipped": reason}
     else:
+        log("cross-check against dattri (TRAK with P=256, LDS)")
         crosscheck = dattri_crosscheck(args, split, model, masks, gt.losses, evaluate, rows)
     meta = {
         "reproduction": "table2", "dattri_crosscheck": crosscheck, "argv": list(argv or []), "data": split.source,
