@@ -82,7 +82,8 @@ def test_a_missing_optional_package_names_its_extra_before_any_work(capsys, monk
 
 def test_require_names_the_extra_and_passes_other_import_errors(monkeypatch):
     from iif_ref._optional import MissingDependencyError, require
-    monkeypatch.setitem(sys.modules, "sklearn", None)
+    for name in ("sklearn", "sklearn.metrics"):   # as if not installed, imported or not
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(MissingDependencyError, match=r"needs scikit-learn.*\[data\]"):
         require("sklearn.metrics", "x")
     # A missing module *inside* an installed package is not a missing extra.

@@ -248,7 +248,9 @@ def residual_datamodel_ceiling(prior, masks, losses, fit_index, eval_index, *,
         Qa, _ = np.linalg.qr(A)
         Xp = X - Qa @ (Qa.T @ X)
         Lp = losses[rows, t] - Qa @ (Qa.T @ losses[rows, t])
-        r = np.linalg.solve(Xp.T @ Xp + mu * np.eye(X.shape[1]), Xp.T @ Lp)
+        # (XpᵀXp + μI)⁻¹XpᵀLp = Xpᵀ(XpXpᵀ + μI)⁻¹Lp (push-through): a rows × rows solve
+        # instead of n_train × n_train, the same ridge solution.
+        r = Xp.T @ np.linalg.solve(Xp @ Xp.T + mu * np.eye(len(rows)), Lp)
         coef, *_ = np.linalg.lstsq(A, losses[rows, t] - X @ r, rcond=None)
         return coef[1] * prior[t] + r
 
