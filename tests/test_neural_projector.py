@@ -17,6 +17,9 @@ from iif_ref.neural import features, integrated_influence, trak
 from iif_ref.neural.features import chunk_rows, make_projector, step_features
 
 
+EPS64 = np.finfo(np.float64).eps
+
+
 def _problem(seed=0, n=37, n_test=5):
     g = torch.Generator().manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
@@ -136,3 +139,35 @@ def test_closed_form_trak_margin_weights_equal_the_autodiff_gradient():
     auto = vmap(grad(trak_margin, argnums=0))(F, Y)
     # A softmax over 6 logits of order 1-10 and one subtraction: rounding only.
     assert torch.allclose(output_weights(margin, F, Y), auto, rtol=0, atol=1e-13)
+
+
+def test_projected_fisher_of_a_float32_model_is_accumulated_in_float64(monkeypatch):
+    # docs/conventions.md ("precision"): a float32 model's features are float32 and
+    # their Gram ΦᵀΦ (Eq. 31) is accumulated in float64. A float32 accumulation would be off by ~1e-7
+    # relative; the Gram that reaches the solve must equal the float64 product of the
+    # float32 features to float64 rounding.
+    from iif_ref.neural import engine
+
+    net, X, y, Xt, yt = _problem(seed=3, n=200)            # a float32 model
+    seen = {}
+    real_features, real_scores = engine.step_features, engine.dense_scores
+
+    def features(*args, **kwargs):
+        out = real_features(*args, **kwargs)
+        seen["Phi"] = out[0]
+        return out
+
+    def scores(C, *args, **kwargs):
+        seen["C"] = C
+        return real_scores(C, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "step_features", features)
+    monkeypatch.setattr(engine, "dense_scores", scores)
+    integrated_influence(net, "cross_entropy", X, y, Xt, yt, K=1, baseline="prediction",
+                         proj_dim=24, progress=False)
+    Phi, C = seen["Phi"], seen["C"]
+    assert Phi.dtype == np.float32 and C.dtype == np.float64
+    Phi64 = Phi.astype(np.float64)
+    ref = Phi64.T @ Phi64
+    # Sums of 200 products: float64 rounding ≤ 200·eps64 of the largest |entry|.
+    np.testing.assert_allclose(C, ref, rtol=0, atol=200 * EPS64 * np.abs(ref).max())
