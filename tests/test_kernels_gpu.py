@@ -26,7 +26,7 @@ from iif_ref.kernels._registry import backend_status, get_backend
 CUPY_OK, CUPY_REASON = backend_status("cupy")
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not CUPY_OK, reason=f"cupy backend unavailable: {CUPY_REASON}")]
+              pytest.mark.skipif(not CUPY_OK, reason=f"backend 'cupy' unavailable: {CUPY_REASON}")]
 
 
 @pytest.fixture(scope="module")
