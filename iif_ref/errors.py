@@ -48,7 +48,7 @@ class ProjectionDimensionWarning(UserWarning):
     """``proj_dim`` exceeds the number of parameters it projects.
 
     The projection of Eq. (17) then reduces no dimension: it costs more than the exact
-    unprojected curvature (``proj_dim=None``) and still carries the random error of the
-    projection. The run goes on (the projected scores are well defined), as scikit-learn's
-    random projections do with more components than features.
+    unprojected curvature (``proj_dim=None``), whose scores it reproduces without damping
+    (docs/algorithm1.md, the Eq. 17 row). The run goes on (the projected scores are well
+    defined), as scikit-learn's random projections do with more components than features.
     """

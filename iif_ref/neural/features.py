@@ -77,16 +77,16 @@ def make_projector(fm, proj_dim, *, seed, kind, backend):
     -----
     ProjectionDimensionWarning
         ``proj_dim`` exceeds ``fm.n_params``: the projection reduces no dimension, and
-        ``proj_dim=None`` (the exact curvature) is cheaper and exact.
+        ``proj_dim=None`` (the exact curvature) is cheaper.
     """
     if proj_dim is None:
         return None
     if proj_dim > fm.n_params:
         warnings.warn(
             f"proj_dim={proj_dim} exceeds the model's {fm.n_params} trainable parameters: "
-            f"the projection (Eq. 17) reduces no dimension and only adds its random error; "
-            f"pass proj_dim=None for the exact curvature (cheaper here) or a proj_dim "
-            f"below {fm.n_params}", ProjectionDimensionWarning, stacklevel=2)
+            f"the projection (Eq. 17) reduces no dimension and costs more than the exact "
+            f"curvature; pass proj_dim=None for the exact curvature, or a proj_dim below "
+            f"{fm.n_params}", ProjectionDimensionWarning, stacklevel=2)
     options = {} if backend is None else {"backend": backend}
     dtype = np.float32 if fm.dtype == torch.float32 else np.float64
     return TorchProjector(fm.n_params, proj_dim, seed=seed, kind=kind, dtype=dtype,
