@@ -38,12 +38,13 @@ def pytest_collection_modifyitems(items):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     # The short summary (-ra) folds skips by (file, line, reason), so a backend missing
-    # here (cupy without a GPU) printed one line per skipping test function. Without the
-    # line, pytest folds them per file and reason: every skip is still counted and shown
-    # with its reason, and a skipped test still counts as skipped, never as passed.
+    # here (cupy without a GPU) printed one line per skipping test function. Located at
+    # the test's own file without a line, they fold per test file and reason: every skip
+    # is still counted and shown with its reason (raised in a helper or in pytest's
+    # unittest support, it is shown at the test that skipped), and a skipped test still
+    # counts as skipped, never as passed.
     report = yield
     if (report.skipped and not hasattr(report, "wasxfail")
             and isinstance(report.longrepr, tuple) and len(report.longrepr) == 3):
-        path, _, reason = report.longrepr
-        report.longrepr = (path, None, reason)
+        report.longrepr = (str(item.path), None, report.longrepr[2])
     return report
