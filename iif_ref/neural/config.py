@@ -113,7 +113,7 @@ class IIFConfig:
         space for ``"gauss_newton"``/``"fisher"`` and densely in parameter space for
         ``"hessian"``. A ``proj_dim`` above the model's number of trainable parameters
         runs, with a :class:`~iif_ref.errors.ProjectionDimensionWarning` (the
-        projection then reduces nothing; ``None`` is cheaper).
+        projection then reduces nothing; ``None`` is exact and cheaper).
     kind : {"rademacher", "gaussian"}
         Distribution of the projection entries (docs/rng.md).
     seed : int
