@@ -111,7 +111,9 @@ class IIFConfig:
     proj_dim : int or None
         P of Eq. (17). ``None``: no projection; the exact curvature, solved in sample
         space for ``"gauss_newton"``/``"fisher"`` and densely in parameter space for
-        ``"hessian"``.
+        ``"hessian"``. A ``proj_dim`` above the model's number of trainable parameters
+        runs, with a :class:`~iif_ref.errors.ProjectionDimensionWarning` (the
+        projection then reduces nothing; ``None`` is exact and cheaper).
     kind : {"rademacher", "gaussian"}
         Distribution of the projection entries (docs/rng.md).
     seed : int

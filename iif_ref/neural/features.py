@@ -29,6 +29,7 @@ import torch
 
 from iif_ref._defaults import DEFAULT_PROJ_DIM
 from iif_ref._validation import check_positive_int
+from iif_ref.errors import ProjectionDimensionWarning
 from iif_ref.kernels import Projector
 from iif_ref.neural.functional import (FunctionalModel, as_inputs, as_targets, chunks,
                                        output_weights)
@@ -70,9 +71,22 @@ def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
 def make_projector(fm, proj_dim, *, seed, kind, backend):
     """The projector of ``fm``'s flat parameters in its compute dtype (None for
     ``proj_dim=None``), to be shared by every projection of one call: a
-    :class:`TorchProjector`."""
+    :class:`TorchProjector`.
+
+    Warns
+    -----
+    ProjectionDimensionWarning
+        ``proj_dim`` exceeds ``fm.n_params``: the projection reduces no dimension, and
+        ``proj_dim=None`` (the exact curvature) is cheaper and exact.
+    """
     if proj_dim is None:
         return None
+    if proj_dim > fm.n_params:
+        warnings.warn(
+            f"proj_dim={proj_dim} exceeds the model's {fm.n_params} trainable parameters: "
+            f"the projection (Eq. 17) reduces no dimension and only adds its random error; "
+            f"pass proj_dim=None for the exact curvature (cheaper here) or a proj_dim "
+            f"below {fm.n_params}", ProjectionDimensionWarning, stacklevel=2)
     options = {} if backend is None else {"backend": backend}
     dtype = np.float32 if fm.dtype == torch.float32 else np.float64
     return TorchProjector(fm.n_params, proj_dim, seed=seed, kind=kind, dtype=dtype,
