@@ -1,16 +1,18 @@
 """Command-line entry point: ``iif-ref reproduce NAME [options]``.
 
-Each reproduction is a module ``validation/NAME.py`` of the source checkout with a
+The paper's reproductions are the modules of :mod:`iif_ref.reproduce`, each with a
 ``main(argv)`` function; ``iif-ref reproduce --help`` lists them with a one-line description
-each, and ``iif-ref reproduce NAME --help`` shows the options of one. Reproductions use only
-the public API of :mod:`iif_ref`. The folder is ``$IIF_REF_VALIDATION_DIR`` if set, else the
-``validation/`` of the checkout the package is imported from, else ``./validation`` (a
-package installed from a wheel, run inside its checkout).
+each, and ``iif-ref reproduce NAME --help`` shows the options of one. The benchmark and sweep
+scripts ``validation/NAME.py`` of a source checkout run the same way; their folder is
+``$IIF_REF_VALIDATION_DIR`` if set, else the ``validation/`` of the checkout the package is
+imported from, else ``./validation`` (a package installed from a wheel, run inside its
+checkout).
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import importlib.util
 import os
 import shutil
@@ -44,12 +46,20 @@ def validation_dir():
     return None
 
 
+def _paper_reproductions():
+    from iif_ref import reproduce
+    return {name: Path(importlib.util.find_spec(f"iif_ref.reproduce.{name}").origin)
+            for name in reproduce.PAPER}
+
+
 def _reproductions():
+    available = _paper_reproductions()
     directory = validation_dir()
-    if directory is None or not directory.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(directory.glob("*.py"))
-            if not p.stem.startswith("_") and "def main(" in p.read_text()}
+    if directory is not None and directory.is_dir():
+        available.update({p.stem: p for p in sorted(directory.glob("*.py"))
+                          if not p.stem.startswith("_") and p.stem not in available
+                          and "def main(" in p.read_text()})
+    return available
 
 
 def describe(path):
@@ -62,6 +72,8 @@ def describe(path):
 
 
 def _load(path):
+    if path.parent == Path(importlib.util.find_spec("iif_ref.reproduce").origin).parent:
+        return importlib.import_module(f"iif_ref.reproduce.{path.stem}")
     spec = importlib.util.spec_from_file_location(f"iif_ref_validation_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

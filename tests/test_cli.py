@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import re
 import sys
@@ -12,18 +12,11 @@ import pytest
 
 from iif_ref import cli
 
-VALIDATION = Path(__file__).resolve().parents[1] / "validation"
+REPRODUCE = Path(importlib.import_module("iif_ref.reproduce").__file__).parent
 
 
 def _load(name):
-    sys.path.insert(0, str(VALIDATION))
-    try:
-        spec = importlib.util.spec_from_file_location(f"test_cli_{name}", VALIDATION / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(VALIDATION))
-    return module
+    return importlib.import_module(f"iif_ref.reproduce.{name}")
 
 
 def _reproduce_parser():
@@ -76,9 +69,9 @@ def test_every_reproduction_takes_its_output_location_as_out():
     for name, path in cli._reproductions().items():
         text = path.read_text()
         if "run_table(" in text:  # table1/table4: the shared linear protocol's parser
-            text = (VALIDATION / "_linear_protocol.py").read_text()
+            text = (REPRODUCE / "_linear_protocol.py").read_text()
         elif "add_out_argument(" in text:
-            text = (VALIDATION / "_neural_protocol.py").read_text()
+            text = (REPRODUCE / "_neural_protocol.py").read_text()
         assert re.search(r"add_argument\(\s*\"--out\"", text), name
 
 
@@ -98,7 +91,7 @@ def test_figure1_quick_run_writes_the_scratch_folder_only(tmp_path, monkeypatch)
     (["--full", "--out", "X"], "X"), (["--results-dir", "X"], "X")])
 def test_figure2_writes_the_record_only_with_full(argv, where, tmp_path, monkeypatch):
     figure2 = _load("figure2")
-    proto = sys.modules["_neural_protocol"]
+    proto = importlib.import_module("iif_ref.reproduce._neural_protocol")
     expected = {"quick": proto.QUICK_OUT, "published": proto.RESULTS_DIR, "X": Path("X")}[where]
     assert figure2.parse_args(argv).out == expected
     assert proto.QUICK_OUT != proto.RESULTS_DIR

@@ -3,16 +3,13 @@ and dattri's LDS against ours on the same ground truth.
 
 Skipped with the reason when dattri cannot be imported (``pip install --no-deps dattri``).
 """
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the cross-check needs torch")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "validation"))
-import _neural_protocol as proto  # noqa: E402
+from iif_ref.reproduce import _neural_protocol as proto  # noqa: E402
 
 OK, REASON = proto.dattri_available()
 pytestmark = [pytest.mark.peers, pytest.mark.skipif(not OK, reason=REASON or "dattri missing")]

@@ -61,6 +61,24 @@ def test_unlearning_names_exactly_the_test_points_whose_loss_fell(digits):
     assert all(f"{r}" in messages[0] for r in failed)
 
 
+def test_opposite_baseline_objective_is_bounded_below_and_lowers_the_test_loss(digits):
+    model, X, y, Xt, yt = digits
+    # The test point with the smallest loss (3.6e-3): the default log test term, +log l_t,
+    # would have no lower bound here (log l_t ≈ −margin), and its objective fell
+    # geometrically at the default step (−5.6 to −2.6e6 in 5 epochs; a larger model
+    # reached −7e31 and a DivergenceError). The ratio l_t/l_t(θ*) starts at 1 and stays ≥ 0.
+    cfg = IIFConfig(K=1, proj_dim=8, unlearn_sign=-1, baseline="per_test", progress=False)
+    t = 3
+    r = integrated_influence(model, "cross_entropy", X, y, Xt[t:t + 1], yt[t:t + 1],
+                             config=cfg)
+    (hist,) = r.diagnostics["unlearning"]
+    obj = np.array(hist["objective"])
+    train_mean_star = obj[0] - 1.0            # 1 + λ·mean_i l_i(θ*) at the start
+    assert 0 < train_mean_star < cfg.lam * 0.2 and hist["test_loss"][0][0] < 1e-2
+    assert np.all(obj >= 0) and obj[-1] < obj[0]
+    assert r.delta[0] > 0                     # Δ_t = l_t(θ*) − l_t(θ') > 0: the loss fell
+
+
 def _linear_problem():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((20, 3))

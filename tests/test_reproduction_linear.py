@@ -1,31 +1,22 @@
 """Smoke tests of the linear reproductions (Tables 1 and 4, Figure 1) at tiny sizes.
 
-They run each ``validation/NAME.py`` entry point as ``iif-ref reproduce NAME`` would,
+They run each ``iif_ref.reproduce.NAME`` entry point as ``iif-ref reproduce NAME`` would,
 check the JSON they write is complete, finite and carries the paper's numbers, and check
 the exact-IIF completeness identity inside the protocol itself.
 """
-import importlib.util
+import importlib
 import json
 import math
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-VALIDATION = Path(__file__).resolve().parent.parent / "validation"
 TINY = ["--trials", "2", "--subsets", "40", "--n-test", "4", "--no-progress"]
 METHOD_ROWS = {"iif_exact", "iif_k1", "iif_k5", "if", "tracin", "loo"}
 EPS = np.finfo(np.float64).eps
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"test_validation_{name}",
-                                                  VALIDATION / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"iif_ref.reproduce.{name}")
 
 
 def _check_table_json(path, module):
@@ -80,8 +71,7 @@ def test_table_is_reproducible_from_its_seed(tmp_path):
 
 def test_sweep_rows_cover_each_swept_value():
     # The --sweep code path on one setting (the CLI runs the same function per table).
-    sys.path.insert(0, str(VALIDATION))
-    import _linear_protocol as protocol
+    from iif_ref.reproduce import _linear_protocol as protocol
     setting = _load("table1").SETTINGS[1]
     cfg = protocol.Config(trials=2, subsets=24, n_test=3)
     sweeps = protocol.run_sweeps([setting], cfg, progress=False)
@@ -103,8 +93,7 @@ def test_exact_iif_completeness_inside_protocol():
     # error is O(κ(M)·d·eps) with κ(M) ≈ ((√N+√d)/(√N−√d))² ≈ 4 for N=100, d=10 Gaussian
     # features, plus the unlearning solve's conditioning at λ = 1 (test leverage ≪ 1);
     # 1e-11 ≈ 4.5e4 eps leaves two orders of margin over the ~1e-14 observed.
-    sys.path.insert(0, str(VALIDATION))
-    import _linear_protocol as protocol
+    from iif_ref.reproduce import _linear_protocol as protocol
     from iif_ref.synthetic import make_linear_problem
     cfg = protocol.Config(n_test=20)
     for sigma_n, sigma_s in [(0.1, 1.0), (1.0, 1.0), (1.0, 0.1)]:
@@ -119,8 +108,7 @@ def test_exact_iif_completeness_inside_protocol():
 def test_completeness_residual_detects_wrong_scores():
     # The check above can fail: moving 1 % of Σ|I| onto one sample's score gives a
     # relative residual ≈ 1e-2 (≈ 1e-2·Σ|I| / max(|Δ|, Σ|I|) with Σ|I| ≥ |Δ|).
-    sys.path.insert(0, str(VALIDATION))
-    import _linear_protocol as protocol
+    from iif_ref.reproduce import _linear_protocol as protocol
     from iif_ref.synthetic import make_linear_problem
     cfg = protocol.Config(n_test=5)
     problem = make_linear_problem(sigma_n=1.0, sigma_s=1.0, n_test=5, seed=0)
@@ -213,8 +201,7 @@ def test_ill_posed_unlearning_drops_and_counts_test_points_never_scores_them():
     # λ = 0.1 is below the leverage h_t = x̂ᵀ(XᵀX)⁻¹x̂ (≈ ‖x̂‖²/100, spread 0.02–0.3) of
     # some test points: Eq. 12 has no minimiser there. Those points must be dropped and
     # counted; the others must get exactly the scores of a direct call.
-    sys.path.insert(0, str(VALIDATION))
-    import _linear_protocol as protocol
+    from iif_ref.reproduce import _linear_protocol as protocol
     from iif_ref import linear
     from iif_ref.synthetic import make_linear_problem
     cfg = protocol.Config(n_test=20, lam=0.1, trials=1, subsets=30)

@@ -6,7 +6,6 @@ evaluation subsets, damping from the grid, correlations in [−1, 1], AUCs in [0
 a real PNG), not numbers: tiny runs carry no statistical meaning.
 """
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the neural reproductions need torch")
 
-VALIDATION = Path(__file__).resolve().parent.parent / "validation"
-sys.path.insert(0, str(VALIDATION))
-import _neural_protocol as proto  # noqa: E402
-
 from iif_ref.metrics import lds, random_subset_masks  # noqa: E402
+from iif_ref.reproduce import _neural_protocol as proto  # noqa: E402
 
 from _helpers import trained_digits_mlp  # noqa: E402
 from test_datasets import write_cifar, write_idx  # noqa: E402
@@ -137,7 +133,7 @@ TABLE2_TINY = ["--n-train", "60", "--n-test", "4", "--n-subsets", "12", "--n-noi
 
 
 def test_table2_smoke_digits(tmp_path):
-    import table2
+    from iif_ref.reproduce import table2
 
     rc = table2.main(TABLE2_TINY + ["--methods", "exact_gn_if", "iif", "--no-dattri",
                                     "--results-dir", str(tmp_path), "--cache-dir",
@@ -171,7 +167,7 @@ def test_table2_smoke_digits(tmp_path):
 
 
 def test_table2_smoke_mnist_idx(tmp_path):
-    import table2
+    from iif_ref.reproduce import table2
 
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 80), ("t10k", 10)):
@@ -188,7 +184,7 @@ def test_table2_smoke_mnist_idx(tmp_path):
 
 
 def test_table3_smoke_digits(tmp_path):
-    import table3
+    from iif_ref.reproduce import table3
 
     rc = table3.main(["--n-train", "40", "--epochs", "3", "--grid", "1e-3",
                       "--methods", "if", "tracin", "iif",
@@ -209,7 +205,7 @@ def test_table3_smoke_digits(tmp_path):
 
 
 def test_table3_smoke_cifar10_batches(tmp_path):
-    import table3
+    from iif_ref.reproduce import table3
 
     write_cifar(tmp_path, n_per_batch=8, n_batches=2, n_test=3)
     rc = table3.main(["--cifar10", str(tmp_path), "--n-train", "12", "--epochs", "1",
@@ -224,7 +220,7 @@ def test_table3_smoke_cifar10_batches(tmp_path):
 
 
 def test_figure2_smoke_writes_png_and_labels(tmp_path):
-    import figure2
+    from iif_ref.reproduce import figure2
 
     # A class other than the default 4, so that an ignored --true-class is caught.
     rc = figure2.main(["--n-train", "40", "--n-test", "40", "--epochs", "3", "--K", "2",

@@ -27,14 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _linear_protocol as protocol  # noqa: E402
-from iif_ref import linear  # noqa: E402
-from iif_ref.bench import time_callable, write_results  # noqa: E402
-from iif_ref.metrics import lds, lds_ceiling, random_subset_masks  # noqa: E402
-from iif_ref.synthetic import make_linear_problem  # noqa: E402
+from iif_ref import linear
+from iif_ref.bench import time_callable, write_results
+from iif_ref.metrics import lds, lds_ceiling, random_subset_masks
+from iif_ref.reproduce import _linear_protocol as protocol
+from iif_ref.synthetic import make_linear_problem
 
 
 def _component_breakdown(cfg, repeats):
@@ -116,8 +113,7 @@ def main(argv=None):
 
     tables, tables_cpu = {}, {}
     if not args.skip_full:
-        import table1
-        import table4
+        from iif_ref.reproduce import table1, table4
         common = ["--trials", str(args.trials), "--subsets", str(args.subsets),
                   "--out", str(args.results_out), "--jobs", str(args.jobs)] + (
                       ["--no-progress"] if args.no_progress else [])

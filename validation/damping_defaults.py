@@ -2,7 +2,7 @@
 
 Every method damps ``F = C + lam_d I`` with ``lam_d = r · tr(C)/dim`` (the one rule,
 ``iif_ref._defaults.absolute_damping``). This script measures, on the digits MLP of
-Table 2 and its retraining ground truth (``validation/table2.py``), each method's LDS
+Table 2 and its retraining ground truth (``iif_ref/reproduce/table2.py``), each method's LDS
 on the evaluation subsets for ``r`` over a grid, at two training-set sizes, and reports
 how far each method's default ``r`` (``DEFAULT_RELATIVE_DAMPING``) is from its best:
 
@@ -11,7 +11,7 @@ how far each method's default ``r`` (``DEFAULT_RELATIVE_DAMPING``) is from its b
 
 For the projected methods the scale ``tr(C)/dim`` is read from a run at the default
 (``config["damping_used"] / config["damping_relative"]``, IIF's first path step) and the grid is
-applied as absolute dampings, as ``validation/table2.py`` does.
+applied as absolute dampings, as ``iif_ref/reproduce/table2.py`` does.
 
 ``python validation/damping_defaults.py`` (about 10 minutes on 2 cores with the ground
 truth cached) writes ``docs/results/damping_defaults.json`` and prints the table.
@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _neural_protocol as proto  # noqa: E402
-import table2  # noqa: E402
+from iif_ref.reproduce import _neural_protocol as proto, table2
 
 GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 

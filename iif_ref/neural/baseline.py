@@ -100,7 +100,12 @@ def unlearn(fm, loss, X, Y, X_test, Y_test, cfg, *, params=None):
       gradient with λ scaled by the current test loss, so a confidently fitted test
       point (cross-entropy gradient ∝ its tiny loss) is still unlearned instead of
       being outweighed by the training-loss drift at θ*, and the ascent slows as the
-      loss grows (docs/algorithm1.md, "Unlearning").
+      loss grows (docs/algorithm1.md, "Unlearning"). The opposite baseline
+      (``unlearn_sign=−1``, lower the test loss) minimises
+      ``mean_t l_t(θ)/l_t(θ*) + λ·mean_i l_i(θ)`` instead: ``+log l_t`` has no lower
+      bound (``log l_t ≈ −margin`` as the test point is fitted), so whatever λ and the
+      step size, descent on it runs off to ``−∞``; the ratio has the log's gradient at
+      θ* and is bounded below by 0.
     * ``"mean"``: ``−mean_t l_t + λ·mean_i l_i``, Eq. (12) as printed with mean losses.
     * ``"sum"``: both summed (the linear reference's normalisation). λ then multiplies ``n_train`` times more training loss;
       at an imperfectly converged θ* the training gradient dominates and the
@@ -119,20 +124,30 @@ def unlearn(fm, loss, X, Y, X_test, Y_test, cfg, *, params=None):
 
     n_rows, test_one_hot = X_test.shape[0], _is_one_hot(Y_test)
 
+    start = fm.theta_star if params is None else params
+    log_start = None
+    if log and sign < 0:
+        with torch.no_grad():
+            log_start = _log_rows(loss, fm.forward(start, X_test), Y_test,
+                                  one_hot=test_one_hot)
+
     def objective(p, idx, scale):
         Xb, Yb = (X, Y) if idx is None else (X[idx], Y[idx])
         # One forward for both terms: at these batch sizes a call costs its dispatch.
         F = fm.forward(p, torch.cat([X_test, Xb]))
         F_test, F_train = F[:n_rows], F[n_rows:]
-        test = (_log_rows(loss, F_test, Y_test, one_hot=test_one_hot) if log
-                else _rows(loss, F_test, Y_test)).sum()
+        if log:
+            test = _log_rows(loss, F_test, Y_test, one_hot=test_one_hot)
+            # l_t/l_t(θ*) from the logs: exact where the losses underflow.
+            test = (test if log_start is None else torch.exp(test - log_start)).sum()
+        else:
+            test = _rows(loss, F_test, Y_test).sum()
         train = _rows(loss, F_train, Yb).sum()
         return -sign * norm_test * test + cfg.lam * norm_train * scale * train
 
     def test_losses(p):
         return per_sample_losses(fm, loss, p, X_test, Y_test).tolist()
 
-    start = fm.theta_star if params is None else params
     with torch.no_grad():
         obj0 = float(objective(start, None, 1.0))
     floor = obj0 - cfg.divergence_factor * (abs(obj0) + 1.0)

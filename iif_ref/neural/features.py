@@ -29,7 +29,9 @@ import torch
 
 from iif_ref._defaults import DEFAULT_PROJ_DIM
 from iif_ref._validation import check_positive_int
-from iif_ref.kernels import Projector
+from iif_ref.errors import ProjectionDimensionWarning
+from iif_ref.kernels import LinearBlock, Projector
+from iif_ref.kernels._numpy_backend import countsketch_hash
 from iif_ref.neural.functional import (FunctionalModel, as_inputs, as_targets, chunks,
                                        output_weights)
 from iif_ref.neural.losses import TargetLinearLoss, resolve_loss
@@ -70,13 +72,44 @@ def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
 def make_projector(fm, proj_dim, *, seed, kind, backend):
     """The projector of ``fm``'s flat parameters in its compute dtype (None for
     ``proj_dim=None``), to be shared by every projection of one call: a
-    :class:`TorchProjector`."""
+    :class:`TorchProjector`.
+
+    Warns
+    -----
+    ProjectionDimensionWarning
+        ``proj_dim`` exceeds ``fm.n_params``: the projection reduces no dimension, and
+        ``proj_dim=None`` (the exact curvature) is cheaper and exact.
+    """
     if proj_dim is None:
         return None
+    if proj_dim > fm.n_params:
+        warnings.warn(
+            f"proj_dim={proj_dim} exceeds the model's {fm.n_params} trainable parameters: "
+            f"the projection (Eq. 17) reduces no dimension and only adds its random error; "
+            f"pass proj_dim=None for the exact curvature (cheaper here) or a proj_dim "
+            f"below {fm.n_params}", ProjectionDimensionWarning, stacklevel=2)
     options = {} if backend is None else {"backend": backend}
+    if kind == "kronecker":
+        options["layers"] = linear_blocks(fm)
     dtype = np.float32 if fm.dtype == torch.float32 else np.float64
     return TorchProjector(fm.n_params, proj_dim, seed=seed, kind=kind, dtype=dtype,
                           **options)
+
+
+def linear_blocks(fm):
+    """Where each ``nn.Linear`` of ``fm.model`` with a trainable weight sits in the flat
+    parameter index (:class:`iif_ref.kernels.LinearBlock`), for the Kronecker projection."""
+    offsets = dict(zip(fm.names, np.cumsum([0] + fm.numels[:-1]).tolist()))
+    blocks = []
+    for name, module in fm.model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, torch.nn.Linear) and prefix + "weight" in offsets:
+            blocks.append(LinearBlock(offsets[prefix + "weight"], module.out_features,
+                                      module.in_features, offsets.get(prefix + "bias")))
+    if not blocks:
+        raise ValueError("kind='kronecker' projects nn.Linear layers, and the model has no "
+                         "nn.Linear with a trainable weight; use kind='rademacher'")
+    return blocks
 
 
 class TorchProjector(Projector):
@@ -93,16 +126,51 @@ class TorchProjector(Projector):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._A_torch = None
+        self._A_torch = self._structure = None
         if self.A is not None:
             with warnings.catch_warnings():
                 # A is read-only on the NumPy side; the view is only ever read.
                 warnings.simplefilter("ignore", UserWarning)
                 self._A_torch = torch.from_numpy(self.A)
+        elif self.kind == "countsketch":
+            bucket, negative = countsketch_hash(self.seed, 0, self.n_params, self.proj_dim)
+            self._structure = (torch.from_numpy(bucket),
+                               torch.from_numpy(np.where(negative == 0, 1.0, -1.0)
+                                                .astype(self.dtype)))
+        elif self.layout is not None:
+            self._structure = ([(torch.from_numpy(a), torch.from_numpy(b))
+                                for a, b in self.factor_pairs],
+                               None if self.rest_rows is None
+                               else torch.from_numpy(self.rest_rows))
+
+    def _project_structured(self, blocks, offsets, factors=False):
+        # CountSketch: scatter-add each block's signed columns into their buckets, O(n M);
+        # Kronecker: the layout's factored products (docs/kernels.md).
+        n = blocks[0][0].shape[0] if isinstance(blocks[0], tuple) else blocks[0].shape[0]
+        out = torch.zeros((n, self.proj_dim), dtype=self._torch_dtype)
+        if self.layout is not None:
+            pairs, rest = self._structure
+            method = self.layout.project_factors if factors else self.layout.project_blocks
+            return method(blocks, offsets, pairs, rest, out).numpy()
+        bucket, sign = self._structure
+        for block, offset in zip(blocks, offsets):
+            cols = slice(offset, offset + block.shape[1])
+            out.index_add_(1, bucket[cols], block * sign[cols])
+        return out.numpy()
+
+    @property
+    def _torch_dtype(self):
+        return torch.float32 if self.dtype == np.float32 else torch.float64
 
     def project_tensor(self, G):
         """``G A`` (NumPy out) for a tensor ``G`` of shape (n, n_params)."""
         G = G.detach()
+        if self._structure is not None and G.device.type == "cpu" \
+                and G.dtype == self._torch_dtype:
+            if G.shape[1] != self.n_params:
+                raise ValueError(f"G must have n_params={self.n_params} columns, got shape "
+                                 f"{tuple(G.shape)}")
+            return self.project_blocks([G])
         if self._A_torch is None or G.device.type != "cpu" or G.dtype != self._A_torch.dtype:
             return self(G.cpu().numpy())
         if G.shape[1] != self.n_params:
@@ -114,6 +182,17 @@ class TorchProjector(Projector):
         """``G A`` (NumPy out) from the column blocks of ``G``: tensors ``(n, numel_j)``
         in flat parameter order, each multiplied by its rows of ``A`` and summed, so the
         flat ``(n, n_params)`` matrix is never formed. Needs ``A`` held in ``G``'s dtype."""
+        if self._structure is not None:
+            blocks = [block.detach() for block in blocks]
+            widths = [block.shape[1] for block in blocks]
+            if sum(widths) != self.n_params:
+                raise ValueError(f"the blocks have {sum(widths)} columns in all, not "
+                                 f"n_params={self.n_params}")
+            if self.layout is not None and len(blocks) == 1:  # a flat G: cut it by parameter
+                spans = self.layout.parameter_blocks()
+                blocks, widths = [blocks[0][:, lo:lo + w] for lo, w in spans], \
+                    [w for _, w in spans]
+            return self._project_structured(blocks, np.cumsum([0] + widths[:-1]).tolist())
         out, offset = None, 0
         for block in blocks:
             block = block.detach()
@@ -125,8 +204,20 @@ class TorchProjector(Projector):
                              f"n_params={self.n_params}")
         return out.numpy()
 
+    def project_factors(self, factors):
+        """``G A`` (NumPy out) of a Kronecker projector from the per-parameter factors of
+        :meth:`~iif_ref.neural.functional.FunctionalModel.per_sample_vjp_factors`
+        (``(g, a)`` per weight, ``g`` per bias, in flat order): the rows ``g aᵀ`` are never
+        formed."""
+        widths = [f[0].shape[1] * f[1].shape[1] if isinstance(f, tuple) else f.shape[1]
+                  for f in factors]
+        return self._project_structured(factors, np.cumsum([0] + widths[:-1]).tolist(),
+                                        factors=True)
+
     def takes_blocks(self, dtype):
         """Whether :meth:`project_blocks` can project CPU tensors of ``dtype``."""
+        if self._structure is not None:
+            return self._torch_dtype == dtype
         return self._A_torch is not None and self._A_torch.dtype == dtype
 
 
@@ -150,7 +241,12 @@ def _vjp_rows(fm, params, X, W, projector):
     as the projection and doubled the memory of a chunk.
     """
     n, r = W.shape[0], W.shape[1]
-    if isinstance(projector, TorchProjector) and X.device.type == "cpu" \
+    factors = None
+    if isinstance(projector, TorchProjector) and projector.kind == "kronecker":
+        factors = fm.per_sample_vjp_factors(params, X, W)
+    if factors is not None and X.device.type == "cpu" and projector.takes_blocks(fm.dtype):
+        rows = projector.project_factors(factors)
+    elif isinstance(projector, TorchProjector) and X.device.type == "cpu" \
             and projector.takes_blocks(fm.dtype):
         blocks = fm.per_sample_vjp_blocks(params, X, W)
         rows = projector.project_blocks([b.reshape(n * r, -1) for b in blocks])

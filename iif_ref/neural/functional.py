@@ -21,15 +21,35 @@ from torch.func import functional_call, grad, vmap
 
 from iif_ref._validation import as_float_array
 
-__all__ = ["FunctionalModel", "eval_mode", "as_inputs", "as_targets", "output_weights", "chunks"]
+__all__ = ["FunctionalModel", "eval_mode", "check_model", "as_inputs", "as_targets",
+           "output_weights", "chunks"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_model(model):
+    """Raise ``TypeError`` naming ``model`` unless it is a ``torch.nn.Module``."""
+    if not isinstance(model, torch.nn.Module):
+        hint = ("; a plain function has no parameters to attribute through: wrap the "
+                "computation in an nn.Module that holds them as nn.Parameter"
+                if callable(model) else "")
+        raise TypeError(f"model must be a torch.nn.Module (its trainable parameters are "
+                        f"θ*), got {type(model).__name__}{hint}")
+    return model
 
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """Put ``model`` in eval mode for the block and restore its previous mode after."""
-    was_training = model.training
+    """Put ``model`` in eval mode for the block and restore its previous mode after.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a ``torch.nn.Module`` (the first use of the model in every
+        public call, so the message comes before anything else touches it).
+    """
+    was_training = check_model(model).training
     model.eval()
     try:
         yield model
@@ -57,13 +77,27 @@ class FunctionalModel:
     """
 
     def __init__(self, model, *, dtype=None):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("model has no trainable parameters (every parameter has "
                              "requires_grad=False); there is nothing to attribute through")
+        meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if meta:
+            raise ValueError(
+                f"model has {len(meta)} parameter(s) or buffer(s) on the meta device "
+                f"({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): shapes without "
+                "values, so there is nothing to evaluate; materialise and load the weights "
+                "first, e.g. model.to_empty(device='cpu') then model.load_state_dict(...)")
         self.dtype = _DTYPES[dtype] if dtype is not None else trainable[0][1].dtype
+        if self.dtype in _HALF:
+            # Per-sample gradients and the damped solves need float32 at least; computing
+            # in half precision would change the results' precision silently.
+            raise TypeError(
+                f"model has {str(self.dtype).replace('torch.', '')} parameters; attribution "
+                "computes in float32 or float64: pass dtype='float32' (or 'float64') to "
+                "compute in that precision without changing the model, or convert it with "
+                "model.float()")
         if not self.dtype.is_floating_point:
             raise TypeError(f"model parameters must be floating point, got {self.dtype}")
         self.model = model
@@ -260,6 +294,9 @@ def probe_outputs(fm, X, name):
             size = getattr(first, "in_features", None) or getattr(first, "in_channels")
             unit = "features" if hasattr(first, "in_features") else "channels"
             expects = f"; its first layer ({type(first).__name__}) takes {size} input {unit}"
+        if X.ndim == 1:
+            expects += (f"; a 1-D {name} is {X.shape[0]} samples without features: for one "
+                        f"feature per sample pass {name}.reshape(-1, 1)")
         raise ValueError(f"the model cannot be applied to {name} of shape "
                          f"{tuple(X.shape)}{expects} ({exc})") from exc
 
@@ -281,10 +318,14 @@ def as_targets(y, name, n_out, loss, fm):
     raw = np.asarray(y)
     if (loss.classification and raw.ndim == 1 and n_out != 1
             and not (np.issubdtype(raw.dtype, np.integer) or raw.dtype == np.bool_)):
+        if raw.dtype.kind in "fc":
+            fix = f"convert labels with {name}.astype(int)"
+        else:   # strings or objects: astype(int) would fail on them
+            fix = ("encode them as integers with one mapping for the training and test "
+                   "labels, e.g. classes, codes = np.unique(labels, return_inverse=True)")
         raise TypeError(f"{name} for the {loss.name!r} loss must hold integer class labels "
                         f"in [0, {n_out}) (or (n, {n_out}) one-hot or soft targets), got "
-                        f"dtype {raw.dtype} with shape {raw.shape}; convert labels with "
-                        f"{name}.astype(int)")
+                        f"dtype {raw.dtype} with shape {raw.shape}; {fix}")
     if loss.classification and raw.ndim == 1 and (np.issubdtype(raw.dtype, np.integer)
                                                    or raw.dtype == np.bool_):
         if raw.size == 0:

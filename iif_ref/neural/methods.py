@@ -79,7 +79,8 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
         10 for the exact solvers, 1 for the projected Fisher). ``solver="cg"`` needs a
         number.
     proj_dim : int
-        P for ``solver="projected"``.
+        P for ``solver="projected"`` (validated whatever the solver; above the number
+        of parameters, a :class:`~iif_ref.errors.ProjectionDimensionWarning`).
     memory_budget : int or "auto"
         Bytes allowed for the sample-space solve (default ``"auto"``: two thirds of the
         memory available when the call starts,
@@ -113,6 +114,9 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
     """
     if solver not in _SOLVERS:
         raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    # Checked whatever the solver, as every method does: a bad value is a bad call even
+    # where the sample-space solver would not use it.
+    proj_dim = check_positive_int(proj_dim, "proj_dim", allow_none=True)
     fallback = None
     if solver in ("auto", "gauss_newton", "fisher_exact"):
         try:

@@ -32,8 +32,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _neural_protocol as proto  # noqa: E402
+from iif_ref.reproduce import _neural_protocol as proto
 
 PAPER = {"IF": 0.1035, "TracIn": 0.1379, "TRAK": 0.1115, "IIF": 0.1635}
 

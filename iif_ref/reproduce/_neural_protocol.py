@@ -27,7 +27,7 @@ import numpy as np
 from iif_ref.bench import machine_info, write_results
 from iif_ref.metrics import lds
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "docs" / "results"
 CACHE_DIR = REPO / ".iif_cache"
 

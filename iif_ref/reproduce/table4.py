@@ -6,12 +6,8 @@ Table 1) is used, and Laplace noise is scaled to the same standard deviation.
 ``iif-ref reproduce table4 [--full] [--sweep] [--out DIR]``.
 """
 import sys
-from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _linear_protocol import Setting, run_table  # noqa: E402
+from iif_ref.reproduce._linear_protocol import Setting, run_table
 
 SETTINGS = (
     Setting("N&L", "N&L", 1.0, 1.0, "gaussian", "laplace",

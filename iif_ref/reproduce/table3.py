@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _neural_protocol as proto  # noqa: E402
+from iif_ref.reproduce import _neural_protocol as proto
 
 PAPER = {"MNIST": {"IF": 0.869, "TracIn": 0.853, "TRAK": 0.866, "IIF": 0.885},
          "CIFAR-10": {"IF": None, "TracIn": 0.677, "TRAK": 0.728, "IIF": 0.736}}

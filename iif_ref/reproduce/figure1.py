@@ -27,8 +27,8 @@ import numpy as np
 from iif_ref import linear
 from iif_ref.bench import write_results
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
-QUICK_OUT = Path(__file__).resolve().parent.parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "results"
+QUICK_OUT = Path(__file__).resolve().parents[2] / "results"
 
 CENTRES = np.arange(-6.0, 6.0 + 1e-9, 1.0)     # 13 centres, spacing = kernel width
 WIDTH = 1.0

@@ -19,12 +19,10 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _neural_protocol as proto  # noqa: E402
+from iif_ref.reproduce import _neural_protocol as proto
 
 
 def parse_args(argv):

@@ -45,7 +45,7 @@ from iif_ref.errors import IndefiniteObjectiveError
 from iif_ref.metrics import lds, lds_ceiling, random_subset_masks
 from iif_ref.synthetic import make_linear_problem
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "docs" / "results"
 # Quick runs are previews: by default they go to the ignored scratch folder so that they
 # never overwrite the published full-protocol results in docs/results.

@@ -5,12 +5,8 @@ regression under three (training, test) Gaussian noise levels.
 ``docs/reproduction-linear.md`` for the protocol and the choices the paper leaves open.
 """
 import sys
-from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _linear_protocol import Setting, run_table  # noqa: E402
+from iif_ref.reproduce._linear_protocol import Setting, run_table
 
 SETTINGS = (
     Setting("n0.1_s1", "σn=0.1, σs=1", 0.1, 1.0,
