@@ -201,7 +201,8 @@ def exact_gauss_newton_if(model, X_train, y_train, X_test, y_test, *, n_classes,
     n_classes : int
         Checked against the model's outputs.
     memory_budget : int, optional
-        Bytes for the solve (default: the package's, 4 GiB).
+        Bytes for the solve (default: the package's, "auto": two thirds of the memory
+        available).
 
     Returns
     -------
