@@ -140,12 +140,18 @@ class DampingChoice:
     result: object = None    # the AttributionResult (or None for the exact reference)
 
 
+#: Steps longer than this (seconds) report their progress on standard error.
+PROGRESS_SECONDS = 10.0
+
+
 def choose_damping(run, masks, losses, tune_index, *, grid=RELATIVE_DAMPING_GRID):
     """Run ``run(relative_damping) -> (scores, absolute_damping, result)`` on ``grid``
     and keep the damping with the highest mean LDS on the tuning subsets.
 
     Ties and NaN means are broken towards the larger damping (the better-conditioned
     solve). Each run is timed; the reported time is that of the chosen damping's run.
+    A run longer than :data:`PROGRESS_SECONDS` is reported on standard error (the exact
+    solves at MNIST scale take minutes per damping).
     """
     best, table = None, {}
     for r in grid:
@@ -154,6 +160,10 @@ def choose_damping(run, masks, losses, tune_index, *, grid=RELATIVE_DAMPING_GRID
         seconds = time.perf_counter() - t0
         value = mean_se(lds_on(scores, masks, losses, tune_index))["mean"]
         table[float(r)] = value
+        if seconds > PROGRESS_SECONDS:
+            print(f"[damping] r={r:g} ({len(table)}/{len(grid)}): tuning LDS "
+                  f"{'nan' if value is None else f'{value:.4f}'} in {seconds:.0f}s",
+                  file=sys.stderr, flush=True)
         key = -np.inf if value is None else value
         if best is None or key >= best[0]:
             best = (key, DampingChoice(float(r), absolute, table, scores, seconds, result))
