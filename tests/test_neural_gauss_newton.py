@@ -242,6 +242,7 @@ def test_iif_unprojected_sample_space_equals_dense_twin(kind, forms, monkeypatch
     fast = integrated_influence(net, "cross_entropy", X, y, Xt, yt, **options)
     assert {d["form"] for d in fast.diagnostics["sample_space"]} == forms
     assert {d["side"] for d in fast.diagnostics["sample_space"]} == {"sample"}
+    assert {d["gram_from"] for d in fast.diagnostics["sample_space"]} == {"factors"}
     monkeypatch.setattr(engine, "SAMPLE_SPACE_CURVATURES", ())
     slow = integrated_influence(net, "cross_entropy", X, y, Xt, yt, **options)
     assert "sample_space" not in slow.diagnostics
