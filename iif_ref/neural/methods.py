@@ -81,11 +81,16 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
     proj_dim : int
         P for ``solver="projected"`` (validated whatever the solver; above the number
         of parameters, a :class:`~iif_ref.errors.ProjectionDimensionWarning`).
-    memory_budget : int
-        Bytes allowed for the sample-space solve (default 4 GiB); over it,
-        ``"gauss_newton"`` and ``"fisher_exact"`` raise
-        :class:`~iif_ref.neural.sample_space.MemoryBudgetError` naming the sizes, and
-        ``"auto"`` falls back to ``"projected"``.
+    memory_budget : int or "auto"
+        Bytes allowed for the sample-space solve (default ``"auto"``: two thirds of the
+        memory available when the call starts,
+        :func:`~iif_ref.neural.sample_space.resolve_memory_budget`). A stack of Linear
+        layers forms the Gram from layer factors (about ``8 (n_train · r)²`` bytes with
+        ``r = n_out − 1`` rows per sample for cross-entropy), any other model from the
+        ``n_train · r × n_params`` rows of ``B``. Over the budget, ``"gauss_newton"`` and
+        ``"fisher_exact"`` raise :class:`~iif_ref.neural.sample_space.MemoryBudgetError`
+        naming the sizes, and ``"auto"`` falls back to ``"projected"`` with a
+        ``RuntimeWarning``; ``config["solver_fallback"]`` then gives the reason.
     seed, kind, backend, chunk_size, dtype, progress, cache_dir
         As in :class:`IIFConfig`.
     cg_tol : float
@@ -123,6 +128,9 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
             if solver != "auto":
                 raise
             fallback, solver = str(exc), "projected"
+            warnings.warn(f"influence_function(solver='auto') falls back to the projected "
+                          f"Fisher (proj_dim={proj_dim}), not the exact Gauss-Newton "
+                          f"influence function: {exc}", RuntimeWarning, stacklevel=3)
     if solver in ("exact", "projected"):
         cfg = IIFConfig(K=1, baseline="prediction", mask_path=False,
                         curvature="hessian" if solver == "exact" else "fisher",
@@ -135,6 +143,7 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
         result.config["solver"] = solver
         if fallback is not None:
             result.config["solver_requested"] = "auto"
+            result.config["solver_fallback"] = fallback
             result.diagnostics["solver_fallback"] = fallback
         return result
     if isinstance(damping, str):
@@ -166,7 +175,7 @@ def _influence_sample_space(model, loss, data, *, solver, damping, dtype, chunk_
     config = dict(method="if", solver="fisher_exact" if curvature == "fisher" else
                   "gauss_newton", loss=prob.loss.name, curvature=curvature, proj_dim=None,
                   damping=damping, damping_used=[lam_d], damping_relative=relative,
-                  memory_budget=int(memory_budget),
+                  memory_budget=solve.memory_budget, gram_from=solve.gram_from,
                   chunk_size=chunk_size, n_params=prob.fm.n_params,
                   torch_dtype=str(prob.fm.dtype).replace("torch.", ""),
                   solve_dtype="float64")
