@@ -354,7 +354,7 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
     proj_dim : int or None
         P; None returns the unprojected ``(n, n_params)`` rows (small models only).
     seed : int
-    kind : {"rademacher", "gaussian"}
+    kind : {"rademacher", "gaussian", "countsketch", "kronecker"}
     chunk_size : int or None
         Most samples per streamed chunk; the chunk is smaller when its gradient block
         would exceed :data:`FEATURE_MEMORY_BUDGET` (:func:`chunk_rows`). None: the budget
