@@ -19,16 +19,9 @@ from iif_ref.kernels import LinearBlock, Projector, project, projection_matrix
 from iif_ref.kernels._kronecker import KroneckerLayout, factor_shape, split_columns
 from iif_ref.kernels._registry import get_backend
 
-EPS = {np.dtype(np.float32): float(np.finfo(np.float32).eps),
-       np.dtype(np.float64): float(np.finfo(np.float64).eps)}
-
-
-def _dot_tolerance(G, A, dtype):
-    """|computed - exact| <= c sqrt(M) eps sum_m |G A| with c = 4 (as
-    tests/test_kernels_projection.py: random-walk rounding of a length-M sum, c covering
-    the blocked BLAS order and the factored evaluation's two roundings per product)."""
-    scale = np.abs(G.astype(np.float64)) @ np.abs(A.astype(np.float64))
-    return 4 * np.sqrt(G.shape[1]) * EPS[np.dtype(dtype)] * scale + np.finfo(np.float64).tiny
+# The dense projection's rounding bound, c sqrt(M) eps sum|G||A| with c = 4: the factored
+# Kronecker evaluation rounds each product at most twice more, well inside c.
+from test_kernels_projection import EPS, _dot_tolerance  # noqa: E402  (tests/ on sys.path)
 
 
 # ------------------------------------------------------------------ the ±1 / bucket pattern

@@ -241,13 +241,14 @@ def _vjp_rows(fm, params, X, W, projector):
     as the projection and doubled the memory of a chunk.
     """
     n, r = W.shape[0], W.shape[1]
-    factors = None
-    if isinstance(projector, TorchProjector) and projector.kind == "kronecker":
-        factors = fm.per_sample_vjp_factors(params, X, W)
-    if factors is not None and X.device.type == "cpu" and projector.takes_blocks(fm.dtype):
+    on_host = isinstance(projector, TorchProjector) and X.device.type == "cpu" \
+        and projector.takes_blocks(fm.dtype)
+    # The Kronecker projection takes a Linear stack's factors (g, a) as they are.
+    factors = fm.per_sample_vjp_factors(params, X, W) \
+        if on_host and projector.kind == "kronecker" else None
+    if factors is not None:
         rows = projector.project_factors(factors)
-    elif isinstance(projector, TorchProjector) and X.device.type == "cpu" \
-            and projector.takes_blocks(fm.dtype):
+    elif on_host:
         blocks = fm.per_sample_vjp_blocks(params, X, W)
         rows = projector.project_blocks([b.reshape(n * r, -1) for b in blocks])
     else:
@@ -367,7 +368,7 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
     proj_dim : int or None
         P; None returns the unprojected ``(n, n_params)`` rows (small models only).
     seed : int
-    kind : {"rademacher", "gaussian"}
+    kind : {"rademacher", "gaussian", "countsketch", "kronecker"}
     chunk_size : int or None
         Most samples per streamed chunk; the chunk is smaller when its gradient block
         would exceed :data:`FEATURE_MEMORY_BUDGET` (:func:`chunk_rows`). None: the budget
