@@ -38,7 +38,7 @@ from iif_ref.neural.losses import TargetLinearLoss, resolve_loss
 
 __all__ = ["train_features", "test_features", "step_features", "gradient_features",
            "project_rows", "make_projector", "TorchProjector", "chunk_rows",
-           "FEATURE_MEMORY_BUDGET",
+           "FEATURE_MEMORY_BUDGET", "MIN_CHUNK_ROWS", "PROJECTION_MEMORY_BUDGET",
            "DEFAULT_PROJ_DIM"]
 
 #: Bytes that one chunk's per-sample gradient block ``(chunk, 2, n_params)`` may take by
@@ -46,9 +46,23 @@ __all__ = ["train_features", "test_features", "step_features", "gradient_feature
 #: digits MLP): the chunk size is capped at ``budget // (2 n_params itemsize)``.
 FEATURE_MEMORY_BUDGET = 16 * 2**20
 
+#: Fewest samples per chunk, whatever the budget: a chunk's projection GEMM reads all
+#: of ``A`` for ``2 · chunk`` flops per entry, which stays compute-bound (not bound by
+#: reading ``A`` from memory) from about 64 rows. The block is then at most ``2·64/P``
+#: of ``A``'s size (a quarter at P = 512), so the floor only binds for models above
+#: ~33,000 parameters (float32), whose ``A`` is larger still.
+MIN_CHUNK_ROWS = 64
+
+#: Bytes of ``A`` that one call's projector holds whole (256 MiB): the paper's MNIST MLP
+#: (784-128-64-10, 109,386 parameters) needs 214 MiB at P = 512 in float32. Above
+#: the budget ``A`` is regenerated block by block for every chunk, which cost that MLP
+#: ten times its projection GEMMs.
+PROJECTION_MEMORY_BUDGET = 256 * 2**20
+
 
 def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
-    """Samples per chunk: ``chunk_size`` capped by the memory budget of the gradient block.
+    """Samples per chunk: ``chunk_size`` capped by the memory budget of the gradient block,
+    but at least :data:`MIN_CHUNK_ROWS` (or ``chunk_size`` if smaller).
 
     Parameters
     ----------
@@ -65,7 +79,7 @@ def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
         The features do not depend on it (rows are projected independently).
     """
     budget = FEATURE_MEMORY_BUDGET if memory_budget is None else memory_budget
-    cap = max(1, int(budget) // (2 * int(n_params) * int(itemsize)))
+    cap = max(MIN_CHUNK_ROWS, int(budget) // (2 * int(n_params) * int(itemsize)))
     return cap if chunk_size is None else min(int(chunk_size), cap)
 
 
@@ -88,7 +102,9 @@ def make_projector(fm, proj_dim, *, seed, kind, backend):
             f"the projection (Eq. 17) reduces no dimension and only adds its random error; "
             f"pass proj_dim=None for the exact curvature (cheaper here) or a proj_dim "
             f"below {fm.n_params}", ProjectionDimensionWarning, stacklevel=2)
-    options = {} if backend is None else {"backend": backend}
+    options = {"memory_budget": PROJECTION_MEMORY_BUDGET}
+    if backend is not None:
+        options["backend"] = backend
     if kind == "kronecker":
         options["layers"] = linear_blocks(fm)
     dtype = np.float32 if fm.dtype == torch.float32 else np.float64
