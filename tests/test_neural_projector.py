@@ -65,10 +65,16 @@ def test_shared_projector_equals_a_new_one_per_call_and_is_checked():
                       **{**common, "seed": 4})
 
 
-def test_chunk_size_from_the_budget_caps_the_gradient_block():
-    assert chunk_rows(None, 1000, 4, memory_budget=8 * 1000 * 10) == 10
-    assert chunk_rows(256, 1000, 4, memory_budget=8 * 1000 * 10) == 10
-    assert chunk_rows(3, 1000, 4, memory_budget=8 * 1000 * 10) == 3
+def test_chunk_size_from_the_budget_caps_the_gradient_block(monkeypatch):
+    # Above the floor of MIN_CHUNK_ROWS samples, the budget decides; below it, the floor
+    # (a GEMM of fewer rows is bound by reading A); a smaller chunk_size is honoured.
+    floor = features.MIN_CHUNK_ROWS
+    assert chunk_rows(None, 1000, 4, memory_budget=8 * 1000 * 100) == 100
+    assert chunk_rows(256, 1000, 4, memory_budget=8 * 1000 * 100) == 100
+    assert chunk_rows(3, 1000, 4, memory_budget=8 * 1000 * 100) == 3
+    assert chunk_rows(None, 10**9, 8, memory_budget=1) == floor
+    assert chunk_rows(256, 10**9, 8, memory_budget=1) == floor
+    monkeypatch.setattr(features, "MIN_CHUNK_ROWS", 1)
     assert chunk_rows(None, 10**9, 8, memory_budget=1) == 1     # never below one sample
 
 
@@ -83,6 +89,7 @@ def test_budget_chosen_chunks_give_identical_scores(monkeypatch):
     # chunk_size is an upper limit), the last of 6, so the test rows ride along.
     n_params = sum(p.numel() for p in net.parameters())
     monkeypatch.setattr(features, "FEATURE_MEMORY_BUDGET", 2 * n_params * 8 * 7)
+    monkeypatch.setattr(features, "MIN_CHUNK_ROWS", 1)
     assert chunk_rows(None, n_params, 8) == 7
     chunked = integrated_influence(net, "cross_entropy", X, y, Xt, yt, chunk_size=256,
                                    **opts)
