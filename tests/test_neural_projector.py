@@ -143,3 +143,29 @@ def test_closed_form_trak_margin_weights_equal_the_autodiff_gradient():
     auto = vmap(grad(trak_margin, argnums=0))(F, Y)
     # A softmax over 6 logits of order 1-10 and one subtraction: rounding only.
     assert torch.allclose(output_weights(margin, F, Y), auto, rtol=0, atol=1e-13)
+
+
+def test_float64_row_blocks_give_the_whole_matrix_gram_and_solve(monkeypatch):
+    """projected_gram and dense_scores promote float32 features to float64 one row block
+    at a time (no float64 copy of Φ or Ψ); the Gram's products are exact in float64, so
+    blocking changes only the summation order (a few ulp of ΣΦ²), and each block's solve
+    refactors the same matrix (the same factor)."""
+    from iif_ref.kernels import solve_step
+    from iif_ref.neural import curvature
+
+    rng = np.random.default_rng(0)
+    Phi = rng.standard_normal((50, 6)).astype(np.float32)
+    Psi = rng.standard_normal((50, 6)).astype(np.float32)
+    Gamma = rng.standard_normal((3, 6))
+    P64 = Phi.astype(np.float64)
+    whole = P64.T @ P64
+    monkeypatch.setattr(curvature, "FLOAT64_BLOCK_ROWS", 16)     # blocks of 16, 16, 16, 2
+    C = curvature.projected_gram(Phi)
+    eps = np.finfo(np.float64).eps
+    np.testing.assert_allclose(C, whole, rtol=0,
+                               atol=8 * eps * float((P64 ** 2).sum(axis=0).max()))
+    blocked, cond = curvature.dense_scores(C, Psi, Gamma, damping=0.1, step=1)
+    direct, cond_direct = solve_step(C, Psi, Gamma, damping=0.1, step=1)
+    assert cond == cond_direct
+    np.testing.assert_allclose(blocked, direct, rtol=0,
+                               atol=64 * eps * float(np.abs(direct).max()))

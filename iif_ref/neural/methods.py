@@ -32,7 +32,7 @@ from iif_ref.errors import NotPositiveDefiniteError
 from iif_ref.neural.baseline import per_sample_losses
 from iif_ref.neural.config import IIFConfig
 from iif_ref._defaults import default_relative_damping
-from iif_ref.neural.curvature import dense_scores, resolve_damping
+from iif_ref.neural.curvature import dense_scores, projected_gram, resolve_damping
 from iif_ref.neural.engine import run
 from iif_ref.neural.features import DEFAULT_PROJ_DIM, gradient_features, make_projector
 from iif_ref.neural.functional import chunks, eval_mode
@@ -372,8 +372,7 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
             Q = (1.0 - p).double().numpy()
             Psi = Phi * Q[:, None].astype(Phi.dtype)
             # Projected or not, the Gram of the features and the package's one step solve.
-            Phi64 = Phi.astype(np.float64)
-            C = Phi64.T @ Phi64
+            C = projected_gram(Phi)
             lam_d = resolve_damping(damping, np.trace(C), C.shape[0], relative=relative)
             term, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=c)
             scores += term / len(cks)
