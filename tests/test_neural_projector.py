@@ -169,3 +169,26 @@ def test_float64_row_blocks_give_the_whole_matrix_gram_and_solve(monkeypatch):
     assert cond == cond_direct
     np.testing.assert_allclose(blocked, direct, rtol=0,
                                atol=64 * eps * float(np.abs(direct).max()))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_psi_as_scale_is_the_fused_psi(mixed):
+    """With psi_as_scale, a step whose chunks all fuse returns α with Ψ = α Φ row-wise,
+    bit for bit the Ψ it returns otherwise; a chunk that does not fuse (here the second)
+    makes it return Ψ itself, the same array as without the option."""
+    net, X, y, Xt, yt = _problem(n=40, n_test=3)
+    Y = np.eye(3)[y]
+    Y_from = 0.5 * Y
+    if mixed:
+        Y_from[20:] = 0.1                 # not parallel to e_y: these chunks take two rows
+    common = dict(proj_dim=16, seed=0, chunk_size=20, dtype="float32")
+    Phi, Psi, Gamma = step_features(net, "cross_entropy", None, X, Y_from, Y, Xt, yt,
+                                    **common)
+    Phi2, scaled, Gamma2 = step_features(net, "cross_entropy", None, X, Y_from, Y, Xt, yt,
+                                         psi_as_scale=True, **common)
+    assert np.array_equal(Phi, Phi2) and np.array_equal(Gamma, Gamma2)
+    if mixed:
+        assert scaled.shape == Psi.shape and np.array_equal(scaled, Psi)
+    else:
+        assert scaled.shape == (40,)
+        assert np.array_equal(Phi * scaled[:, None].astype(Phi.dtype), Psi)

@@ -62,7 +62,11 @@ def _step_scores(plan, step, projector=None):
     # equal to train_features + plan.test_features up to float rounding.
     Phi, Psi, Gamma = step_features(fm, loss, theta, prob.X, step.rho_prev, step.rho_k,
                                     prob.X_test[rows], prob.Y_test[rows], step=k,
-                                    projector=projector, **plan.feature_options)
+                                    projector=projector, psi_as_scale=True,
+                                    **plan.feature_options)
+    # Ψ = diag(α) Φ when every row fused: −Γ F⁻¹ Ψᵀ = (−Γ F⁻¹ Φᵀ) diag(α), and the
+    # (n, P) Ψ is never formed.
+    Psi, alpha = (Phi, Psi) if Psi.ndim == 1 else (Psi, None)
     if cfg.proj_dim is None:
         C = dense_curvature(fm, loss, theta, prob.X, step.rho_k, kind=cfg.curvature, U=Phi,
                             chunk_size=cfg.chunk_size)
@@ -71,6 +75,8 @@ def _step_scores(plan, step, projector=None):
     # One solve for both: its Cholesky factor also gives the condition estimate.
     lam_d = resolve_damping(cfg.damping, np.trace(C), C.shape[0], relative=relative)
     scores, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=k)
+    if alpha is not None:
+        scores *= alpha[None, :]
     return scores, cond, lam_d, None
 
 

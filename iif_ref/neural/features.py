@@ -458,7 +458,8 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
 
 def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None, *,
                   proj_dim, seed=0, kind="rademacher", chunk_size=256, backend=None,
-                  sample_offset=0, step=None, dtype=None, fuse=True, projector=None):
+                  sample_offset=0, step=None, dtype=None, fuse=True, projector=None,
+                  psi_as_scale=False):
     """:func:`train_features` and :func:`test_features` of one path step, projected together.
 
     Parameters
@@ -472,11 +473,15 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
         chunk rather than once more for the test rows.
     proj_dim, seed, kind, chunk_size, backend, sample_offset, step, dtype, fuse, projector
         As in :func:`train_features`.
+    psi_as_scale : bool
+        When every chunk fuses (``Ψ = diag(α) Φ``), return ``α`` in place of ``Psi``:
+        the second ``(n, P)`` array (117 MiB at n = 60,000, P = 512) is not formed.
 
     Returns
     -------
     Phi, Psi : ndarray, shape (n, P)
-        As from :func:`train_features`.
+        As from :func:`train_features`; with ``psi_as_scale``, ``Psi`` may instead be
+        ``α``, shape ``(n,)``, float64.
     Gamma : ndarray, shape (n_test, P), or None
         As from :func:`test_features`; None without ``X_test``.
 
@@ -516,6 +521,7 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
     # Test rows ride with the last chunk when they fit in one more chunk's worth of rows.
     ride = 0 < n_test <= chunk_size
     Phi, Psi, Gamma = _RowBuffer(n), _RowBuffer(n), None
+    scale = np.empty(n) if psi_as_scale and fuse else None   # α while every chunk fuses
     bounds = list(chunks(n, chunk_size))
     for c, (start, stop) in enumerate(bounds):
         extra = ride and c == len(bounds) - 1
@@ -536,12 +542,19 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
             _check_finite_rows(train_rows, start + sample_offset,
                                "per-sample gradient", step)
             Phi.put(start, train_rows)
-            Psi.put(start, train_rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
+            if scale is not None:
+                scale[start:stop] = alpha.cpu().numpy()
+            else:
+                Psi.put(start, train_rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
             if extra:
                 Gamma = rows[m:]
         else:
             both = _vjp_rows(fm, params, Xc, torch.stack([w_to, w_d], dim=1), projector)
             _check_finite_rows(both, start + sample_offset, "per-sample gradient", step)
+            if scale is not None:     # the earlier chunks' Ψ rows, as the loop makes them
+                if start:
+                    Psi.put(0, Phi.array[:start] * scale[:start, None].astype(both.dtype))
+                scale = None
             Phi.put(start, both[:, 0])
             Psi.put(start, both[:, 1])
             if extra:
@@ -552,7 +565,7 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
         Gamma = gradient_features(fm, loss, params, Xt, Yt, proj_dim=proj_dim, seed=seed,
                                   kind=kind, chunk_size=chunk_size, backend=backend,
                                   step=step, what="test-loss gradient", projector=projector)
-    return Phi.array, Psi.array, Gamma
+    return Phi.array, (Psi.array if scale is None else scale), Gamma
 
 
 def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="rademacher",
