@@ -24,6 +24,18 @@ def _general(fm):
     return twin
 
 
+def _inputs_weights_params(fm, n, *, seed):
+    """``n`` float64 inputs of width 6, two output weights per sample, and θ* moved off
+    the trained point (so that no gradient vanishes by accident)."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+    n_out = fm.forward(fm.theta_star, X[:1]).shape[1]
+    W = torch.randn(n, 2, n_out, generator=gen, dtype=torch.float64)
+    params = {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+              for k, v in fm.theta_star.items()}
+    return X, W, params
+
+
 def _stack_models():
     torch.manual_seed(0)
     nested = torch.nn.Sequential(
@@ -43,12 +55,7 @@ def test_linear_stack_forward_and_vjps_equal_the_general_path(name):
     model = _stack_models()[name].double().eval()
     fm = FunctionalModel(model)
     assert fm._layers is not None
-    gen = torch.Generator().manual_seed(3)
-    X = torch.randn(11, 6, generator=gen, dtype=torch.float64)
-    n_out = fm.forward(fm.theta_star, X[:1]).shape[1]
-    W = torch.randn(11, 2, n_out, generator=gen, dtype=torch.float64)
-    params = {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-              for k, v in fm.theta_star.items()}
+    X, W, params = _inputs_weights_params(fm, 11, seed=3)
     twin = _general(fm)
     # The layer-by-layer forward runs the same operations as functional_call.
     expected = functional_call(model, ({**fm.constants, **params},), (X,))
@@ -200,12 +207,7 @@ def test_linear_call_factors_equal_the_general_path(name):
     model, closed, flat = _module_models()[name]
     model = model.double().eval()
     fm = FunctionalModel(model)
-    gen = torch.Generator().manual_seed(4)
-    X = torch.randn(9, 6, generator=gen, dtype=torch.float64)
-    n_out = fm.forward(fm.theta_star, X[:1]).shape[1]
-    W = torch.randn(9, 2, n_out, generator=gen, dtype=torch.float64)
-    params = {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-              for k, v in fm.theta_star.items()}
+    X, W, params = _inputs_weights_params(fm, 9, seed=4)
     # The substituted forward is functional_call's, bit for bit (tied weights included).
     expected = functional_call(model, ({**fm.constants, **params},), (X,))
     assert torch.equal(fm.forward(params, X), expected.reshape(9, -1))
@@ -264,3 +266,13 @@ def test_iif_of_a_subclass_model_equals_its_sequential_twin(monkeypatch):
                         lambda self, *args, **kwargs: None)       # the general path
     general = integrated_influence(sub, "cross_entropy", X, y, Xt, yt, **opts).scores
     np.testing.assert_allclose(b, general, rtol=0, atol=1e-10 * scale)
+
+
+def test_weight_and_bias_of_one_linear_share_their_output_gradient():
+    """Callers group a Linear's weight and bias by the identity of their g (an exact
+    Gram uses g gᵀ once per layer): the factors keep one tensor for both."""
+    fm = FunctionalModel(_SubclassMLP(6, (5,), 3).double().eval())
+    X, W, params = _inputs_weights_params(fm, 4, seed=1)
+    factors = dict(zip(fm.names, fm.per_sample_vjp_factors(params, X, W)))
+    for i in range(2):
+        assert factors[f"layers.{i}.weight"][0] is factors[f"layers.{i}.bias"]

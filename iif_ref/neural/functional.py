@@ -242,7 +242,8 @@ class FunctionalModel:
         W : tensor, shape (n, R, n_out)
         sequence : bool
             False: a weight's factor is the pair ``(g, a)`` of shapes ``(n R, out)``,
-            ``(n R, in)`` (rows ``g aᵀ``) and a bias's is ``g``, ``(n R, out)``; None when
+            ``(n R, in)`` (rows ``g aᵀ``) and a bias's is ``g``, ``(n R, out)``, the same
+            tensor as its weight's ``g`` when they share one call; None when
             some weight has more than one position per sample (not an outer product).
             True: ``(g, a)`` of shapes ``(n R, S, out)``, ``(n R, S, in)`` and a bias's
             ``g`` of shape ``(n R, S, out)``, for any ``S``.
@@ -275,8 +276,14 @@ class FunctionalModel:
         if not sequence:
             if any(isinstance(f, tuple) and f[0].shape[1] > 1 for f in factors.values()):
                 return None
-            factors = {k: ((f[0][:, 0], f[1][:, 0]) if isinstance(f, tuple)
-                           else f.sum(dim=1)) for k, f in factors.items()}
+            # A weight and its bias keep one shared g tensor (callers group by identity).
+            flat = {}
+
+            def squeeze(g):
+                return flat.setdefault(id(g), g[:, 0] if g.shape[1] == 1 else g.sum(dim=1))
+
+            factors = {k: ((squeeze(f[0]), f[1][:, 0]) if isinstance(f, tuple)
+                           else squeeze(f)) for k, f in factors.items()}
         return [factors[name] for name in self.names]
 
 

@@ -110,7 +110,7 @@ def linear_factors(calls, out, W):
         By parameter name: a weight's ``(g, a)``, shapes ``(n R, S, out)`` and
         ``(n R, S, in)``; a bias's ``g``, ``(n R, S, out)``. Row ``i R + r`` is sample
         ``i`` with weight row ``r``; ``S`` counts the positions of all the parameter's
-        calls. None when a parameter is used otherwise than in Linear calls, in no call,
+        calls. The weight and bias of one call share their ``g`` (the same tensor). None when a parameter is used otherwise than in Linear calls, in no call,
         both as a weight and as a bias, or by a call without the sample axis first.
     """
     n, r = W.shape[0], W.shape[1]
@@ -142,9 +142,10 @@ def linear_factors(calls, out, W):
             parts.setdefault(b_name, []).append(g)
     factors = {}
     for name, items in parts.items():
+        # One call: its g itself, the same tensor for the weight and the bias.
         if roles[name] == "weight":
-            factors[name] = (torch.cat([g for g, _ in items], dim=1),
-                             torch.cat([a for _, a in items], dim=1))
+            factors[name] = items[0] if len(items) == 1 else (
+                torch.cat([g for g, _ in items], dim=1), torch.cat([a for _, a in items], dim=1))
         else:
-            factors[name] = torch.cat(items, dim=1)
+            factors[name] = items[0] if len(items) == 1 else torch.cat(items, dim=1)
     return factors
