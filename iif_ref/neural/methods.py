@@ -370,11 +370,12 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
             with torch.no_grad():
                 p = torch.exp(per_sample_losses(fm, prob.loss, theta, prob.X, prob.Y) * -1.0)
             Q = (1.0 - p).double().numpy()
-            Psi = Phi * Q[:, None].astype(Phi.dtype)
             # Projected or not, the Gram of the features and the package's one step solve.
+            # Ψ = diag(1 − p) Φ: −Γ F⁻¹ Ψᵀ = (−Γ F⁻¹ Φᵀ) diag(1 − p), Ψ never formed.
             C = projected_gram(Phi)
             lam_d = resolve_damping(damping, np.trace(C), C.shape[0], relative=relative)
-            term, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=c)
+            term, cond = dense_scores(C, Phi, Gamma, damping=lam_d, step=c)
+            term *= Q[None, :]
             scores += term / len(cks)
             conds.append(cond)
             lams.append(lam_d)
