@@ -38,7 +38,7 @@ from iif_ref.neural.losses import TargetLinearLoss, resolve_loss
 
 __all__ = ["train_features", "test_features", "step_features", "gradient_features",
            "project_rows", "make_projector", "TorchProjector", "chunk_rows",
-           "FEATURE_MEMORY_BUDGET",
+           "FEATURE_MEMORY_BUDGET", "MIN_CHUNK_ROWS", "PROJECTION_MEMORY_BUDGET",
            "DEFAULT_PROJ_DIM"]
 
 #: Bytes that one chunk's per-sample gradient block ``(chunk, 2, n_params)`` may take by
@@ -46,9 +46,23 @@ __all__ = ["train_features", "test_features", "step_features", "gradient_feature
 #: digits MLP): the chunk size is capped at ``budget // (2 n_params itemsize)``.
 FEATURE_MEMORY_BUDGET = 16 * 2**20
 
+#: Fewest samples per chunk, whatever the budget: a chunk's projection GEMM reads all
+#: of ``A`` for ``2 · chunk`` flops per entry, which stays compute-bound (not bound by
+#: reading ``A`` from memory) from about 64 rows. The block is then at most ``2·64/P``
+#: of ``A``'s size (a quarter at P = 512), so the floor only binds for models above
+#: ~33,000 parameters (float32), whose ``A`` is larger still.
+MIN_CHUNK_ROWS = 64
+
+#: Bytes of ``A`` that one call's projector holds whole (256 MiB): the paper's MNIST MLP
+#: (784-128-64-10, 109,386 parameters) needs 214 MiB at P = 512 in float32. Above
+#: the budget ``A`` is regenerated block by block for every chunk, which cost that MLP
+#: ten times its projection GEMMs.
+PROJECTION_MEMORY_BUDGET = 256 * 2**20
+
 
 def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
-    """Samples per chunk: ``chunk_size`` capped by the memory budget of the gradient block.
+    """Samples per chunk: ``chunk_size`` capped by the memory budget of the gradient block,
+    but at least :data:`MIN_CHUNK_ROWS` (or ``chunk_size`` if smaller).
 
     Parameters
     ----------
@@ -65,7 +79,7 @@ def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
         The features do not depend on it (rows are projected independently).
     """
     budget = FEATURE_MEMORY_BUDGET if memory_budget is None else memory_budget
-    cap = max(1, int(budget) // (2 * int(n_params) * int(itemsize)))
+    cap = max(MIN_CHUNK_ROWS, int(budget) // (2 * int(n_params) * int(itemsize)))
     return cap if chunk_size is None else min(int(chunk_size), cap)
 
 
@@ -88,7 +102,9 @@ def make_projector(fm, proj_dim, *, seed, kind, backend):
             f"the projection (Eq. 17) reduces no dimension and costs more than the exact "
             f"curvature; pass proj_dim=None for the exact curvature, or a proj_dim below "
             f"{fm.n_params}", ProjectionDimensionWarning, stacklevel=2)
-    options = {} if backend is None else {"backend": backend}
+    options = {"memory_budget": PROJECTION_MEMORY_BUDGET}
+    if backend is not None:
+        options["backend"] = backend
     if kind == "kronecker":
         options["layers"] = linear_blocks(fm)
     dtype = np.float32 if fm.dtype == torch.float32 else np.float64
@@ -255,6 +271,20 @@ def _vjp_rows(fm, params, X, W, projector):
         rows = project_rows(fm.per_sample_vjp(params, X, W).reshape(n * r, -1),
                             projector=projector)
     return rows.reshape(n, r, -1)
+
+
+class _RowBuffer:
+    """The ``(n, ...)`` result of a chunked computation, allocated at its first chunk and
+    filled in place: a list of chunks and their concatenation held the features twice
+    (2 × 117 MiB for each of Φ and Ψ at n = 60,000, P = 512, float32)."""
+
+    def __init__(self, n):
+        self.n, self.array = n, None
+
+    def put(self, start, rows):
+        if self.array is None:
+            self.array = np.empty((self.n,) + rows.shape[1:], dtype=rows.dtype)
+        self.array[start:start + rows.shape[0]] = rows
 
 
 def _check_projector(projector, fm, proj_dim, seed, kind, backend):
@@ -429,7 +459,8 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
 
 def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None, *,
                   proj_dim, seed=0, kind="rademacher", chunk_size=256, backend=None,
-                  sample_offset=0, step=None, dtype=None, fuse=True, projector=None):
+                  sample_offset=0, step=None, dtype=None, fuse=True, projector=None,
+                  psi_as_scale=False):
     """:func:`train_features` and :func:`test_features` of one path step, projected together.
 
     Parameters
@@ -443,11 +474,15 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
         chunk rather than once more for the test rows.
     proj_dim, seed, kind, chunk_size, backend, sample_offset, step, dtype, fuse, projector
         As in :func:`train_features`.
+    psi_as_scale : bool
+        When every chunk fuses (``Ψ = diag(α) Φ``), return ``α`` in place of ``Psi``:
+        the second ``(n, P)`` array (117 MiB at n = 60,000, P = 512) is not formed.
 
     Returns
     -------
     Phi, Psi : ndarray, shape (n, P)
-        As from :func:`train_features`.
+        As from :func:`train_features`; with ``psi_as_scale``, ``Psi`` may instead be
+        ``α``, shape ``(n,)``, float64.
     Gamma : ndarray, shape (n_test, P), or None
         As from :func:`test_features`; None without ``X_test``.
 
@@ -486,7 +521,8 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
     n_test = 0 if Xt is None else Xt.shape[0]
     # Test rows ride with the last chunk when they fit in one more chunk's worth of rows.
     ride = 0 < n_test <= chunk_size
-    Phi, Psi, Gamma = [], [], None
+    Phi, Psi, Gamma = _RowBuffer(n), _RowBuffer(n), None
+    scale = np.empty(n) if psi_as_scale and fuse else None   # α while every chunk fuses
     bounds = list(chunks(n, chunk_size))
     for c, (start, stop) in enumerate(bounds):
         extra = ride and c == len(bounds) - 1
@@ -506,15 +542,22 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
             train_rows = rows[:m]
             _check_finite_rows(train_rows, start + sample_offset,
                                "per-sample gradient", step)
-            Phi.append(train_rows)
-            Psi.append(train_rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
+            Phi.put(start, train_rows)
+            if scale is not None:
+                scale[start:stop] = alpha.cpu().numpy()
+            else:
+                Psi.put(start, train_rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
             if extra:
                 Gamma = rows[m:]
         else:
             both = _vjp_rows(fm, params, Xc, torch.stack([w_to, w_d], dim=1), projector)
             _check_finite_rows(both, start + sample_offset, "per-sample gradient", step)
-            Phi.append(both[:, 0])
-            Psi.append(both[:, 1])
+            if scale is not None:     # the earlier chunks' Ψ rows, as the loop makes them
+                if start:
+                    Psi.put(0, Phi.array[:start] * scale[:start, None].astype(both.dtype))
+                scale = None
+            Phi.put(start, both[:, 0])
+            Psi.put(start, both[:, 1])
             if extra:
                 Gamma = _vjp_rows(fm, params, Xt, Wt[:, None, :], projector)[:, 0]
         if extra:
@@ -523,7 +566,7 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
         Gamma = gradient_features(fm, loss, params, Xt, Yt, proj_dim=proj_dim, seed=seed,
                                   kind=kind, chunk_size=chunk_size, backend=backend,
                                   step=step, what="test-loss gradient", projector=projector)
-    return np.concatenate(Phi), np.concatenate(Psi), Gamma
+    return Phi.array, (Psi.array if scale is None else scale), Gamma
 
 
 def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="rademacher",
@@ -563,7 +606,7 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
     if Y.shape[0] != X.shape[0]:
         raise ValueError(f"X and y must have the same number of rows, got "
                          f"{X.shape[0]} and {Y.shape[0]}")
-    out = []
+    out = _RowBuffer(X.shape[0])
     for start, stop in chunks(X.shape[0], chunk_size):
         Xc = X[start:stop]
         with torch.no_grad():
@@ -571,8 +614,8 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
         W = output_weights(loss, F, Y[start:stop])[:, None, :]
         rows = _vjp_rows(fm, params, Xc, W, projector)[:, 0]
         _check_finite_rows(rows, start, what, step)
-        out.append(rows)
-    return np.concatenate(out)
+        out.put(start, rows)
+    return out.array
 
 
 def test_features(model, loss, params, X_test, y_test, *, proj_dim, seed=0,

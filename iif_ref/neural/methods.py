@@ -32,7 +32,7 @@ from iif_ref.errors import NotPositiveDefiniteError
 from iif_ref.neural.baseline import per_sample_losses
 from iif_ref.neural.config import IIFConfig
 from iif_ref._defaults import default_relative_damping
-from iif_ref.neural.curvature import dense_scores, resolve_damping
+from iif_ref.neural.curvature import dense_scores, projected_gram, resolve_damping
 from iif_ref.neural.engine import run
 from iif_ref.neural.features import DEFAULT_PROJ_DIM, gradient_features, make_projector
 from iif_ref.neural.functional import chunks, eval_mode
@@ -379,12 +379,12 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
             with torch.no_grad():
                 p = torch.exp(per_sample_losses(fm, prob.loss, theta, prob.X, prob.Y) * -1.0)
             Q = (1.0 - p).double().numpy()
-            Psi = Phi * Q[:, None].astype(Phi.dtype)
             # Projected or not, the Gram of the features and the package's one step solve.
-            Phi64 = Phi.astype(np.float64)
-            C = Phi64.T @ Phi64
+            # Ψ = diag(1 − p) Φ: −Γ F⁻¹ Ψᵀ = (−Γ F⁻¹ Φᵀ) diag(1 − p), Ψ never formed.
+            C = projected_gram(Phi)
             lam_d = resolve_damping(damping, np.trace(C), C.shape[0], relative=relative)
-            term, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=c)
+            term, cond = dense_scores(C, Phi, Gamma, damping=lam_d, step=c)
+            term *= Q[None, :]
             scores += term / len(cks)
             conds.append(cond)
             lams.append(lam_d)
