@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,8 @@ def atomic_write(path, data):
     directory, is flushed and ``fsync``-ed, and is renamed over ``path`` with
     :func:`os.replace` (atomic on one POSIX file system); the directory is then
     ``fsync``-ed so that the rename itself survives a power loss. On any error the
-    temporary file is removed and the error propagates; ``path`` is untouched.
+    temporary file is removed and the error propagates; ``path`` is untouched. The file
+    gets the permissions of a new file made by :func:`open` (``0o666`` less the umask).
 
     Examples
     --------
@@ -54,7 +55,7 @@ def atomic_write(path, data):
     if not (callable(data) or isinstance(data, (bytes, bytearray, memoryview))):
         raise TypeError(f"data must be bytes-like or a callable, got {type(data).__name__}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _open_temporary(path)
     try:
         if callable(data):
             with os.fdopen(fd, "wb") as fh:
@@ -76,6 +77,24 @@ def atomic_write(path, data):
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _open_temporary(path):
+    """``(fd, tmp)``: a new, exclusively created temporary file beside ``path``.
+
+    Created with mode ``0o666``, which the kernel reduces by the umask as for a plain
+    :func:`open`; :func:`tempfile.mkstemp`'s fixed ``0o600`` would make every result
+    private to its owner, unlike the figures written beside it.
+    """
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path} after 100 tries")
 
 
 def _fsync_dir(directory):

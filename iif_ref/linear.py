@@ -25,22 +25,16 @@ systems at once.
 Only scalar targets (one output, ``d_out = 1``) are supported: ``y`` of shape
 ``(n_train,)`` or ``(n_train, 1)``.
 """
-from __future__ import annotations
+# The public namespace is __all__ alone (dir(), tab completion): every import is private.
+import math as _math
+import numbers as _numbers
+from dataclasses import dataclass as _dataclass
 
-import math
-import numbers
-from dataclasses import dataclass
+import numpy as _np
+from scipy.linalg import solve_triangular as _solve_triangular
 
-import numpy as np
-from scipy.linalg import solve_triangular
-
-from iif_ref._validation import (
-    as_float_array,
-    check_nonnegative_real,
-    check_positive_int,
-    check_positive_real,
-)
-from iif_ref.errors import IndefiniteObjectiveError
+from iif_ref import _validation
+from iif_ref.errors import IndefiniteObjectiveError as _IndefiniteObjectiveError
 
 __all__ = [
     "fit",
@@ -56,7 +50,7 @@ __all__ = [
     "subset_test_losses",
 ]
 
-_EPS = np.finfo(np.float64).eps
+_EPS = _np.finfo(_np.float64).eps
 
 # Gradient descent in `tracin` is run, by default, until the worst-case contraction of
 # its error ‖θ_s − θ*‖ / ‖θ*‖ falls below this (see `_default_n_steps`).
@@ -67,17 +61,17 @@ _GD_CONVERGED = 1e-6
 # Validation and the shared factorisation
 # --------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Problem:
     """A validated training set and its QR factorisation (private core state)."""
 
-    X: np.ndarray          # (n_train, d)
-    y: np.ndarray          # (n_train,)
+    X: _np.ndarray          # (n_train, d)
+    y: _np.ndarray          # (n_train,)
     ridge: float
-    Q_N: np.ndarray        # (n_train, d): X R⁻¹, the training rows of Q
-    R: np.ndarray          # (d, d) upper triangular, RᵀR = XᵀX + ridge·I
-    sv: np.ndarray         # (d,) singular values of [X; √ridge I], descending
-    theta_star: np.ndarray  # (d,)
+    Q_N: _np.ndarray        # (n_train, d): X R⁻¹, the training rows of Q
+    R: _np.ndarray          # (d, d) upper triangular, RᵀR = XᵀX + ridge·I
+    sv: _np.ndarray         # (d,) singular values of [X; √ridge I], descending
+    theta_star: _np.ndarray  # (d,)
 
     @property
     def n_train(self):
@@ -94,12 +88,12 @@ class _Problem:
 
     def whiten(self, V):
         """Rows of ``V R⁻¹`` for ``V`` of shape (k, d); ``(V R⁻¹)(W R⁻¹)ᵀ = V M⁻¹ Wᵀ``."""
-        return solve_triangular(self.R, V.T, trans="T", check_finite=False).T
+        return _solve_triangular(self.R, V.T, trans="T", check_finite=False).T
 
     def minv(self, V):
         """Rows of ``V M⁻¹`` (= ``(M⁻¹ Vᵀ)ᵀ``, M symmetric) for ``V`` of shape (k, d)."""
-        Z = solve_triangular(self.R, V.T, trans="T", check_finite=False)
-        return solve_triangular(self.R, Z, check_finite=False).T
+        Z = _solve_triangular(self.R, V.T, trans="T", check_finite=False)
+        return _solve_triangular(self.R, Z, check_finite=False).T
 
     def solve_targets(self, targets):
         """Least-squares fits ``argmin Σ_i (x_iᵀθ − ρ_i)² + ridge‖θ‖²`` for each row of ``targets``.
@@ -109,13 +103,13 @@ class _Problem:
         """
         lead = targets.shape[:-1]
         T = targets.reshape(-1, self.n_train)
-        theta = solve_triangular(self.R, self.Q_N.T @ T.T, check_finite=False).T
+        theta = _solve_triangular(self.R, self.Q_N.T @ T.T, check_finite=False).T
         return theta.reshape(lead + (self.d,))
 
 
 def _as_targets(y, name, n_rows):
     """Scalar targets as a 1-D array: (n,) or (n, 1) accepted."""
-    y = as_float_array(y, name, ndim=(1, 2))
+    y = _validation.as_float_array(y, name, ndim=(1, 2))
     if y.ndim == 2:
         if y.shape[1] != 1:
             raise ValueError(
@@ -130,39 +124,39 @@ def _as_targets(y, name, n_rows):
 
 def _prepare(X, y, ridge):
     """Validate the training data and factorise it once."""
-    X = as_float_array(X, "X", ndim=2)
+    X = _validation.as_float_array(X, "X", ndim=2)
     if X.shape[1] < 1:
         raise ValueError(f"X must have at least one column (feature), got shape {X.shape}")
     y = _as_targets(y, "y", X.shape[0])
-    ridge = check_nonnegative_real(ridge, "ridge")
+    ridge = _validation.check_nonnegative_real(ridge, "ridge")
     n, d = X.shape
-    A = np.vstack([X, math.sqrt(ridge) * np.eye(d)]) if ridge > 0 else X
+    A = _np.vstack([X, _math.sqrt(ridge) * _np.eye(d)]) if ridge > 0 else X
     # Scale the rank test with the data, so that X and 1e6·X are judged alike; the
     # threshold is NumPy's matrix_rank default (σ_max · max(rows, cols) · eps).
-    scale = np.max(np.abs(A))
+    scale = _np.max(_np.abs(A))
     if scale == 0.0:
         raise ValueError("X is all zeros and ridge is 0: the least-squares fit is undetermined")
-    Q, R = np.linalg.qr(A / scale)
+    Q, R = _np.linalg.qr(A / scale)
     R = R * scale
-    sv = np.linalg.svd(R, compute_uv=False)
+    sv = _np.linalg.svd(R, compute_uv=False)
     if sv.size < d:                      # fewer rows than columns: rank ≤ n_train < d
-        sv = np.concatenate([sv, np.zeros(d - sv.size)])
+        sv = _np.concatenate([sv, _np.zeros(d - sv.size)])
     if sv[-1] <= sv[0] * max(A.shape) * _EPS:
-        rank = int(np.sum(sv > sv[0] * max(A.shape) * _EPS))
+        rank = int(_np.sum(sv > sv[0] * max(A.shape) * _EPS))
         hint = (f"n_train = {n} <= d = {d}" if n <= d
                 else f"its columns are (numerically) linearly dependent, "
-                     f"condition number {sv[0] / max(sv[-1], np.finfo(float).tiny):.3g}")
+                     f"condition number {sv[0] / max(sv[-1], _np.finfo(float).tiny):.3g}")
         raise ValueError(
             f"X has numerical rank {rank} < d = {d} ({hint}), so XᵀX + ridge·I with "
             f"ridge = {ridge} is singular and the least-squares fit is not unique; "
             f"pass ridge > 0 or more samples")
     Q_N = Q[:n]
-    theta_star = solve_triangular(R, Q_N.T @ y, check_finite=False)
+    theta_star = _solve_triangular(R, Q_N.T @ y, check_finite=False)
     return _Problem(X=X, y=y, ridge=ridge, Q_N=Q_N, R=R, sv=sv, theta_star=theta_star)
 
 
 def _prepare_test(X_test, y_test, d):
-    X_test = as_float_array(X_test, "X_test", ndim=2)
+    X_test = _validation.as_float_array(X_test, "X_test", ndim=2)
     if X_test.shape[1] != d:
         raise ValueError(f"X_test must have d = {d} columns like X, got shape {X_test.shape}")
     y_test = _as_targets(y_test, "y_test", X_test.shape[0])
@@ -178,7 +172,7 @@ def _prepare_with_test(X, y, X_test, y_test, ridge):
 
 def _baseline_array(baseline_targets, n_train, n_test):
     """Validate ``baseline_targets``: (n_train,) shared, or (n_test, n_train) per test point."""
-    b = as_float_array(baseline_targets, "baseline_targets", ndim=(1, 2))
+    b = _validation.as_float_array(baseline_targets, "baseline_targets", ndim=(1, 2))
     if b.shape[-1] != n_train or (b.ndim == 2 and n_test is not None and b.shape[0] != n_test):
         want = f"({n_train},)" + (f" or ({n_test}, {n_train})" if n_test is not None
                                   else f" or (n_test, {n_train})")
@@ -190,7 +184,7 @@ def _residuals(theta, X_test, y_test):
     """Test residuals ``x̂ᵀθ − ŷ`` for θ of shape (d,) or (n_test, d)."""
     if theta.ndim == 1:
         return X_test @ theta - y_test
-    return np.einsum("td,td->t", X_test, theta) - y_test
+    return _np.einsum("td,td->t", X_test, theta) - y_test
 
 
 # --------------------------------------------------------------------------------------
@@ -253,7 +247,7 @@ def test_losses(theta, X_test, y_test):
     -----
     The per-sample squared error without ½ (``docs/conventions.md``).
     """
-    theta = as_float_array(theta, "theta", ndim=(1, 2))
+    theta = _validation.as_float_array(theta, "theta", ndim=(1, 2))
     d = theta.shape[-1]
     X_test, y_test = _prepare_test(X_test, y_test, d)
     if theta.ndim == 2 and theta.shape[0] != X_test.shape[0]:
@@ -269,29 +263,29 @@ test_losses.__test__ = False
 def _unlearned(p, X_test, y_test, lam):
     """Closed-form minimisers of Eq. (12), one per test point; shape (n_test, d)."""
     W = p.whiten(X_test)                      # rows x̂ᵀR⁻¹
-    h = np.einsum("td,td->t", W, W)           # test leverages x̂ᵀM⁻¹x̂
+    h = _np.einsum("td,td->t", W, W)           # test leverages x̂ᵀM⁻¹x̂
     # The triangular solves give h with relative error of order d·κ(X)·eps, so a margin
     # lam − h below that is indistinguishable from an indefinite Hessian.
-    margin = 16.0 * p.d * math.sqrt(p.cond_M) * _EPS * lam
-    bad = np.flatnonzero(lam - h <= margin)
+    margin = 16.0 * p.d * _math.sqrt(p.cond_M) * _EPS * lam
+    bad = _np.flatnonzero(lam - h <= margin)
     if bad.size:
         M = p.R.T @ p.R
-        Hs = 2.0 * (lam * M[None] - np.einsum("ti,tj->tij", X_test[bad], X_test[bad]))
-        eig = np.linalg.eigvalsh(Hs)[:, 0]
+        Hs = 2.0 * (lam * M[None] - _np.einsum("ti,tj->tij", X_test[bad], X_test[bad]))
+        eig = _np.linalg.eigvalsh(Hs)[:, 0]
         shown = ", ".join(f"{int(t)} (leverage {h[t]:.6g}, min eigenvalue {e:.3g})"
                           for t, e in zip(bad[:10], eig[:10]))
         more = f" and {bad.size - 10} more" if bad.size > 10 else ""
-        raise IndefiniteObjectiveError(
+        raise _IndefiniteObjectiveError(
             f"the unlearning objective −L_test + lam·L_train (Eq. 12) with lam = {lam} has "
             f"no minimiser for {bad.size} test point(s): its Hessian "
             f"2(lam(XᵀX + ridge I) − x̂x̂ᵀ) is not positive definite, which needs "
             f"lam > x̂ᵀ(XᵀX + ridge I)⁻¹x̂; test indices: {shown}{more}. Increase lam above "
-            f"{float(np.max(h[bad])):.6g}",
+            f"{float(_np.max(h[bad])):.6g}",
             test_indices=bad, min_eigenvalues=eig)
     r_star = X_test @ p.theta_star - y_test
     # Sherman–Morrison: (lam M − x̂x̂ᵀ)⁻¹ is a rank-one update of M⁻¹/lam, and the
     # stationarity condition collapses to θ' = θ* + M⁻¹x̂ · r*/(lam − h).
-    A = solve_triangular(p.R, W.T, check_finite=False).T   # rows M⁻¹x̂
+    A = _solve_triangular(p.R, W.T, check_finite=False).T   # rows M⁻¹x̂
     return p.theta_star[None, :] + A * (r_star / (lam - h))[:, None]
 
 
@@ -329,7 +323,7 @@ def unlearned_params(X, y, X_test, y_test, *, lam=1.0, ridge=0.0):
     ``h = x̂ᵀM⁻¹x̂``. The baseline targets of Eq. (13) are ``X θ'``.
     """
     p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
-    lam = check_positive_real(lam, "lam")
+    lam = _validation.check_positive_real(lam, "lam")
     return _unlearned(p, X_test, y_test, lam)
 
 
@@ -343,7 +337,7 @@ def _baseline_targets(p, X_test, y_test, lam, baseline_targets):
     if baseline_targets is None:
         return _unlearned(p, X_test, y_test, lam) @ p.X.T
     b = _baseline_array(baseline_targets, p.n_train, n_test)
-    return np.broadcast_to(b, (n_test, p.n_train))
+    return _np.broadcast_to(b, (n_test, p.n_train))
 
 
 def _endpoint_residuals(p, X_test, y_test, Ybar):
@@ -417,8 +411,8 @@ def integrated_influence(X, y, X_test, y_test, *, lam=1.0, K=None, baseline_targ
     True
     """
     p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
-    lam = check_positive_real(lam, "lam")
-    K = check_positive_int(K, "K", allow_none=True)
+    lam = _validation.check_positive_real(lam, "lam")
+    K = _validation.check_positive_int(K, "K", allow_none=True)
     Ybar = _baseline_targets(p, X_test, y_test, lam, baseline_targets)
     r0, r1 = _endpoint_residuals(p, X_test, y_test, Ybar)
     if K is None:
@@ -449,7 +443,7 @@ def delta(X, y, X_test, y_test, *, lam=1.0, baseline_targets=None, ridge=0.0):
     does not (``θ(0) = M⁻¹XᵀXθ'``), and completeness holds for ``θ(0)``.
     """
     p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
-    lam = check_positive_real(lam, "lam")
+    lam = _validation.check_positive_real(lam, "lam")
     Ybar = _baseline_targets(p, X_test, y_test, lam, baseline_targets)
     r0, r1 = _endpoint_residuals(p, X_test, y_test, Ybar)
     return r1 ** 2 - r0 ** 2
@@ -458,7 +452,7 @@ def delta(X, y, X_test, y_test, *, lam=1.0, baseline_targets=None, ridge=0.0):
 def _path_inputs(X, y, baseline_targets, t, ridge):
     p = _prepare(X, y, ridge)
     b = _baseline_array(baseline_targets, p.n_train, None)
-    t = as_float_array(t, "t", ndim=(0, 1), min_rows=0)
+    t = _validation.as_float_array(t, "t", ndim=(0, 1), min_rows=0)
     return p, b, t
 
 
@@ -516,7 +510,7 @@ def path_derivative(X, y, baseline_targets, t, *, ridge=0.0):
     # H⁻¹v = M⁻¹v / 2, with M = RᵀR.
     dtheta = -0.5 * p.minv(flat)
     dtheta = dtheta.reshape(cross.shape)
-    return np.broadcast_to(dtheta, t.shape + dtheta.shape).copy()
+    return _np.broadcast_to(dtheta, t.shape + dtheta.shape).copy()
 
 
 # --------------------------------------------------------------------------------------
@@ -553,41 +547,41 @@ def influence_function(X, y, X_test, y_test, *, ridge=0.0):
 
 def _default_n_steps(mu, lr):
     """Steps until the worst-case GD error contraction max_j |1 − lr·μ_j|^s ≤ _GD_CONVERGED."""
-    rate = float(np.max(np.abs(1.0 - lr * mu)))
+    rate = float(_np.max(_np.abs(1.0 - lr * mu)))
     if rate == 0.0:
         return 1
     if rate >= 1.0:
         # lr·μ_min below the float64 resolution of 1: the slowest mode never moves.
         raise ValueError(f"lr = {lr} is too small for gradient descent to converge in float64 "
                          f"(1 − lr·λ_min(H) rounds to 1); pass n_steps explicitly or a larger lr")
-    return max(1, math.ceil(math.log(_GD_CONVERGED) / math.log(rate)))
+    return max(1, _math.ceil(_math.log(_GD_CONVERGED) / _math.log(rate)))
 
 
 def _checkpoint_iterations(checkpoints, n_steps, mu, lr):
-    if isinstance(checkpoints, numbers.Integral) and not isinstance(checkpoints, bool):
-        n = check_positive_int(checkpoints, "checkpoints")
+    if isinstance(checkpoints, _numbers.Integral) and not isinstance(checkpoints, bool):
+        n = _validation.check_positive_int(checkpoints, "checkpoints")
         if n_steps is None:
             steps = max(n, _default_n_steps(mu, lr))
         else:
-            steps = check_positive_int(n_steps, "n_steps")
+            steps = _validation.check_positive_int(n_steps, "n_steps")
             if n > steps:
                 raise ValueError(f"checkpoints = {n} evenly spaced checkpoints need "
                                  f"n_steps >= {n}, got n_steps = {steps}")
-        c = np.arange(1, n + 1, dtype=np.int64)
+        c = _np.arange(1, n + 1, dtype=_np.int64)
         return -((-c * steps) // n)                       # ceil(c · steps / n)
     if n_steps is not None:
         raise ValueError("n_steps is used only when checkpoints is an int; "
                          "got explicit checkpoint iterations and n_steps")
-    it = np.asarray(checkpoints)
+    it = _np.asarray(checkpoints)
     if it.ndim != 1 or it.size == 0:
         raise ValueError(f"checkpoints must be an int or a non-empty 1-D sequence of "
                          f"iteration indices, got shape {it.shape}")
-    if not np.issubdtype(it.dtype, np.integer):
+    if not _np.issubdtype(it.dtype, _np.integer):
         raise TypeError(f"checkpoints must hold integer iteration indices, got dtype {it.dtype}")
-    if np.any(it < 0) or np.any(np.diff(it) <= 0):
+    if _np.any(it < 0) or _np.any(_np.diff(it) <= 0):
         raise ValueError(f"checkpoints must be strictly increasing non-negative iteration "
                          f"indices, got {it.tolist()}")
-    return it.astype(np.int64)
+    return it.astype(_np.int64)
 
 
 def tracin(X, y, X_test, y_test, *, lr, checkpoints, n_steps=None, ridge=0.0):
@@ -627,8 +621,8 @@ def tracin(X, y, X_test, y_test, *, lr, checkpoints, n_steps=None, ridge=0.0):
     ``θ_s = θ* − (I − lr·H)^s θ*``, evaluated through the eigendecomposition of ``H``.
     """
     p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
-    lr = check_positive_real(lr, "lr")
-    _, s, Vt = np.linalg.svd(p.R)                         # M = RᵀR = V s² Vᵀ
+    lr = _validation.check_positive_real(lr, "lr")
+    _, s, Vt = _np.linalg.svd(p.R)                         # M = RᵀR = V s² Vᵀ
     mu = 2.0 * s ** 2                                     # eigenvalues of H
     if lr >= 2.0 / mu[0]:
         raise ValueError(f"lr = {lr} >= 2/λ_max(H) = {2.0 / mu[0]:.6g}: gradient descent on "
@@ -636,7 +630,7 @@ def tracin(X, y, X_test, y_test, *, lr, checkpoints, n_steps=None, ridge=0.0):
                          f"smaller lr")
     steps = _checkpoint_iterations(checkpoints, n_steps, mu, lr)
     # θ_s − θ* = (I − lr H)^s (θ_0 − θ*) with θ_0 = 0.
-    decay = np.power((1.0 - lr * mu)[None, :], steps[:, None].astype(np.float64))
+    decay = _np.power((1.0 - lr * mu)[None, :], steps[:, None].astype(_np.float64))
     theta_c = p.theta_star[None, :] - (decay * (Vt @ p.theta_star)[None, :]) @ Vt
     R_test = theta_c @ X_test.T - y_test[None, :]          # (n_ckpt, n_test) residuals
     E_train = theta_c @ p.X.T - p.y[None, :]               # (n_ckpt, n_train)
@@ -670,10 +664,10 @@ def leave_one_out(X, y, X_test, y_test, *, ridge=0.0):
     diagonal); exact with ridge too.
     """
     p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
-    h = np.einsum("id,id->i", p.Q_N, p.Q_N)
+    h = _np.einsum("id,id->i", p.Q_N, p.Q_N)
     # h has relative error of order d·eps (row norms of an orthonormal Q); 1 − h below a
     # few hundred eps cannot be told from 0.
-    bad = np.flatnonzero(1.0 - h <= 64.0 * p.d * _EPS)
+    bad = _np.flatnonzero(1.0 - h <= 64.0 * p.d * _EPS)
     if bad.size:
         raise ValueError(
             f"training sample(s) {bad[:20].tolist()}{' ...' if bad.size > 20 else ''} have "
@@ -721,29 +715,29 @@ def subset_test_losses(X, y, X_test, y_test, masks, *, ridge=0.0):
     p, X_test, y_test = _prepare_with_test(X, y, X_test, y_test, ridge)
     if isinstance(masks, (str, bytes)) or masks is None:
         raise TypeError(f"masks must be a boolean array, got {type(masks).__name__}")
-    masks = np.asarray(masks)
-    if masks.dtype != np.bool_:
+    masks = _np.asarray(masks)
+    if masks.dtype != _np.bool_:
         raise TypeError(f"masks must be a boolean array, got dtype {masks.dtype}")
     if masks.ndim != 2 or masks.shape[1] != p.n_train or masks.shape[0] < 1:
         raise ValueError(f"masks must have shape (n_subsets >= 1, {p.n_train}), "
                          f"got {masks.shape}")
-    empty = np.flatnonzero(~masks.any(axis=1))
+    empty = _np.flatnonzero(~masks.any(axis=1))
     if empty.size:
         raise ValueError(f"masks rows {empty[:20].tolist()}{' ...' if empty.size > 20 else ''} "
                          f"select no training sample")
     n, d = p.X.shape
-    m = masks.astype(np.float64)
+    m = masks.astype(_np.float64)
     outer = (p.X[:, :, None] * p.X[:, None, :]).reshape(n, d * d)
     G = (m @ outer).reshape(-1, d, d)
     if p.ridge > 0:
-        G += p.ridge * np.eye(d)
+        G += p.ridge * _np.eye(d)
     b = m @ (p.X * p.y[:, None])
-    ev = np.linalg.eigvalsh(G)
-    singular = np.flatnonzero(ev[:, 0] <= ev[:, -1] * max(n, d) * _EPS)
+    ev = _np.linalg.eigvalsh(G)
+    singular = _np.flatnonzero(ev[:, 0] <= ev[:, -1] * max(n, d) * _EPS)
     if singular.size:
         raise ValueError(
             f"masks rows {singular[:20].tolist()}{' ...' if singular.size > 20 else ''} "
             f"select subsets whose Gram matrix XᵀX + ridge·I is numerically singular "
             f"(fewer independent samples than d = {d}); their fits are not unique")
-    theta = np.linalg.solve(G, b[:, :, None])[:, :, 0]
+    theta = _np.linalg.solve(G, b[:, :, None])[:, :, 0]
     return (theta @ X_test.T - y_test[None, :]) ** 2

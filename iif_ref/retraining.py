@@ -133,7 +133,7 @@ def _read_cached(path, key):
 
 
 def retrain_subsets(spec, X_train, y_train, X_test, y_test, masks, *, seed, cache_dir=None,
-                    n_workers=1, progress=True, max_new=None):
+                    n_workers=1, progress=True, max_new=None, same_seed=False):
     """Train ``spec`` on every subset in ``masks`` and return each test point's loss.
 
     Parameters
@@ -148,6 +148,10 @@ def retrain_subsets(spec, X_train, y_train, X_test, y_test, masks, *, seed, cach
         ``iif_ref.metrics.random_subset_masks``).
     seed : int, keyword-only
         Subset ``j`` is initialised and shuffled with ``subset_seed(seed, j)``.
+    same_seed : bool, keyword-only
+        Every subset is initialised and shuffled with ``subset_seed(seed, 0)``: the same
+        initial parameters and the same minibatch order (over positions in the subset),
+        so the test losses differ by the data alone (a low-noise ground truth).
     cache_dir : str or Path, optional, keyword-only
         Where finished subsets are stored; ``None`` keeps nothing.
     n_workers : int, keyword-only
@@ -184,11 +188,15 @@ def retrain_subsets(spec, X_train, y_train, X_test, y_test, masks, *, seed, cach
     max_new = check_positive_int(max_new, "max_new", allow_none=True)
 
     n_subsets, n_test = masks.shape[0], len(X_test)
-    config = {"model": spec.to_dict(), "seed": int(seed), "n_subsets": int(n_subsets),
+    config = {"model": spec.to_dict(), "seed": int(seed), "same_seed": bool(same_seed),
+              "n_subsets": int(n_subsets),
               "n_train": int(len(X_train)), "n_test": int(n_test), "n_workers": n_workers,
               "threads_per_worker": 1, "loss": "per-sample cross-entropy, eval mode"}
     data_key = array_digest(X_train, y_train, X_test, y_test, extra=config["model"])
-    keys = [array_digest(masks[j], extra=[data_key, int(seed), j]) for j in range(n_subsets)]
+    keys = [array_digest(masks[j], extra=[data_key, int(seed), j] + (["same seed"] if
+                                                                      same_seed else []))
+            for j in range(n_subsets)]
+    seeds = [subset_seed(seed, 0 if same_seed else j) for j in range(n_subsets)]
 
     losses = np.full((n_subsets, n_test), np.nan)
     seconds = np.full(n_subsets, np.nan)
@@ -223,12 +231,12 @@ def retrain_subsets(spec, X_train, y_train, X_test, y_test, masks, *, seed, cach
     if todo and n_workers == 1:
         _init_worker_in_process(X_train, y_train, X_test, y_test)
         for j in todo:
-            finish(j, _train_subset(spec, masks[j], subset_seed(seed, j)))
+            finish(j, _train_subset(spec, masks[j], seeds[j]))
     elif todo:
         with ProcessPoolExecutor(max_workers=min(n_workers, len(todo)),
                                  mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=(X_train, y_train, X_test, y_test)) as pool:
-            futures = {pool.submit(_train_subset, spec, masks[j], subset_seed(seed, j)): j
+            futures = {pool.submit(_train_subset, spec, masks[j], seeds[j]): j
                        for j in todo}
             for fut in as_completed(futures):
                 finish(futures[fut], fut.result())

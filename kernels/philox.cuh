@@ -2,8 +2,12 @@
 //
 // Equation.  A[m, p] = s(seed, m, p) * P^(-1/2)   (Rademacher, kind 0, default)
 //            A[m, p] = z(seed, m, p) * P^(-1/2)   (Gaussian,   kind 1)
+//            A[m, p] = s(m) [p == h(m)]           (CountSketch, kind 2: one nonzero per row)
+//            S[m, p] = s(seed, m, p)              (Kronecker factors, kinds 3 and 4: +-1)
 //   with s in {+1, -1} and z ~ N(0, 1) drawn from Philox4x32-10 exactly as written in
-//   docs/rng.md (counter layout, key = seed split in two 32-bit words, Box-Muller).
+//   docs/rng.md (counter layout, key = seed split in two 32-bit words, Box-Muller).  The
+//   fourth counter word of every call is the kind's code, so the kinds are independent
+//   streams of one generator.
 //
 // Index convention.  m in [0, 2^64) is the parameter (row) index of A, p in [0, 2^32) the
 //   projected coordinate (column), P = proj_dim the number of columns.  One Philox call with
@@ -46,6 +50,9 @@ typedef int64_t iif_i64;
 // Entry kinds (the `kind` argument of every kernel and host function).
 #define IIF_KIND_RADEMACHER 0
 #define IIF_KIND_GAUSSIAN 1
+#define IIF_KIND_COUNTSKETCH 2
+#define IIF_KIND_KRONECKER_IN 3
+#define IIF_KIND_KRONECKER_OUT 4
 
 // Philox4x32 constants (Salmon et al., SC'11; docs/rng.md).
 #define IIF_PHILOX_M0 0xD2511F53u
@@ -94,12 +101,28 @@ IIF_HD void iif_philox_for_entry(iif_u64 seed, iif_u64 m, iif_u32 group, iif_u32
 // (as the NumPy oracle does) and then rounded once to the output dtype.
 IIF_HD double iif_sqrt_dim(iif_i64 proj_dim) { return sqrt((double)proj_dim); }
 
-// 1 when A[m, p] is negative in the Rademacher matrix, else 0 (bit p % 32 of word (p % 128) / 32).
-IIF_HD iif_u32 iif_rademacher_bit(iif_u64 seed, iif_u64 m, iif_u32 p) {
+// 1 when the sign of column p of row m in stream `stream` is negative, else 0 (bit p % 32 of
+// word (p % 128) / 32 of the call with counter (m_lo, m_hi, p / 128, stream)).
+IIF_HD iif_u32 iif_sign_bit(iif_u64 seed, iif_u64 m, iif_u32 p, iif_u32 stream) {
     iif_u32 r[4];
-    iif_philox_for_entry(seed, m, p >> 7, 0u, r);
+    iif_philox_for_entry(seed, m, p >> 7, stream, r);
     const iif_u32 j = p & 127u;
     return (r[j >> 5] >> (j & 31u)) & 1u;
+}
+
+// 1 when A[m, p] is negative in the Rademacher matrix, else 0.
+IIF_HD iif_u32 iif_rademacher_bit(iif_u64 seed, iif_u64 m, iif_u32 p) {
+    return iif_sign_bit(seed, m, p, (iif_u32)IIF_KIND_RADEMACHER);
+}
+
+// CountSketch row m: bucket h(m) = floor(r0 * P / 2^32) (exact in 64 bits for P < 2^32) and
+// sign bit (bit 0 of r1; 1 means -1) of the call with counter (m_lo, m_hi, 0, 2).
+IIF_HD iif_u32 iif_countsketch_bucket(iif_u64 seed, iif_u64 m, iif_i64 proj_dim,
+                                      iif_u32* negative) {
+    iif_u32 r[4];
+    iif_philox_for_entry(seed, m, 0u, (iif_u32)IIF_KIND_COUNTSKETCH, r);
+    *negative = r[1] & 1u;
+    return (iif_u32)(((iif_u64)r[0] * (iif_u64)proj_dim) >> 32);
 }
 
 // A 53-bit uniform in (0, 1] from two words, the operations in the order docs/rng.md writes
@@ -131,10 +154,19 @@ IIF_HD double iif_gaussian_z(iif_u64 seed, iif_u64 m, iif_u32 p) {
     return (p & 1u) ? z_odd : z_even;
 }
 
-// A[m, p] in float64 (the value every dtype is rounded from).
-IIF_HD double iif_entry(iif_u64 seed, iif_u64 m, iif_u32 p, double sqrt_dim, int kind) {
+// A[m, p] in float64 (the value every dtype is rounded from); P = proj_dim, sqrt_dim = sqrt(P).
+IIF_HD double iif_entry(iif_u64 seed, iif_u64 m, iif_u32 p, iif_i64 proj_dim, double sqrt_dim,
+                        int kind) {
     if (kind == IIF_KIND_GAUSSIAN) {
         return iif_gaussian_z(seed, m, p) / sqrt_dim;
+    }
+    if (kind == IIF_KIND_COUNTSKETCH) {
+        iif_u32 negative;
+        if (iif_countsketch_bucket(seed, m, proj_dim, &negative) != p) return 0.0;
+        return negative ? -1.0 : 1.0;
+    }
+    if (kind == IIF_KIND_KRONECKER_IN || kind == IIF_KIND_KRONECKER_OUT) {
+        return iif_sign_bit(seed, m, p, (iif_u32)kind) ? -1.0 : 1.0;
     }
     const double value = 1.0 / sqrt_dim;
     return iif_rademacher_bit(seed, m, p) ? -value : value;

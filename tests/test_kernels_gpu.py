@@ -26,7 +26,7 @@ from iif_ref.kernels._registry import backend_status, get_backend
 CUPY_OK, CUPY_REASON = backend_status("cupy")
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not CUPY_OK, reason=f"cupy backend unavailable: {CUPY_REASON}")]
+              pytest.mark.skipif(not CUPY_OK, reason=f"backend 'cupy' unavailable: {CUPY_REASON}")]
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +290,48 @@ def test_cupy_projected_scores_of_torch_cuda_tensors_return_torch(cb):
     assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == torch.float64
     ref = cb.projected_scores(Phi, Psi, Gamma, damping=lam, reduce=True)
     assert out.cpu().numpy().tobytes() == ref.tobytes()
+
+
+# --------------------------------------------------------------------------- structured projections
+@needs_host
+@settings(max_examples=10)
+@given(st.integers(0, 2**64 - 1), row_starts, st.integers(1, 70), st.integers(1, 400),
+       st.sampled_from(["countsketch", "kronecker_in", "kronecker_out"]),
+       st.sampled_from([np.float32, np.float64]))
+def test_cupy_structured_blocks_equal_host_bit_for_bit(cb, seed, row_start, n_rows, proj_dim,
+                                                       kind, dtype):
+    # The CountSketch bucket/sign pattern and the ±1 Kronecker factors from the device
+    # generate kernel are the C++ twin's (and so the oracle's) bytes.
+    if row_start + n_rows > 2**64:
+        row_start = 2**64 - n_rows
+    got = cb.generate(seed, row_start, n_rows, proj_dim, kind, dtype)
+    want = _host.generate_block(seed, row_start, n_rows, proj_dim, kind=kind, dtype=dtype)
+    assert got.tobytes() == want.tobytes()
+
+
+@needs_host
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, M, P", [(1, 1, 1), (3, 17, 5), (300, 1000, 129), (70, 5000, 64)])
+def test_cupy_countsketch_projection_equals_host_bit_for_bit(cb, n, M, P, dtype):
+    # kernels/countsketch.cu, one thread per row in the order of countsketch.cuh: the same
+    # bytes as the host twin and the NumPy oracle.
+    G = np.random.default_rng(n + M + P).standard_normal((n, M)).astype(dtype)
+    got = cb.project(G, P, seed=2**63 + 1, kind="countsketch", chunk_rows=M,
+                     m_offset=2**32 - 5)
+    want = _host.countsketch(G, P, seed=2**63 + 1, m_offset=2**32 - 5)
+    assert got.tobytes() == want.tobytes()
+    whole = cb.project(G, P, seed=3, kind="countsketch", chunk_rows=M)
+    oracle = project(G, P, seed=3, kind="countsketch", backend="numpy")
+    assert whole.tobytes() == oracle.tobytes()
+
+
+def test_cupy_kronecker_projector_factors_equal_oracle_bit_for_bit():
+    from iif_ref.kernels import LinearBlock, Projector
+    layers = [LinearBlock(0, 128, 64, 8192), LinearBlock(8320, 64, 128, 16512),
+              LinearBlock(16576, 10, 64, 17216)]
+    dev = Projector(17226, 512, kind="kronecker", layers=layers, backend="cupy", seed=7)
+    ref = Projector(17226, 512, kind="kronecker", layers=layers, backend="numpy", seed=7)
+    for (a, b), (c, d) in zip(dev.factor_pairs, ref.factor_pairs):
+        assert a.tobytes() == c.tobytes() and b.tobytes() == d.tobytes()
+    G = np.random.default_rng(0).standard_normal((8, 17226)).astype(np.float32)
+    assert np.array_equal(dev(G), ref(G))

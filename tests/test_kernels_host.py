@@ -255,6 +255,58 @@ def test_emulated_generate_kernel_equals_host_block_for_any_grid(kind, launch):
     assert got.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("kind", ["countsketch", "kronecker_in", "kronecker_out"])
+def test_structured_kinds_host_and_emulated_blocks_equal_oracle_bit_for_bit(kind):
+    # The CountSketch rows (one ±1 in column h(m)) and the ±1 Kronecker factors: the C++
+    # entry function, the emulated generate kernel and the NumPy oracle give the same bytes,
+    # rows straddling the m_lo / m_hi boundary.
+    for dtype in (np.float32, np.float64):
+        want = projection_matrix(2**32 + 40, 67, seed=2**63 + 5, kind=kind, dtype=dtype,
+                                 rows=(2**32 - 20, 2**32 + 40))
+        host = _host.generate_block(2**63 + 5, 2**32 - 20, 60, 67, kind=kind, dtype=dtype)
+        emulated = _host.emulate_generate(2**63 + 5, 2**32 - 20, 60, 67, kind=kind,
+                                          dtype=dtype, launch=((3,), (64,)))
+        assert host.tobytes() == want.tobytes() == emulated.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, M, P", EMULATED_SHAPES)
+def test_countsketch_host_emulated_and_every_host_backend_agree_bit_for_bit(n, M, P, dtype):
+    # kernels/countsketch.cuh fixes the order (per row, ascending m, one add in the input
+    # dtype); the NumPy (ufunc.at) and Numba backends follow it, so all four are the same
+    # bytes, also for a grid-stride launch smaller than the rows and small blocks.
+    from iif_ref.kernels._registry import available_backends, get_backend
+    G = np.random.default_rng(n * M + P).standard_normal((n, M)).astype(dtype)
+    want = _host.countsketch(G, P, seed=2**40 + 3)
+    for launch in (None, ((1,), (32,))):
+        got = _host.emulate_countsketch(G, P, seed=2**40 + 3, launch=launch, fill=np.nan)
+        assert got.tobytes() == want.tobytes()
+    for name in available_backends():
+        if name != "cupy":
+            got = get_backend(name).project(G, P, seed=2**40 + 3, kind="countsketch",
+                                            chunk_rows=7)
+            assert got.tobytes() == want.tobytes(), name
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "kronecker_in"])
+def test_emulated_tiled_projection_of_structured_kinds_equals_host_twin(kind):
+    # The tiled dense kernel's generic branch (entry by entry) on the new kinds: the dense
+    # product with the materialised matrix, in the contract of projection.cuh.
+    G = np.random.default_rng(8).standard_normal((70, 40)).astype(np.float32)
+    got = _host.emulate_project(G, 130, seed=4, kind=kind, m_offset=2**32 - 9, fill=np.nan)
+    want = _host.project(G, 130, seed=4, kind=kind, m_offset=2**32 - 9)
+    assert got.tobytes() == want.tobytes()
+
+
+def test_cupy_backend_logic_countsketch_on_the_emulation(emulated_cupy_backend):
+    G = np.random.default_rng(2).standard_normal((50, 300)).astype(np.float32)
+    got = emulated_cupy_backend.project(G, 64, seed=9, kind="countsketch", chunk_rows=5)
+    assert got.tobytes() == _host.countsketch(G, 64, seed=9).tobytes()
+    block = emulated_cupy_backend.generate(9, 0, 5, 64, "kronecker_out", np.float32)
+    assert block.tobytes() == _host.generate_block(9, 0, 5, 64, kind="kronecker_out",
+                                                   dtype=np.float32).tobytes()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("B, N, P, grid_z", [(1, 1, 1, 1), (3, 37, 70, 3), (3, 20, 130, 2)])
 def test_emulated_gram_kernel_equals_host_twin_bit_for_bit(B, N, P, grid_z, dtype):
@@ -304,6 +356,8 @@ def _emulated_cupy_modules():
                 rc = lib.iif_emulate_project(code, grid[0], grid[1], block[0], *raw)
             elif self.name.startswith("iif_generate"):
                 rc = lib.iif_emulate_generate(code, grid[0], block[0], *raw)
+            elif self.name.startswith("iif_countsketch"):
+                rc = lib.iif_emulate_countsketch(code, grid[0], block[0], *raw)
             else:
                 rc = lib.iif_emulate_gram(code, grid[0], grid[1], grid[2], block[0], *raw)
             assert rc == 0

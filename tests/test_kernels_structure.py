@@ -177,3 +177,62 @@ def test_auto_damping_is_each_methods_measured_relative_value():
             net, "cross_entropy", *data, method=method, **options)
         assert res.config["damping_relative"] == default_relative_damping(method,
                                                                           projected=True)
+
+
+def test_default_damping_table_holds_the_documented_measured_values():
+    # Literal values, not read back through the table: docs/user-guide.md (the `damping`
+    # row: IIF r = 0.1; IF 1 projected, 10 exact; TRAK 10) and the default_r column of
+    # docs/results/damping_defaults.json, which validation/damping_defaults.py measured.
+    import json
+
+    from iif_ref._defaults import DEFAULT_RELATIVE_DAMPING
+
+    assert DEFAULT_RELATIVE_DAMPING == {("iif", True): 0.1, ("iif", False): 10.0,
+                                        ("if", True): 1.0, ("if", False): 10.0,
+                                        ("trak", True): 10.0, ("trak", False): 10.0}
+    path = Path(__file__).resolve().parents[1] / "docs/results/damping_defaults.json"
+    measured = json.loads(path.read_text())["rows"]
+    keys = {"iif": ("iif", True), "if": ("if", False), "if_projected": ("if", True),
+            "trak": ("trak", True)}
+    assert {row["method"] for row in measured} == set(keys)
+    for row in measured:
+        assert row["default_r"] == DEFAULT_RELATIVE_DAMPING[keys[row["method"]]], row
+
+
+@pytest.mark.parametrize("method, options, r", [
+    ("iif", {"proj_dim": 16}, 0.1),
+    ("iif", {"proj_dim": None}, 10.0),
+    ("if", {"solver": "projected", "proj_dim": 16}, 1.0),
+    ("if", {"solver": "fisher_exact"}, 10.0),
+    ("trak", {"proj_dim": 16}, 10.0),
+], ids=["iif-projected", "iif-exact", "if-projected", "if-exact", "trak-projected"])
+def test_auto_damping_is_the_literal_r_times_an_independent_mean_eigenvalue(method,
+                                                                           options, r):
+    # damping="auto" is r·tr(C)/dim with tr(C) = ‖features‖²_F computed here, apart from
+    # the run, and r written out: a changed table or a lookup with the projected flag
+    # inverted (0.1 ↔ 10 for IIF, 1 ↔ 10 for IF) changes the damping used.
+    torch = pytest.importorskip("torch", reason="the neural half needs torch")
+    from iif_ref import attribute
+    from iif_ref.neural.features import gradient_features
+    from iif_ref.neural.losses import trak_margin
+    from iif_ref.neural.plan import prepare_problem
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 3)).double()
+    X = torch.randn(30, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    data = (X, y, X[:4], y[:4])
+    extra = {"K": 1, "baseline": "prediction", "progress": False} if method == "iif" else {}
+    res = attribute(net, "cross_entropy", *data, method=method, **options, **extra)
+    # K = 1 from θ' = θ*: the curvature is at θ* with the training targets (ρ(t_1) = y),
+    # the empirical Fisher of the loss gradients (of the margin gradients for TRAK).
+    prob = prepare_problem(net, "cross_entropy", *data)
+    proj_dim = options.get("proj_dim")
+    fn = trak_margin if method == "trak" else prob.loss
+    features = gradient_features(prob.fm, fn, prob.fm.theta_star, prob.X, prob.Y,
+                                 proj_dim=proj_dim, seed=0)
+    dim = prob.fm.n_params if proj_dim is None else proj_dim
+    mean_eigenvalue = float(np.sum(np.square(features, dtype=np.float64))) / dim
+    np.testing.assert_allclose(res.config["damping_used"][0], r * mean_eigenvalue,
+                               rtol=1e-10)

@@ -163,3 +163,113 @@ def test_progress_bar_only_on_a_terminal(digits, capsys):
     integrated_influence(model, "cross_entropy", X, y, Xt, yt, K=2, proj_dim=8,
                          progress=True)
     assert "steps" not in capsys.readouterr().err
+
+
+# ---- the objective of Eq. (12), computed apart from the optimiser --------------------
+def _ce_rows(net, params, X, y):
+    """Per-sample cross-entropy of ``net`` with parameters ``params`` (plain torch)."""
+    from torch.func import functional_call
+
+    logits = functional_call(net, params, (torch.as_tensor(X),))
+    return torch.nn.functional.cross_entropy(logits, torch.as_tensor(y),
+                                             reduction="none").detach().numpy()
+
+
+@pytest.mark.filterwarnings("ignore:unlearning .* did not:RuntimeWarning")
+@pytest.mark.parametrize("reduction, sign", [("log_mean", 1), ("log_mean", -1),
+                                             ("mean", 1), ("sum", 1)])
+def test_unlearning_objective_is_eq_12_in_its_documented_normalisation(reduction, sign):
+    # n_test = 3 and n_train = 25 differ, so a test term normalised by n_train (or a
+    # training term by n_test) changes the value: computed here from per-sample losses.
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 3)).double()
+    X, y = rng.standard_normal((25, 4)), rng.integers(0, 3, 25)
+    Xt, yt = rng.standard_normal((3, 4)), rng.integers(0, 3, 3)
+    lam = 0.7
+    plan = plan_path(net, "cross_entropy", X, y, Xt, yt, lam=lam, unlearn_epochs=2,
+                     unlearn_reduction=reduction, unlearn_sign=sign, proj_dim=8,
+                     progress=False)
+    (group,) = plan.groups
+
+    theta_star = {n: p.detach() for n, p in net.named_parameters()}
+
+    def objective(params):
+        test, train = _ce_rows(net, params, Xt, yt), _ce_rows(net, params, X, y)
+        if reduction == "log_mean" and sign == -1:   # bounded below: l_t / l_t(θ*)
+            return np.mean(test / _ce_rows(net, theta_star, Xt, yt)) + lam * np.mean(train)
+        if reduction == "log_mean":
+            return -np.mean(np.log(test)) + lam * np.mean(train)
+        if reduction == "mean":
+            return -sign * np.mean(test) + lam * np.mean(train)
+        return -sign * np.sum(test) + lam * np.sum(train)
+
+    history = group.unlearning["objective"]
+    np.testing.assert_allclose(history[0], objective(theta_star), rtol=1e-12)
+    np.testing.assert_allclose(history[-1], objective(group.theta_prime), rtol=1e-12)
+    assert history[-1] < history[0]
+
+
+# ---- the warning about baselines that did not move the test loss ---------------------
+def test_opposite_baseline_that_lowers_every_test_loss_is_not_warned_about(digits):
+    # unlearn_sign = −1 (Sec. 3.2's opposite baseline, used for opponents) must lower
+    # the test loss; doing so is success, not a "did not lower" failure.
+    model, X, y, Xt, yt = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        plan = plan_path(model, "cross_entropy", X, y, Xt, yt, unlearn_sign=-1, proj_dim=8,
+                         progress=False)
+    (group,) = plan.groups
+    assert np.all(group.loss_prime < plan.loss_star)              # the premise
+    assert plan.not_unlearned.size == 0
+
+
+def test_opposite_baseline_that_moves_nothing_is_warned_about(digits):
+    model, X, y, Xt, yt = digits
+    with pytest.warns(RuntimeWarning, match=r"did not lower the test loss of 12 of 12"):
+        plan = plan_path(model, "cross_entropy", X, y, Xt, yt, unlearn_sign=-1,
+                         unlearn_lr=1e-300, proj_dim=8, progress=False)
+    np.testing.assert_array_equal(plan.not_unlearned, np.arange(12))
+
+
+def test_proponents_opponents_warn_about_neither_baseline_when_both_moved(digits):
+    from iif_ref.neural import proponents_opponents
+
+    model, X, y, Xt, yt = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        po = proponents_opponents(model, "cross_entropy", X, y, Xt[:4], yt[:4], n_top=3,
+                                  K=1, proj_dim=8, progress=False)
+    assert np.all(po.unlearned.delta < 0) and np.all(po.learned.delta > 0)
+
+
+# ---- log l in float64 over the whole range of margins -------------------------------
+def test_log_cross_entropy_is_exact_over_the_whole_range_of_margins():
+    # For a one-hot target the cross-entropy is softplus(a), a = lse_{j≠y} f_j − f_y.
+    # log softplus(a) and its derivative σ(a)/softplus(a) against a 50-digit reference,
+    # from the underflow region through the switch to the asymptote a (at a < −20,
+    # whose error e^a/2 < e^-20/2 is the documented bound) to large margins of the
+    # wrong class. A switch at −2 would be off by 0.06 at a loss of 0.13.
+    mpmath = pytest.importorskip("mpmath", reason="the 50-digit reference needs mpmath")
+    from iif_ref.neural.baseline import _log_rows
+    from iif_ref.neural.losses import resolve_loss
+
+    mpmath.mp.dps = 50
+    a = np.unique(np.concatenate([np.linspace(-60.0, 40.0, 2001), [-700.0, -300.0, -100.0],
+                                  np.linspace(-20.5, -19.5, 41)]))
+    F = torch.tensor(np.stack([a, np.zeros_like(a)], axis=1), requires_grad=True)
+    Y = torch.tensor([[0.0, 1.0]], dtype=torch.float64).expand(len(a), 2)
+    got = _log_rows(resolve_loss("cross_entropy"), F, Y, one_hot=True)
+    got.sum().backward()
+    slope = F.grad[:, 0].numpy()          # ∂ log l / ∂a (f_0 = a, f_y = 0)
+    ref, ref_slope = [], []
+    for v in a:
+        sp = mpmath.log1p(mpmath.exp(mpmath.mpf(v)))
+        ref.append(float(mpmath.log(sp)))
+        ref_slope.append(float(1 / (1 + mpmath.exp(-mpmath.mpf(v))) / sp))
+    bound = np.exp(-20.0) / 2 + 8 * np.finfo(float).eps * np.maximum(1.0, np.abs(ref))
+    err = np.abs(got.detach().numpy() - np.array(ref))
+    assert np.all(err <= bound), (a[np.argmax(err / bound)], err.max())
+    slope_err = np.abs(slope - np.array(ref_slope))
+    assert np.all(slope_err <= np.exp(-20.0) / 2 + 8 * np.finfo(float).eps), slope_err.max()

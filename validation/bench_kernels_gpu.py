@@ -2,7 +2,9 @@
 
 1. Projection ``Phi = G A``: the on-the-fly kernel (``A`` regenerated per tile, never
    stored) against cuBLAS GEMM (``cupy.matmul``) with ``A`` materialised on the device
-   (generation excluded from the GEMM time) -- the roofline the kernel is compared with.
+   (generation excluded from the GEMM time) -- the roofline the kernel is compared with;
+   and the CountSketch kernel (``kernels/countsketch.cu``, ``O(n M)``) on the same ``G``,
+   with its bytes checked against the C++ host twin on the first rows.
 2. Projected scores ``-sum_b Gamma_b F_b^-1 Psi_b^T``: the batched path (Gram kernel,
    batched Cholesky, batched triangular solves) against a Python loop over the slices
    doing the same float64 work with single-matrix CuPy calls, and, at the smallest size,
@@ -69,6 +71,10 @@ def bench_projection(cb, sizes, repeats, deadline, skipped):
         t_gemm = _gpu_median(lambda: cupy.matmul(G, A), repeats=repeats, warmup=2)
         t_gauss = _gpu_median(lambda: cb.project(G, P, seed=1, kind="gaussian", chunk_rows=M),
                               repeats=max(2, repeats // 2), warmup=1)
+        t_sketch = _gpu_median(lambda: cb.project(G, P, seed=1, kind="countsketch",
+                                                  chunk_rows=M),
+                               repeats=max(2, repeats // 2), warmup=1)
+        sketch_bytes_equal = _countsketch_equals_host(cb, G[:4, :4096], P)
         # Accuracy on the first 64 rows (float64 copies of all of G would not fit).
         Phi = cb.project(G[:64], P, seed=1, kind="rademacher", chunk_rows=M)
         G64, A64 = G[:64].astype(np.float64), A.astype(np.float64)
@@ -83,6 +89,8 @@ def bench_projection(cb, sizes, repeats, deadline, skipped):
             "t_onthefly_gaussian_s": t_gauss,
             "ratio_onthefly_over_gemm": t_kernel / t_gemm,
             "ratio_gaussian_over_gemm": t_gauss / t_gemm,
+            "t_countsketch_s": t_sketch, "ratio_countsketch_over_gemm": t_sketch / t_gemm,
+            "countsketch_equals_host_twin_bytes": sketch_bytes_equal,
             "onthefly_tflops": flops / t_kernel / 1e12, "gemm_tflops": flops / t_gemm / 1e12,
             "A_bytes_not_stored": M * P * np.dtype(dtype).itemsize,
             "max_error_over_sum_abs_first_64_rows": rel_err,
@@ -90,6 +98,18 @@ def bench_projection(cb, sizes, repeats, deadline, skipped):
         del G, A, Phi, ref, scale
         cupy.get_default_memory_pool().free_all_blocks()
     return rows
+
+
+def _countsketch_equals_host(cb, G, P):
+    """Whether the device CountSketch of ``G`` (a few rows) is the host twin's bytes."""
+    import cupy
+
+    from iif_ref.kernels import _host
+    ok, _ = _host.available()
+    if not ok:
+        return None
+    got = cupy.asnumpy(cb.project(G, P, seed=1, kind="countsketch", chunk_rows=G.shape[1]))
+    return got.tobytes() == _host.countsketch(cupy.asnumpy(G), P, seed=1).tobytes()
 
 
 def _loop_scores(Phi, Psi, Gamma, lam):
@@ -153,7 +173,9 @@ def _print_table(rows):
                   f"(gaussian {row['ratio_gaussian_over_gemm']:6.2f}; "
                   f"{row['onthefly_tflops']:.1f} vs {row['gemm_tflops']:.1f} TFLOP/s; "
                   f"A not stored: {row['A_bytes_not_stored'] / 2**30:.2f} GiB; "
-                  f"max err/sum|GA| {row['max_error_over_sum_abs_first_64_rows']:.1e})")
+                  f"max err/sum|GA| {row['max_error_over_sum_abs_first_64_rows']:.1e}); "
+                  f"countsketch/GEMM = {row['ratio_countsketch_over_gemm']:6.3f} "
+                  f"(bytes = host twin: {row['countsketch_equals_host_twin_bytes']})")
         else:
             extra = ""
             if "ratio_batched_over_cpu" in row:

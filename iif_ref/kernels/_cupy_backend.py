@@ -3,7 +3,8 @@
 Implements the backend protocol of :mod:`iif_ref.kernels._registry` on one CUDA device:
 
 * ``generate`` and ``project`` run ``kernels/projection.cu``: ``A`` is regenerated tile by
-  tile in shared memory from ``(seed, m, p)`` and never stored;
+  tile in shared memory from ``(seed, m, p)`` and never stored; the CountSketch
+  projection runs ``kernels/countsketch.cu`` (one thread per row, ``O(M)`` each);
 * ``projected_scores`` forms every ``F_b = Phi_b^T Phi_b + damping_b I`` in float64 with
   ``kernels/gram.cu``, certifies each slice positive definite with cuSOLVER's batched
   Cholesky (``cusolverDnDpotrfBatched``, one ``info`` per slice), and solves with that
@@ -29,6 +30,7 @@ import numpy as np
 
 from iif_ref import _resources
 from iif_ref.kernels import _fisher
+from iif_ref.kernels._philox import STREAMS
 
 NAME = "cupy"
 
@@ -46,9 +48,10 @@ KERNELS = {
     "projection.cu": ("iif_project_f32", "iif_project_f64", "iif_generate_f32",
                       "iif_generate_f64"),
     "gram.cu": ("iif_gram_f32", "iif_gram_f64"),
+    "countsketch.cu": ("iif_countsketch_f32", "iif_countsketch_f64"),
 }
-#: ``kind`` codes of ``kernels/philox.cuh``.
-KIND_CODES = {"rademacher": 0, "gaussian": 1}
+#: ``kind`` codes of ``kernels/philox.cuh`` (each kind's Philox stream word).
+KIND_CODES = dict(STREAMS)
 
 _THREADS = 256          # the kernels require blockDim = (256, 1, 1)
 _TILE = 64              # output tile edge of the projection and Gram kernels
@@ -129,6 +132,11 @@ def generate_launch(n_rows, proj_dim):
     return (max(1, min(_GENERATE_BLOCKS, -(-total // _THREADS))), 1, 1), (_THREADS, 1, 1)
 
 
+def countsketch_launch(n):
+    """``(grid, block)`` of the one-thread-per-row ``iif_countsketch_*`` (grid-stride)."""
+    return (max(1, min(_GENERATE_BLOCKS, -(-n // _THREADS))), 1, 1), (_THREADS, 1, 1)
+
+
 def gram_launch(B, P):
     """``(grid, block)`` of ``iif_gram_*`` (slices beyond 65535 loop inside the kernel)."""
     tiles = -(-P // _TILE)
@@ -200,7 +208,7 @@ def project(G, proj_dim, *, seed, kind, chunk_rows, m_offset=0):
     G : ndarray, cupy.ndarray or CUDA DLPack tensor, shape (n, M), float32 or float64
     proj_dim : int
     seed : int
-    kind : {"rademacher", "gaussian"}
+    kind : {"rademacher", "gaussian", "countsketch"}
     chunk_rows : int
         Part of the protocol (rows of ``A`` allowed at once); the kernel holds only
         16 x 64 tiles of ``A`` per block, so it never needs more and ignores it.
@@ -230,6 +238,12 @@ def project(G, proj_dim, *, seed, kind, chunk_rows, m_offset=0):
     Gd = cupy.ascontiguousarray(Gd)
     n, M = Gd.shape
     out = cupy.empty((n, proj_dim), dtype=dtype)
+    if kind == "countsketch":   # O(n M), one thread per row (kernels/countsketch.cu)
+        grid, block = countsketch_launch(n)
+        _kernel("countsketch.cu", f"iif_countsketch_{_suffix(dtype)}")(
+            grid, block, (Gd, np.int64(n), np.int64(M), np.int64(M), np.uint64(seed),
+                          np.uint64(m_offset), np.int64(proj_dim), out, np.int64(proj_dim)))
+        return _to_origin(out, origin)
     kernel = _kernel("projection.cu", f"iif_project_{_suffix(dtype)}")
     slab = _GRID_Y_MAX * _TILE
     for r0 in range(0, n, slab):

@@ -17,10 +17,14 @@ import numpy as np
 from iif_ref._validation import as_float_array, check_nonnegative_real, check_positive_int
 from iif_ref.kernels import _fisher
 from iif_ref.kernels._fisher import solve_factored
-from iif_ref.kernels._philox import COL_LIMIT, ROW_LIMIT, check_kind, check_seed
+from iif_ref.kernels import _kronecker
+from iif_ref.kernels._kronecker import KroneckerLayout, LinearBlock
+from iif_ref.kernels._philox import (COL_LIMIT, FACTOR_KINDS, KINDS, ROW_LIMIT, check_kind,
+                                     check_seed)
 from iif_ref.kernels._registry import get_backend
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "Projector", "project", "projection_matrix",
+__all__ = ["DEFAULT_MEMORY_BUDGET", "PROJECTOR_KINDS", "LinearBlock", "Projector", "project",
+           "projection_matrix",
            "projected_scores",
            "resolve_damping", "factor_fisher", "solve_factored", "is_device_array"]
 
@@ -28,6 +32,9 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "Projector", "project", "projection_matrix",
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
 
 _KERNEL_DTYPES = (np.float32, np.float64)
+#: What a :class:`Projector` can be: a flat ``A`` (:data:`KINDS`) or the Kronecker-factored
+#: projection of Linear layers (``"kronecker"``, which needs ``layers=``).
+PROJECTOR_KINDS = KINDS + ("kronecker",)
 #: Backends that accept device arrays (the backend protocol's "device backend").
 _DEVICE_BACKENDS = ("cupy",)
 _DLPACK_CPU = 1  # DLDeviceType kDLCPU
@@ -163,7 +170,7 @@ def _check_float_dtype(dtype):
 
 
 def projection_matrix(n_params, proj_dim, *, seed=0, kind="rademacher", dtype=np.float64,
-                      rows=None, backend="numpy"):
+                      rows=None, backend="numpy", layers=None):
     """Materialise the projection matrix ``A`` (or a block of its rows).
 
     For tests and small problems; :func:`project` never holds ``A`` whole.
@@ -176,13 +183,18 @@ def projection_matrix(n_params, proj_dim, *, seed=0, kind="rademacher", dtype=np
         ``P``, the number of columns (projected dimension), ``1 <= P < 2**32``.
     seed : int, optional
         In ``[0, 2**64 - 1]``; the key of the counter-based generator.
-    kind : {"rademacher", "gaussian"}, optional
-        Entries ``±1/√P`` (default) or ``N(0, 1)/√P``.
+    kind : {"rademacher", "gaussian", "countsketch", "kronecker", "kronecker_in", "kronecker_out"}
+        Entries ``±1/√P`` (default) or ``N(0, 1)/√P``; ``"countsketch"``: one ``±1`` per
+        row, in column ``h(m)``; ``"kronecker"``: the materialised Kronecker-factored
+        projection of ``layers`` (the slow exact twin of :class:`Projector`'s);
+        ``"kronecker_in"``/``"kronecker_out"``: the ``±1`` factor streams (docs/rng.md).
     dtype : {numpy.float64, numpy.float32}, optional
     rows : tuple (start, stop), optional
         Only rows ``start <= m < stop`` (``0 <= start < stop <= n_params``).
     backend : str, optional
         Which backend generates it (default the NumPy oracle).
+    layers : sequence of LinearBlock, optional
+        For ``kind="kronecker"`` only: the Linear layers in the flat parameter index.
 
     Returns
     -------
@@ -206,8 +218,9 @@ def projection_matrix(n_params, proj_dim, *, seed=0, kind="rademacher", dtype=np
     n_params = check_positive_int(n_params, "n_params")
     proj_dim = _check_proj_dim(proj_dim)
     seed = check_seed(seed)
-    kind = check_kind(kind)
+    kind = check_kind(kind, PROJECTOR_KINDS + FACTOR_KINDS)
     dtype = _check_float_dtype(dtype)
+    layout = _check_layers(kind, layers, n_params, proj_dim)
     if rows is None:
         start, stop = 0, n_params
     else:
@@ -222,7 +235,28 @@ def projection_matrix(n_params, proj_dim, *, seed=0, kind="rademacher", dtype=np
         if not 0 <= start < stop <= n_params:
             raise ValueError(f"rows must satisfy 0 <= start < stop <= n_params={n_params}, "
                              f"got {rows!r}")
-    return get_backend(backend).generate(seed, start, stop - start, proj_dim, kind, dtype)
+    generate = get_backend(backend).generate
+    if layout is not None:
+        return layout.matrix(generate, seed, dtype)[start:stop]
+    return generate(seed, start, stop - start, proj_dim, kind, dtype)
+
+
+def _check_layers(kind, layers, n_params, proj_dim):
+    """The :class:`KroneckerLayout` for ``kind="kronecker"`` (``layers`` required), else
+    None (``layers`` must then be None)."""
+    if kind != "kronecker":
+        if layers is not None:
+            raise ValueError(f"layers= is only used by kind='kronecker', got kind={kind!r}")
+        return None
+    if layers is None:
+        raise ValueError("kind='kronecker' needs layers=: the LinearBlock of every Linear "
+                         "layer in the flat parameter index")
+    try:
+        layers = list(layers)
+    except TypeError as exc:
+        raise TypeError(f"layers must be a sequence of LinearBlock, got "
+                        f"{type(layers).__name__}") from exc
+    return KroneckerLayout(n_params, layers, proj_dim)
 
 
 def project(G, proj_dim, *, seed=0, kind="rademacher", backend="numba",
@@ -242,7 +276,8 @@ def project(G, proj_dim, *, seed=0, kind="rademacher", backend="numba",
         ``P``, ``1 <= P < 2**32``.
     seed : int, optional
         In ``[0, 2**64 - 1]``.
-    kind : {"rademacher", "gaussian"}, optional
+    kind : {"rademacher", "gaussian", "countsketch"}, optional
+        ``"countsketch"`` costs ``O(n M)`` instead of ``O(n M P)`` (docs/rng.md).
     backend : str, optional
         ``"numba"`` (default), ``"numpy"`` (oracle) or ``"cupy"``; see
         :func:`available_backends`.
@@ -299,11 +334,17 @@ def project(G, proj_dim, *, seed=0, kind="rademacher", backend="numba",
 class Projector:
     """``G -> G A`` for one projection ``(n_params, P, seed, kind, dtype)``, called many times.
 
-    When ``A`` fits ``memory_budget`` and the backend runs on the host, it is generated
-    once, here, and every call is one GEMM with it; else each call streams ``A`` in row
-    blocks through :func:`project`. Build one per attribution call and reuse it across
-    training chunks, test rows and path steps: generating ``A`` costs as much as
-    several chunks' products when the chunks are small.
+    ``kind`` picks the matrix: dense Rademacher (default) or Gaussian, the sparse
+    CountSketch (one ``±1`` per row of ``A``, cost ``O(n M)``), or the Kronecker-factored
+    projection of Linear layers (``layers=``; cost ``O(d_in p_in + d_out p_out)`` per
+    sample and layer from the per-sample factors, :meth:`project_factors`); all are drawn
+    from the Philox streams of docs/rng.md and identical on every backend.
+
+    A dense ``A`` that fits ``memory_budget`` on a host backend is generated once, here,
+    and every call is one GEMM with it; else each call streams ``A`` in row blocks through
+    :func:`project`. The CountSketch holds its ``M`` buckets and signs, the Kronecker
+    projection its factor matrices. Build one per attribution call and reuse it across
+    training chunks, test rows and path steps.
 
     Parameters
     ----------
@@ -312,20 +353,26 @@ class Projector:
     proj_dim : int
         ``P``, ``1 <= P < 2**32``.
     seed : int, optional
-    kind : {"rademacher", "gaussian"}, optional
+    kind : {"rademacher", "gaussian", "countsketch", "kronecker"}, optional
     dtype : {numpy.float32, numpy.float64}, optional
         Dtype of ``A`` and of the ``G`` this projector takes whole; other inputs are
         streamed through :func:`project` in their own dtype.
     backend : str, optional
-        As in :func:`project`.
+        As in :func:`project`; for ``"kronecker"`` the backend generates the factors.
     memory_budget : int, optional
         Bytes ``A`` may take (default 64 MiB); ``A`` is held whole only if
         ``n_params * P * itemsize`` fits, else ``project`` streams it with this budget.
+    layers : sequence of LinearBlock, optional
+        ``kind="kronecker"`` only: where each Linear layer's weight and bias sit in the
+        flat parameter index; the other parameters are projected by a dense Rademacher
+        block (docs/kernels.md, "Structured projections").
 
     Attributes
     ----------
     A : ndarray, shape (n_params, proj_dim), or None
-        The matrix held (read-only), or None when it is streamed.
+        The dense matrix held (read-only), or None when it is streamed or structured.
+    layout : KroneckerLayout or None
+        The column blocks of a Kronecker projection.
 
     Notes
     -----
@@ -339,39 +386,68 @@ class Projector:
     >>> proj = Projector(300, 16, seed=1, dtype=np.float64, backend="numpy")
     >>> bool(np.array_equal(proj(G), project(G, 16, seed=1, backend="numpy")))
     True
+    >>> kron = Projector(300, 16, seed=1, kind="kronecker", dtype=np.float64,
+    ...                  backend="numpy", layers=[LinearBlock(0, 20, 14, bias=280)])
+    >>> A = projection_matrix(300, 16, seed=1, kind="kronecker",
+    ...                       layers=[LinearBlock(0, 20, 14, bias=280)])
+    >>> bool(np.allclose(kron(G), G @ A))
+    True
     """
 
     def __init__(self, n_params, proj_dim, *, seed=0, kind="rademacher", dtype=np.float32,
-                 backend="numba", memory_budget=DEFAULT_MEMORY_BUDGET):
+                 backend="numba", memory_budget=DEFAULT_MEMORY_BUDGET, layers=None):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         self.n_params = check_positive_int(n_params, "n_params")
         self.proj_dim = _check_proj_dim(proj_dim)
-        self.seed, self.kind = check_seed(seed), check_kind(kind)
+        self.seed, self.kind = check_seed(seed), check_kind(kind, PROJECTOR_KINDS)
         self.dtype = _check_float_dtype(dtype)
         self.backend = backend
         self.memory_budget = check_positive_int(memory_budget, "memory_budget")
-        whole = self.n_params * self.proj_dim * self.dtype.itemsize
+        self.layout = _check_layers(self.kind, layers, self.n_params, self.proj_dim)
         self.A = None
-        if backend not in _DEVICE_BACKENDS and whole <= self.memory_budget:
-            self.A = projection_matrix(self.n_params, self.proj_dim, seed=self.seed,
-                                       kind=self.kind, dtype=self.dtype, backend=backend)
-            self.A.flags.writeable = False
+        self.factor_pairs = self.rest_rows = None
+        if self.layout is not None:
+            self.factor_pairs, self.rest_rows = self.layout.factors(
+                get_backend(backend).generate, self.seed, self.dtype)
+            return
+        whole = self.n_params * self.proj_dim * self.dtype.itemsize
+        if kind == "rademacher" or kind == "gaussian":
+            if backend not in _DEVICE_BACKENDS and whole <= self.memory_budget:
+                self.A = projection_matrix(self.n_params, self.proj_dim, seed=self.seed,
+                                           kind=self.kind, dtype=self.dtype, backend=backend)
+                self.A.flags.writeable = False
 
     def __repr__(self):
         return (f"Projector(n_params={self.n_params}, proj_dim={self.proj_dim}, "
                 f"seed={self.seed}, kind={self.kind!r}, dtype={self.dtype}, "
-                f"backend={self.backend!r}, held={self.A is not None})")
+                f"backend={self.backend!r}, held={self.A is not None}"
+                + ("" if self.layout is None else f", layout={self.layout!r}") + ")")
 
-    def __call__(self, G):
-        """``Phi = G A`` for ``G`` of shape (n, n_params); as :func:`project`."""
-        if self.A is None or is_device_array(G):
-            return project(G, self.proj_dim, seed=self.seed, kind=self.kind,
-                           backend=self.backend, memory_budget=self.memory_budget)
+    def _checked(self, G):
         G = as_float_array(G, "G", ndim=2, allow_dtypes=_KERNEL_DTYPES)
         if G.shape[1] != self.n_params:
             raise ValueError(f"G must have n_params={self.n_params} columns, got shape "
                              f"{G.shape}")
+        return G
+
+    def __call__(self, G):
+        """``Phi = G A`` for ``G`` of shape (n, n_params); as :func:`project`."""
+        if self.layout is not None:
+            if is_device_array(G):
+                raise TypeError("the Kronecker projection runs on the host: G is a device "
+                                "array")
+            G = self._checked(G)
+            out = np.zeros((G.shape[0], self.proj_dim), dtype=G.dtype)
+            pairs, rest = self.factor_pairs, self.rest_rows
+            if G.dtype != self.dtype:
+                pairs = [(a.astype(G.dtype), b.astype(G.dtype)) for a, b in pairs]
+                rest = None if rest is None else rest.astype(G.dtype)
+            return self.layout.project_flat(G, pairs, rest, out)
+        if self.A is None or is_device_array(G):
+            return project(G, self.proj_dim, seed=self.seed, kind=self.kind,
+                           backend=self.backend, memory_budget=self.memory_budget)
+        G = self._checked(G)
         if G.dtype != self.dtype:
             return project(G, self.proj_dim, seed=self.seed, kind=self.kind,
                            backend=self.backend, memory_budget=self.memory_budget)

@@ -32,17 +32,20 @@ import numpy as np
 
 from iif_ref import _resources
 from iif_ref._validation import as_float_array, check_nonnegative_real, check_positive_int
-from iif_ref.kernels._philox import COL_LIMIT, ROW_LIMIT, check_kind, check_seed
+from iif_ref.kernels._philox import (COL_LIMIT, FACTOR_KINDS, KINDS, ROW_LIMIT, STREAMS,
+                                     check_kind, check_seed)
 
 __all__ = ["ENV_VAR", "KIND_CODES", "HostLibraryError", "library_path", "load", "available",
-           "philox4x32_10", "generate_block", "project", "gram", "emulation_library_path",
-           "load_emulation", "emulate_generate", "emulate_project", "emulate_gram"]
+           "philox4x32_10", "generate_block", "project", "countsketch", "gram",
+           "emulation_library_path", "load_emulation", "emulate_generate", "emulate_project",
+           "emulate_countsketch", "emulate_gram"]
 
 #: Environment variable naming the library file explicitly.
 ENV_VAR = "IIF_REF_HOST_LIB"
-#: The ``kind`` codes of ``kernels/philox.cuh`` (IIF_KIND_RADEMACHER, IIF_KIND_GAUSSIAN).
-KIND_CODES = {"rademacher": 0, "gaussian": 1}
-_ABI_VERSION = 1
+#: The ``kind`` codes of ``kernels/philox.cuh`` (IIF_KIND_*): each kind's Philox stream word.
+KIND_CODES = dict(STREAMS)
+_GENERATE_KINDS = KINDS + FACTOR_KINDS
+_ABI_VERSION = 2
 _SUFFIX = ".dylib" if sys.platform == "darwin" else ".so"
 _LIB_NAME = "libiif_host" + _SUFFIX
 _EMULATION_LIB_NAME = "libiif_cuda_emulation" + _SUFFIX
@@ -90,6 +93,8 @@ def _declare(lib):
         "iif_generate_block_f32": (c_int, [u64, u64, i64, i64, c_int, dp]),
         "iif_project_f64": (c_int, [dp, i64, i64, u64, u64, i64, c_int, dp]),
         "iif_project_f32": (c_int, [dp, i64, i64, u64, u64, i64, c_int, dp]),
+        "iif_countsketch_f64": (c_int, [dp, i64, i64, u64, u64, i64, dp]),
+        "iif_countsketch_f32": (c_int, [dp, i64, i64, u64, u64, i64, dp]),
         "iif_gram_f64": (c_int, [dp, i64, i64, i64, ctypes.c_double, dp]),
         "iif_gram_f32": (c_int, [dp, i64, i64, i64, ctypes.c_double, dp]),
     }
@@ -212,7 +217,7 @@ def generate_block(seed, row_start, n_rows, proj_dim, *, kind="rademacher",
         First row ``m``; ``row_start + n_rows <= 2**64``.
     n_rows : int >= 1
     proj_dim : int, 1 <= proj_dim < 2**32
-    kind : {"rademacher", "gaussian"}
+    kind : {"rademacher", "gaussian", "countsketch", "kronecker_in", "kronecker_out"}
     dtype : {numpy.float64, numpy.float32}
 
     Returns
@@ -227,7 +232,7 @@ def generate_block(seed, row_start, n_rows, proj_dim, *, kind="rademacher",
     seed = check_seed(seed)
     row_start, n_rows = _check_row_range(row_start, n_rows, "row_start", "n_rows")
     proj_dim = _check_proj_dim(proj_dim)
-    kind = check_kind(kind)
+    kind = check_kind(kind, _GENERATE_KINDS)
     dtype = _check_dtype(dtype)
     out = np.empty((n_rows, proj_dim), dtype=dtype)
     fn = load().iif_generate_block if dtype == np.float64 else load().iif_generate_block_f32
@@ -245,7 +250,9 @@ def project(G, proj_dim, *, seed=0, kind="rademacher", m_offset=0):
         float32 and float64 are kept, other real dtypes become float64.
     proj_dim : int
     seed : int, optional
-    kind : {"rademacher", "gaussian"}, optional
+    kind : {"rademacher", "gaussian", "countsketch", "kronecker_in", "kronecker_out"}, optional
+        For the structured kinds, the dense product with the materialised matrix in this
+        order (:func:`countsketch` is the CountSketch kernel's own order).
     m_offset : int, optional
         Column ``m`` of ``G`` multiplies row ``m_offset + m`` of ``A``.
 
@@ -266,12 +273,39 @@ def project(G, proj_dim, *, seed=0, kind="rademacher", m_offset=0):
         raise ValueError(f"G has no columns (shape {G.shape}); n_params must be >= 1")
     proj_dim = _check_proj_dim(proj_dim)
     seed = check_seed(seed)
-    kind = check_kind(kind)
+    kind = check_kind(kind, _GENERATE_KINDS)
     m_offset, M = _check_row_range(m_offset, M, "m_offset", "n_params")
     out = np.empty((n, proj_dim), dtype=G.dtype)
     fn = load().iif_project_f64 if G.dtype == np.float64 else load().iif_project_f32
     _check(fn(G.ctypes.data, n, M, seed, m_offset, proj_dim, KIND_CODES[kind],
               out.ctypes.data), "project")
+    return out
+
+
+def _countsketch_args(G, proj_dim, seed, m_offset):
+    G = np.ascontiguousarray(as_float_array(G, "G", ndim=2,
+                                            allow_dtypes=(np.float32, np.float64)))
+    if G.shape[1] < 1:
+        raise ValueError(f"G has no columns (shape {G.shape}); n_params must be >= 1")
+    m_offset, M = _check_row_range(m_offset, G.shape[1], "m_offset", "n_params")
+    return G, M, _check_proj_dim(proj_dim), check_seed(seed), m_offset
+
+
+def countsketch(G, proj_dim, *, seed=0, m_offset=0):
+    """CountSketch ``Phi = G A[m_offset : m_offset + M]`` in the order of the CUDA kernel.
+
+    Parameters as :func:`project`. Returns ``(n, proj_dim)`` in ``G``'s dtype.
+
+    Notes
+    -----
+    ``kernels/countsketch.cuh``: per row, ascending ``m``, one add per nonzero in ``G``'s
+    dtype -- the order of every backend, so the results agree bit for bit.
+    """
+    G, M, proj_dim, seed, m_offset = _countsketch_args(G, proj_dim, seed, m_offset)
+    out = np.empty((G.shape[0], proj_dim), dtype=G.dtype)
+    fn = load().iif_countsketch_f64 if G.dtype == np.float64 else load().iif_countsketch_f32
+    _check(fn(G.ctypes.data, G.shape[0], M, seed, m_offset, proj_dim, out.ctypes.data),
+           "countsketch")
     return out
 
 
@@ -336,6 +370,9 @@ def load_emulation():
         lib.iif_emulate_generate.restype = c_int
         lib.iif_emulate_generate.argtypes = [c_int, c_uint, c_uint, u64, u64, i64, i64, c_int,
                                              dp]
+        lib.iif_emulate_countsketch.restype = c_int
+        lib.iif_emulate_countsketch.argtypes = [c_int, c_uint, c_uint, dp, i64, i64, i64, u64,
+                                                u64, i64, dp, i64]
         lib.iif_emulate_gram.restype = c_int
         lib.iif_emulate_gram.argtypes = [c_int, c_uint, c_uint, c_uint, c_uint, dp, i64, i64,
                                          i64, i64, i64, dp, dp]
@@ -371,7 +408,7 @@ def emulate_generate(seed, row_start, n_rows, proj_dim, *, kind="rademacher",
     seed = check_seed(seed)
     row_start, n_rows = _check_row_range(row_start, n_rows, "row_start", "n_rows")
     proj_dim = _check_proj_dim(proj_dim)
-    kind = check_kind(kind)
+    kind = check_kind(kind, _GENERATE_KINDS)
     dtype = _check_dtype(dtype)
     grid, block = _launch_shape(launch, generate_launch(n_rows, proj_dim))
     out = np.zeros((n_rows, proj_dim), dtype=dtype)
@@ -395,13 +432,29 @@ def emulate_project(G, proj_dim, *, seed=0, kind="rademacher", m_offset=0, launc
     n, M = G.shape
     proj_dim = _check_proj_dim(proj_dim)
     seed = check_seed(seed)
-    kind = check_kind(kind)
+    kind = check_kind(kind, _GENERATE_KINDS)
     m_offset, M = _check_row_range(m_offset, M, "m_offset", "n_params")
     grid, block = _launch_shape(launch, projection_launch(n, proj_dim))
     out = np.full((n, proj_dim), fill, dtype=G.dtype)
     _check(load_emulation().iif_emulate_project(
         _dtype_code(G.dtype), grid[0], grid[1], block[0], G.ctypes.data, n, M, M, seed,
         m_offset, proj_dim, KIND_CODES[kind], out.ctypes.data, proj_dim), "emulate_project")
+    return out
+
+
+def emulate_countsketch(G, proj_dim, *, seed=0, m_offset=0, launch=None, fill=0.0):
+    """``iif_countsketch_*`` of ``kernels/countsketch.cu`` run on the CPU emulation.
+
+    Parameters as :func:`countsketch`; ``launch`` and ``fill`` as in :func:`emulate_project`.
+    """
+    from iif_ref.kernels._cupy_backend import countsketch_launch
+    G, M, proj_dim, seed, m_offset = _countsketch_args(G, proj_dim, seed, m_offset)
+    n = G.shape[0]
+    grid, block = _launch_shape(launch, countsketch_launch(n))
+    out = np.full((n, proj_dim), fill, dtype=G.dtype)
+    _check(load_emulation().iif_emulate_countsketch(
+        _dtype_code(G.dtype), grid[0], block[0], G.ctypes.data, n, M, M, seed, m_offset,
+        proj_dim, out.ctypes.data, proj_dim), "emulate_countsketch")
     return out
 
 

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from iif_ref.kernels import _fisher
-from iif_ref.kernels._philox import MASK32, philox4x32_10, split_seed
+from iif_ref.kernels._philox import MASK32, STREAMS, philox4x32_10, split_seed
 
 NAME = "numba"
 
@@ -56,8 +56,9 @@ if numba is not None:
         return m & MASK32, m >> _U64_32
 
     @numba.njit(parallel=True, cache=True)
-    def _rademacher_block(k0, k1, row_start, value, out):
-        # out[i, p] = ±value for row m = row_start + i; bit set -> negative (docs/rng.md).
+    def _rademacher_block(k0, k1, row_start, stream, value, out):
+        # out[i, p] = ±value for row m = row_start + i; bit set -> negative (docs/rng.md);
+        # stream 0 is the Rademacher A, 3 and 4 the Kronecker factors.
         n_rows, proj_dim = out.shape
         full_groups = proj_dim // 128
         n_groups = (proj_dim + 127) // 128
@@ -65,7 +66,7 @@ if numba is not None:
         for i in numba.prange(n_rows):
             m_lo, m_hi = _row_counter(row_start, i)
             for g in range(n_groups):
-                r0, r1, r2, r3 = _philox(m_lo, m_hi, np.uint64(g), _U64_0, k0, k1)
+                r0, r1, r2, r3 = _philox(m_lo, m_hi, np.uint64(g), stream, k0, k1)
                 base = g * 128
                 if g < full_groups:
                     for b in range(32):
@@ -102,12 +103,45 @@ if numba is not None:
                     out[i, 2 * q + 1] = radius * math.sin(angle) / scale
 
 
+    @numba.njit(parallel=True, cache=True)
+    def _countsketch_hash(k0, k1, row_start, proj_dim, bucket, negative):
+        # h(m) = floor(r0 P / 2**32), sign bit = bit 0 of r1, counter (m_lo, m_hi, 0, 2).
+        for i in numba.prange(bucket.shape[0]):
+            m_lo, m_hi = _row_counter(row_start, i)
+            r0, r1, _, _ = _philox(m_lo, m_hi, _U64_0, _U64_2, k0, k1)
+            bucket[i] = (r0 * proj_dim) >> _U64_32
+            negative[i] = r1 & _U64_1
+
+    @numba.njit(parallel=True, cache=True)
+    def _countsketch_accumulate(G, bucket, negative, out):
+        # The order of kernels/countsketch.cuh: per row, ascending m, one add in G's dtype.
+        n, width = G.shape
+        for i in numba.prange(n):
+            for m in range(width):
+                g = G[i, m]
+                out[i, bucket[m]] += -g if negative[m] else g
+
+    _U64_2 = np.uint64(STREAMS["countsketch"])
+
+
+def _countsketch(seed, row_start, n_rows, proj_dim):
+    k0, k1 = split_seed(seed)
+    bucket = np.empty(n_rows, dtype=np.uint64)
+    negative = np.empty(n_rows, dtype=np.uint64)
+    _countsketch_hash(k0, k1, np.uint64(row_start), np.uint64(proj_dim), bucket, negative)
+    return bucket.astype(np.int64), negative.astype(np.uint8)
+
+
 def _fill(out, seed, row_start, kind):
     k0, k1 = split_seed(seed)
     proj_dim = out.shape[1]
-    if kind == "rademacher":
-        value = out.dtype.type(1.0 / np.sqrt(proj_dim))
-        _rademacher_block(k0, k1, np.uint64(row_start), value, out)
+    if kind in ("rademacher", "kronecker_in", "kronecker_out"):
+        value = out.dtype.type(1.0 / np.sqrt(proj_dim) if kind == "rademacher" else 1.0)
+        _rademacher_block(k0, k1, np.uint64(row_start), np.uint64(STREAMS[kind]), value, out)
+    elif kind == "countsketch":
+        bucket, negative = _countsketch(seed, row_start, out.shape[0], proj_dim)
+        out[...] = 0
+        out[np.arange(out.shape[0]), bucket] = np.where(negative == 0, 1.0, -1.0)
     else:
         _gaussian_block(k0, k1, np.uint64(row_start), float(np.sqrt(proj_dim)), out)
     return out
@@ -125,6 +159,13 @@ def project(G, proj_dim, *, seed, kind, chunk_rows):
     ``chunk_rows * proj_dim`` entries of ``A`` exist at once.
     """
     n, n_params = G.shape
+    if kind == "countsketch":   # O(n M): the hashes of a block of rows, then one pass of G
+        out = np.zeros((n, proj_dim), dtype=G.dtype)
+        for start in range(0, n_params, chunk_rows):
+            stop = min(start + chunk_rows, n_params)
+            bucket, negative = _countsketch(seed, start, stop - start, proj_dim)
+            _countsketch_accumulate(G[:, start:stop], bucket, negative, out)
+        return out
     out = np.empty((n, proj_dim), dtype=G.dtype)
     partial = None
     buffer = np.empty((min(chunk_rows, n_params), proj_dim), dtype=G.dtype)

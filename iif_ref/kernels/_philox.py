@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 
 __all__ = ["philox4x32_10", "split_seed", "check_seed", "check_kind", "KINDS",
-           "MASK32", "SEED_MAX", "ROW_LIMIT", "COL_LIMIT"]
+           "FACTOR_KINDS", "STREAMS", "MASK32", "SEED_MAX", "ROW_LIMIT", "COL_LIMIT"]
 
 MASK32 = np.uint64(0xFFFFFFFF)
 SHIFT32 = np.uint64(32)
@@ -28,7 +28,16 @@ W1 = np.uint64(0xBB67AE85)
 SEED_MAX = 2**64 - 1
 ROW_LIMIT = 2**64      # rows m in [0, 2**64)
 COL_LIMIT = 2**32      # columns p in [0, 2**32)
-KINDS = ("rademacher", "gaussian")
+#: Matrices ``A`` that project a flat vector (docs/rng.md): dense Rademacher, dense Gaussian,
+#: CountSketch (one nonzero per row).
+KINDS = ("rademacher", "gaussian", "countsketch")
+#: The ±1 factor matrices of the Kronecker projection (docs/rng.md, "Kronecker factors"):
+#: generated like ``A`` but never a projection of a flat vector on their own.
+FACTOR_KINDS = ("kronecker_in", "kronecker_out")
+#: Fourth Philox counter word of each kind: its own stream of the one generator (the codes
+#: of ``kernels/philox.cuh``).
+STREAMS = {"rademacher": 0, "gaussian": 1, "countsketch": 2, "kronecker_in": 3,
+           "kronecker_out": 4}
 
 
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
@@ -76,10 +85,11 @@ def split_seed(seed):
     return np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
 
 
-def check_kind(kind):
-    """Return ``kind`` if it names a distribution of ``A``, or raise naming ``kind``."""
+def check_kind(kind, allowed=KINDS):
+    """Return ``kind`` if it is one of ``allowed`` (default :data:`KINDS`), or raise
+    naming ``kind``."""
     if not isinstance(kind, str):
         raise TypeError(f"kind must be a string, got {type(kind).__name__}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    if kind not in allowed:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, allowed))}, got {kind!r}")
     return kind

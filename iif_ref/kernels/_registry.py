@@ -21,15 +21,19 @@ Every backend module exposes exactly these names (and may have private helpers):
     The block ``A[row_start : row_start + n_rows, :proj_dim]`` of the projection
     matrix of ``docs/rng.md`` as a host NumPy array of shape ``(n_rows, proj_dim)`` and
     dtype ``dtype`` (float32 or float64). ``seed`` is an int in ``[0, 2**64)``,
-    ``row_start + n_rows <= 2**64``, ``kind`` is ``"rademacher"`` or ``"gaussian"``.
-    Rademacher blocks are bit-for-bit identical on every backend; Gaussian blocks agree
-    to a few float64 ulp before the cast to ``dtype``.
+    ``row_start + n_rows <= 2**64``, ``kind`` is ``"rademacher"``, ``"gaussian"``,
+    ``"countsketch"`` (one ``±1`` per row) or a Kronecker factor stream
+    (``"kronecker_in"``, ``"kronecker_out"``: ``±1`` entries). All but Gaussian blocks are
+    bit-for-bit identical on every backend; Gaussian blocks agree to a few float64 ulp
+    before the cast to ``dtype``.
 
 ``project(G, proj_dim, *, seed, kind, chunk_rows) -> ndarray``
     ``Phi = G @ A`` (Eq. 17, 31) for ``G`` of shape ``(n, n_params)``, float32 or
     float64, C- or F-ordered, finite, ``n >= 1``. Returns ``(n, proj_dim)`` in ``G``'s
-    dtype, accumulated in that dtype. At most ``chunk_rows`` rows of ``A`` may exist at
-    once (the caller derived ``chunk_rows`` from its memory budget). A device backend
+    dtype, accumulated in that dtype; ``kind`` is ``"rademacher"``, ``"gaussian"`` or
+    ``"countsketch"`` (whose product follows the order of ``kernels/countsketch.cuh``,
+    so it is the same bytes on every backend). At most ``chunk_rows`` rows of ``A`` may
+    exist at once (the caller derived ``chunk_rows`` from its memory budget). A device backend
     may also accept its own device array for ``G`` and then returns the same kind of
     array; given a NumPy array it returns a NumPy array.
 

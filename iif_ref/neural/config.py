@@ -24,7 +24,7 @@ _CHOICES = {
     "unlearn_reduction": ("log_mean", "mean", "sum"),
     "path_models": ("one_step", "sgd_epoch", "refit"),
     "curvature": ("fisher", "gauss_newton", "hessian"),
-    "kind": ("rademacher", "gaussian"),
+    "kind": ("rademacher", "gaussian", "countsketch", "kronecker"),
 }
 
 
@@ -111,9 +111,13 @@ class IIFConfig:
     proj_dim : int or None
         P of Eq. (17). ``None``: no projection; the exact curvature, solved in sample
         space for ``"gauss_newton"``/``"fisher"`` and densely in parameter space for
-        ``"hessian"``.
-    kind : {"rademacher", "gaussian"}
-        Distribution of the projection entries (docs/rng.md).
+        ``"hessian"``. A ``proj_dim`` above the model's number of trainable parameters
+        runs, with a :class:`~iif_ref.errors.ProjectionDimensionWarning` (the
+        projection then reduces nothing; ``None`` is exact and cheaper).
+    kind : {"rademacher", "gaussian", "countsketch", "kronecker"}
+        The projection (docs/rng.md, docs/kernels.md "Structured projections"): dense
+        Rademacher or Gaussian entries, the sparse CountSketch (one ``±1`` per parameter),
+        or the Kronecker-factored projection of the model's ``nn.Linear`` layers.
     seed : int
         Seed of the projection matrix (and of mini-batch order in the optimisers).
     backend : str or None

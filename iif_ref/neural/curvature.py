@@ -25,11 +25,50 @@ from iif_ref._defaults import RELATIVE_DAMPING, absolute_damping
 from iif_ref.kernels import solve_step
 from iif_ref.neural.functional import chunks
 
-__all__ = ["dense_curvature", "dense_scores", "resolve_damping", "condition_estimate",
-           "RELATIVE_DAMPING"]
+__all__ = ["dense_curvature", "dense_scores", "projected_gram", "resolve_damping",
+           "condition_estimate", "RELATIVE_DAMPING", "FLOAT64_BLOCK_ROWS"]
 
 #: Largest ``n_params`` for which the dense ``(n_params, n_params)`` path is allowed.
 MAX_DENSE_PARAMS = 5_000
+
+
+#: Rows of the float32 ``(n, P)`` features promoted to float64 at a time by
+#: :func:`projected_gram` and :func:`dense_scores` (32 MiB at P = 512): a float64 copy of
+#: the whole ``Φ`` and of the whole ``Ψ`` took 2 × 234 MiB at n = 60,000, twice the
+#: features themselves.
+FLOAT64_BLOCK_ROWS = 8192
+
+#: Largest curvature order solved block by block (each block refactors ``C``, ``D³/3``
+#: flops: negligible next to the block's ``2 · 8192 · D · n_test`` for the projected
+#: Fisher, not for a dense ``n_params × n_params`` curvature).
+_MAX_BLOCKED_ORDER = 2048
+
+
+def projected_gram(Phi):
+    """The projected Fisher's Gram ``ΦᵀΦ`` (Eq. 31), accumulated in float64.
+
+    Parameters
+    ----------
+    Phi : ndarray, shape (n, P), float32 or float64
+
+    Returns
+    -------
+    ndarray, shape (P, P), float64
+
+    Notes
+    -----
+    Row blocks of :data:`FLOAT64_BLOCK_ROWS` are promoted to float64 and their Grams
+    summed in torch's thread pool (the NumPy BLAS runs single-threaded inside torch
+    work, iif_ref._threads), so no float64 copy of ``Φ`` exists. Every product is exact
+    in float64 and only the summation order depends on the blocking: for
+    ``n <= FLOAT64_BLOCK_ROWS`` it is the one GEMM of the whole matrix.
+    """
+    Phi = torch.from_numpy(np.ascontiguousarray(Phi))
+    C = None
+    for start, stop in chunks(Phi.shape[0], FLOAT64_BLOCK_ROWS):
+        block = Phi[start:stop].to(torch.float64)
+        C = block.T @ block if C is None else C.addmm_(block.T, block)
+    return C.numpy()
 
 
 #: Absolute λ_d from ``(damping, tr(C), dim)``: the package's one damping rule,
@@ -134,6 +173,18 @@ def dense_scores(C, Psi, Gamma, *, damping, step):
     Notes
     -----
     The step term of Eq. (10) with the curvature of Eq. (31) (projected, Eq. 17) or its
-    unprojected twin; :func:`iif_ref.kernels.solve_step`.
+    unprojected twin; :func:`iif_ref.kernels.solve_step`. A projected step with more than
+    :data:`FLOAT64_BLOCK_ROWS` rows of float32 ``Ψ`` is solved block by block (the same
+    damped ``C``, factored again per block: identical factors), so that the solve's
+    float64 copy of ``Ψ`` is one block, not the whole matrix.
     """
-    return solve_step(np.asarray(C, dtype=np.float64), Psi, Gamma, damping=damping, step=step)
+    C = np.asarray(C, dtype=np.float64)
+    n = Psi.shape[0]
+    if (n <= FLOAT64_BLOCK_ROWS or C.shape[0] > _MAX_BLOCKED_ORDER
+            or Psi.dtype == np.float64):
+        return solve_step(C, Psi, Gamma, damping=damping, step=step)
+    scores, cond = np.empty((Gamma.shape[0], n)), None
+    for start, stop in chunks(n, FLOAT64_BLOCK_ROWS):
+        scores[:, start:stop], cond = solve_step(C, Psi[start:stop], Gamma, damping=damping,
+                                                 step=step)
+    return scores, cond

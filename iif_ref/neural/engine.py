@@ -20,11 +20,11 @@ neither of them.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from iif_ref._defaults import default_relative_damping
 from iif_ref.errors import NotPositiveDefiniteError
-from iif_ref.neural.curvature import dense_curvature, dense_scores, resolve_damping
+from iif_ref.neural.curvature import (dense_curvature, dense_scores, projected_gram,
+                                      resolve_damping)
 from iif_ref.neural.features import make_projector, step_features
 from iif_ref.neural.plan import plan_problem
 from iif_ref.neural.result import AttributionResult
@@ -62,18 +62,21 @@ def _step_scores(plan, step, projector=None):
     # equal to train_features + plan.test_features up to float rounding.
     Phi, Psi, Gamma = step_features(fm, loss, theta, prob.X, step.rho_prev, step.rho_k,
                                     prob.X_test[rows], prob.Y_test[rows], step=k,
-                                    projector=projector, **plan.feature_options)
+                                    projector=projector, psi_as_scale=True,
+                                    **plan.feature_options)
+    # Ψ = diag(α) Φ when every row fused: −Γ F⁻¹ Ψᵀ = (−Γ F⁻¹ Φᵀ) diag(α), and the
+    # (n, P) Ψ is never formed.
+    Psi, alpha = (Phi, Psi) if Psi.ndim == 1 else (Psi, None)
     if cfg.proj_dim is None:
         C = dense_curvature(fm, loss, theta, prob.X, step.rho_k, kind=cfg.curvature, U=Phi,
                             chunk_size=cfg.chunk_size)
     else:
-        # The projected Fisher of Eq. (31) in float64, in torch's thread pool (the
-        # NumPy BLAS runs single-threaded inside torch work, iif_ref._threads).
-        Phi64 = torch.from_numpy(Phi).to(torch.float64)
-        C = (Phi64.T @ Phi64).numpy()
+        C = projected_gram(Phi)     # Eq. (31), float64
     # One solve for both: its Cholesky factor also gives the condition estimate.
     lam_d = resolve_damping(cfg.damping, np.trace(C), C.shape[0], relative=relative)
     scores, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=k)
+    if alpha is not None:
+        scores *= alpha[None, :]
     return scores, cond, lam_d, None
 
 

@@ -29,14 +29,16 @@ import torch
 
 from iif_ref._defaults import DEFAULT_PROJ_DIM
 from iif_ref._validation import check_positive_int
-from iif_ref.kernels import Projector
+from iif_ref.errors import ProjectionDimensionWarning
+from iif_ref.kernels import LinearBlock, Projector
+from iif_ref.kernels._numpy_backend import countsketch_hash
 from iif_ref.neural.functional import (FunctionalModel, as_inputs, as_targets, chunks,
                                        output_weights)
 from iif_ref.neural.losses import TargetLinearLoss, resolve_loss
 
 __all__ = ["train_features", "test_features", "step_features", "gradient_features",
            "project_rows", "make_projector", "TorchProjector", "chunk_rows",
-           "FEATURE_MEMORY_BUDGET",
+           "FEATURE_MEMORY_BUDGET", "MIN_CHUNK_ROWS", "PROJECTION_MEMORY_BUDGET",
            "DEFAULT_PROJ_DIM"]
 
 #: Bytes that one chunk's per-sample gradient block ``(chunk, 2, n_params)`` may take by
@@ -44,9 +46,23 @@ __all__ = ["train_features", "test_features", "step_features", "gradient_feature
 #: digits MLP): the chunk size is capped at ``budget // (2 n_params itemsize)``.
 FEATURE_MEMORY_BUDGET = 16 * 2**20
 
+#: Fewest samples per chunk, whatever the budget: a chunk's projection GEMM reads all
+#: of ``A`` for ``2 · chunk`` flops per entry, which stays compute-bound (not bound by
+#: reading ``A`` from memory) from about 64 rows. The block is then at most ``2·64/P``
+#: of ``A``'s size (a quarter at P = 512), so the floor only binds for models above
+#: ~33,000 parameters (float32), whose ``A`` is larger still.
+MIN_CHUNK_ROWS = 64
+
+#: Bytes of ``A`` that one call's projector holds whole (256 MiB): the paper's MNIST MLP
+#: (784-128-64-10, 109,386 parameters) needs 214 MiB at P = 512 in float32. Above
+#: the budget ``A`` is regenerated block by block for every chunk, which cost that MLP
+#: ten times its projection GEMMs.
+PROJECTION_MEMORY_BUDGET = 256 * 2**20
+
 
 def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
-    """Samples per chunk: ``chunk_size`` capped by the memory budget of the gradient block.
+    """Samples per chunk: ``chunk_size`` capped by the memory budget of the gradient block,
+    but at least :data:`MIN_CHUNK_ROWS` (or ``chunk_size`` if smaller).
 
     Parameters
     ----------
@@ -63,20 +79,53 @@ def chunk_rows(chunk_size, n_params, itemsize, *, memory_budget=None):
         The features do not depend on it (rows are projected independently).
     """
     budget = FEATURE_MEMORY_BUDGET if memory_budget is None else memory_budget
-    cap = max(1, int(budget) // (2 * int(n_params) * int(itemsize)))
+    cap = max(MIN_CHUNK_ROWS, int(budget) // (2 * int(n_params) * int(itemsize)))
     return cap if chunk_size is None else min(int(chunk_size), cap)
 
 
 def make_projector(fm, proj_dim, *, seed, kind, backend):
     """The projector of ``fm``'s flat parameters in its compute dtype (None for
     ``proj_dim=None``), to be shared by every projection of one call: a
-    :class:`TorchProjector`."""
+    :class:`TorchProjector`.
+
+    Warns
+    -----
+    ProjectionDimensionWarning
+        ``proj_dim`` exceeds ``fm.n_params``: the projection reduces no dimension, and
+        ``proj_dim=None`` (the exact curvature) is cheaper.
+    """
     if proj_dim is None:
         return None
-    options = {} if backend is None else {"backend": backend}
+    if proj_dim > fm.n_params:
+        warnings.warn(
+            f"proj_dim={proj_dim} exceeds the model's {fm.n_params} trainable parameters: "
+            f"the projection (Eq. 17) reduces no dimension and costs more than the exact "
+            f"curvature; pass proj_dim=None for the exact curvature, or a proj_dim below "
+            f"{fm.n_params}", ProjectionDimensionWarning, stacklevel=2)
+    options = {"memory_budget": PROJECTION_MEMORY_BUDGET}
+    if backend is not None:
+        options["backend"] = backend
+    if kind == "kronecker":
+        options["layers"] = linear_blocks(fm)
     dtype = np.float32 if fm.dtype == torch.float32 else np.float64
     return TorchProjector(fm.n_params, proj_dim, seed=seed, kind=kind, dtype=dtype,
                           **options)
+
+
+def linear_blocks(fm):
+    """Where each ``nn.Linear`` of ``fm.model`` with a trainable weight sits in the flat
+    parameter index (:class:`iif_ref.kernels.LinearBlock`), for the Kronecker projection."""
+    offsets = dict(zip(fm.names, np.cumsum([0] + fm.numels[:-1]).tolist()))
+    blocks = []
+    for name, module in fm.model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, torch.nn.Linear) and prefix + "weight" in offsets:
+            blocks.append(LinearBlock(offsets[prefix + "weight"], module.out_features,
+                                      module.in_features, offsets.get(prefix + "bias")))
+    if not blocks:
+        raise ValueError("kind='kronecker' projects nn.Linear layers, and the model has no "
+                         "nn.Linear with a trainable weight; use kind='rademacher'")
+    return blocks
 
 
 class TorchProjector(Projector):
@@ -93,16 +142,51 @@ class TorchProjector(Projector):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._A_torch = None
+        self._A_torch = self._structure = None
         if self.A is not None:
             with warnings.catch_warnings():
                 # A is read-only on the NumPy side; the view is only ever read.
                 warnings.simplefilter("ignore", UserWarning)
                 self._A_torch = torch.from_numpy(self.A)
+        elif self.kind == "countsketch":
+            bucket, negative = countsketch_hash(self.seed, 0, self.n_params, self.proj_dim)
+            self._structure = (torch.from_numpy(bucket),
+                               torch.from_numpy(np.where(negative == 0, 1.0, -1.0)
+                                                .astype(self.dtype)))
+        elif self.layout is not None:
+            self._structure = ([(torch.from_numpy(a), torch.from_numpy(b))
+                                for a, b in self.factor_pairs],
+                               None if self.rest_rows is None
+                               else torch.from_numpy(self.rest_rows))
+
+    def _project_structured(self, blocks, offsets, factors=False):
+        # CountSketch: scatter-add each block's signed columns into their buckets, O(n M);
+        # Kronecker: the layout's factored products (docs/kernels.md).
+        n = blocks[0][0].shape[0] if isinstance(blocks[0], tuple) else blocks[0].shape[0]
+        out = torch.zeros((n, self.proj_dim), dtype=self._torch_dtype)
+        if self.layout is not None:
+            pairs, rest = self._structure
+            method = self.layout.project_factors if factors else self.layout.project_blocks
+            return method(blocks, offsets, pairs, rest, out).numpy()
+        bucket, sign = self._structure
+        for block, offset in zip(blocks, offsets):
+            cols = slice(offset, offset + block.shape[1])
+            out.index_add_(1, bucket[cols], block * sign[cols])
+        return out.numpy()
+
+    @property
+    def _torch_dtype(self):
+        return torch.float32 if self.dtype == np.float32 else torch.float64
 
     def project_tensor(self, G):
         """``G A`` (NumPy out) for a tensor ``G`` of shape (n, n_params)."""
         G = G.detach()
+        if self._structure is not None and G.device.type == "cpu" \
+                and G.dtype == self._torch_dtype:
+            if G.shape[1] != self.n_params:
+                raise ValueError(f"G must have n_params={self.n_params} columns, got shape "
+                                 f"{tuple(G.shape)}")
+            return self.project_blocks([G])
         if self._A_torch is None or G.device.type != "cpu" or G.dtype != self._A_torch.dtype:
             return self(G.cpu().numpy())
         if G.shape[1] != self.n_params:
@@ -114,6 +198,17 @@ class TorchProjector(Projector):
         """``G A`` (NumPy out) from the column blocks of ``G``: tensors ``(n, numel_j)``
         in flat parameter order, each multiplied by its rows of ``A`` and summed, so the
         flat ``(n, n_params)`` matrix is never formed. Needs ``A`` held in ``G``'s dtype."""
+        if self._structure is not None:
+            blocks = [block.detach() for block in blocks]
+            widths = [block.shape[1] for block in blocks]
+            if sum(widths) != self.n_params:
+                raise ValueError(f"the blocks have {sum(widths)} columns in all, not "
+                                 f"n_params={self.n_params}")
+            if self.layout is not None and len(blocks) == 1:  # a flat G: cut it by parameter
+                spans = self.layout.parameter_blocks()
+                blocks, widths = [blocks[0][:, lo:lo + w] for lo, w in spans], \
+                    [w for _, w in spans]
+            return self._project_structured(blocks, np.cumsum([0] + widths[:-1]).tolist())
         out, offset = None, 0
         for block in blocks:
             block = block.detach()
@@ -125,8 +220,20 @@ class TorchProjector(Projector):
                              f"n_params={self.n_params}")
         return out.numpy()
 
+    def project_factors(self, factors):
+        """``G A`` (NumPy out) of a Kronecker projector from the per-parameter factors of
+        :meth:`~iif_ref.neural.functional.FunctionalModel.per_sample_vjp_factors`
+        (``(g, a)`` per weight, ``g`` per bias, in flat order): the rows ``g aᵀ`` are never
+        formed."""
+        widths = [f[0].shape[1] * f[1].shape[1] if isinstance(f, tuple) else f.shape[1]
+                  for f in factors]
+        return self._project_structured(factors, np.cumsum([0] + widths[:-1]).tolist(),
+                                        factors=True)
+
     def takes_blocks(self, dtype):
         """Whether :meth:`project_blocks` can project CPU tensors of ``dtype``."""
+        if self._structure is not None:
+            return self._torch_dtype == dtype
         return self._A_torch is not None and self._A_torch.dtype == dtype
 
 
@@ -150,14 +257,34 @@ def _vjp_rows(fm, params, X, W, projector):
     as the projection and doubled the memory of a chunk.
     """
     n, r = W.shape[0], W.shape[1]
-    if isinstance(projector, TorchProjector) and X.device.type == "cpu" \
-            and projector.takes_blocks(fm.dtype):
+    on_host = isinstance(projector, TorchProjector) and X.device.type == "cpu" \
+        and projector.takes_blocks(fm.dtype)
+    # The Kronecker projection takes a Linear stack's factors (g, a) as they are.
+    factors = fm.per_sample_vjp_factors(params, X, W) \
+        if on_host and projector.kind == "kronecker" else None
+    if factors is not None:
+        rows = projector.project_factors(factors)
+    elif on_host:
         blocks = fm.per_sample_vjp_blocks(params, X, W)
         rows = projector.project_blocks([b.reshape(n * r, -1) for b in blocks])
     else:
         rows = project_rows(fm.per_sample_vjp(params, X, W).reshape(n * r, -1),
                             projector=projector)
     return rows.reshape(n, r, -1)
+
+
+class _RowBuffer:
+    """The ``(n, ...)`` result of a chunked computation, allocated at its first chunk and
+    filled in place: a list of chunks and their concatenation held the features twice
+    (2 × 117 MiB for each of Φ and Ψ at n = 60,000, P = 512, float32)."""
+
+    def __init__(self, n):
+        self.n, self.array = n, None
+
+    def put(self, start, rows):
+        if self.array is None:
+            self.array = np.empty((self.n,) + rows.shape[1:], dtype=rows.dtype)
+        self.array[start:start + rows.shape[0]] = rows
 
 
 def _check_projector(projector, fm, proj_dim, seed, kind, backend):
@@ -271,7 +398,7 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
     proj_dim : int or None
         P; None returns the unprojected ``(n, n_params)`` rows (small models only).
     seed : int
-    kind : {"rademacher", "gaussian"}
+    kind : {"rademacher", "gaussian", "countsketch", "kronecker"}
     chunk_size : int or None
         Most samples per streamed chunk; the chunk is smaller when its gradient block
         would exceed :data:`FEATURE_MEMORY_BUDGET` (:func:`chunk_rows`). None: the budget
@@ -332,7 +459,8 @@ def train_features(model, loss, params, X, y_from, y_to, *, proj_dim, seed=0,
 
 def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None, *,
                   proj_dim, seed=0, kind="rademacher", chunk_size=256, backend=None,
-                  sample_offset=0, step=None, dtype=None, fuse=True, projector=None):
+                  sample_offset=0, step=None, dtype=None, fuse=True, projector=None,
+                  psi_as_scale=False):
     """:func:`train_features` and :func:`test_features` of one path step, projected together.
 
     Parameters
@@ -346,11 +474,15 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
         chunk rather than once more for the test rows.
     proj_dim, seed, kind, chunk_size, backend, sample_offset, step, dtype, fuse, projector
         As in :func:`train_features`.
+    psi_as_scale : bool
+        When every chunk fuses (``Ψ = diag(α) Φ``), return ``α`` in place of ``Psi``:
+        the second ``(n, P)`` array (117 MiB at n = 60,000, P = 512) is not formed.
 
     Returns
     -------
     Phi, Psi : ndarray, shape (n, P)
-        As from :func:`train_features`.
+        As from :func:`train_features`; with ``psi_as_scale``, ``Psi`` may instead be
+        ``α``, shape ``(n,)``, float64.
     Gamma : ndarray, shape (n_test, P), or None
         As from :func:`test_features`; None without ``X_test``.
 
@@ -389,7 +521,8 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
     n_test = 0 if Xt is None else Xt.shape[0]
     # Test rows ride with the last chunk when they fit in one more chunk's worth of rows.
     ride = 0 < n_test <= chunk_size
-    Phi, Psi, Gamma = [], [], None
+    Phi, Psi, Gamma = _RowBuffer(n), _RowBuffer(n), None
+    scale = np.empty(n) if psi_as_scale and fuse else None   # α while every chunk fuses
     bounds = list(chunks(n, chunk_size))
     for c, (start, stop) in enumerate(bounds):
         extra = ride and c == len(bounds) - 1
@@ -409,15 +542,22 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
             train_rows = rows[:m]
             _check_finite_rows(train_rows, start + sample_offset,
                                "per-sample gradient", step)
-            Phi.append(train_rows)
-            Psi.append(train_rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
+            Phi.put(start, train_rows)
+            if scale is not None:
+                scale[start:stop] = alpha.cpu().numpy()
+            else:
+                Psi.put(start, train_rows * alpha.cpu().numpy().astype(rows.dtype)[:, None])
             if extra:
                 Gamma = rows[m:]
         else:
             both = _vjp_rows(fm, params, Xc, torch.stack([w_to, w_d], dim=1), projector)
             _check_finite_rows(both, start + sample_offset, "per-sample gradient", step)
-            Phi.append(both[:, 0])
-            Psi.append(both[:, 1])
+            if scale is not None:     # the earlier chunks' Ψ rows, as the loop makes them
+                if start:
+                    Psi.put(0, Phi.array[:start] * scale[:start, None].astype(both.dtype))
+                scale = None
+            Phi.put(start, both[:, 0])
+            Psi.put(start, both[:, 1])
             if extra:
                 Gamma = _vjp_rows(fm, params, Xt, Wt[:, None, :], projector)[:, 0]
         if extra:
@@ -426,7 +566,7 @@ def step_features(model, loss, params, X, y_from, y_to, X_test=None, y_test=None
         Gamma = gradient_features(fm, loss, params, Xt, Yt, proj_dim=proj_dim, seed=seed,
                                   kind=kind, chunk_size=chunk_size, backend=backend,
                                   step=step, what="test-loss gradient", projector=projector)
-    return np.concatenate(Phi), np.concatenate(Psi), Gamma
+    return Phi.array, (Psi.array if scale is None else scale), Gamma
 
 
 def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="rademacher",
@@ -466,7 +606,7 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
     if Y.shape[0] != X.shape[0]:
         raise ValueError(f"X and y must have the same number of rows, got "
                          f"{X.shape[0]} and {Y.shape[0]}")
-    out = []
+    out = _RowBuffer(X.shape[0])
     for start, stop in chunks(X.shape[0], chunk_size):
         Xc = X[start:stop]
         with torch.no_grad():
@@ -474,8 +614,8 @@ def gradient_features(model, fn, params, X, Y, *, proj_dim, seed=0, kind="radema
         W = output_weights(loss, F, Y[start:stop])[:, None, :]
         rows = _vjp_rows(fm, params, Xc, W, projector)[:, 0]
         _check_finite_rows(rows, start, what, step)
-        out.append(rows)
-    return np.concatenate(out)
+        out.put(start, rows)
+    return out.array
 
 
 def test_features(model, loss, params, X_test, y_test, *, proj_dim, seed=0,

@@ -3,12 +3,18 @@
 The flat index ``m`` of a parameter entry (the row of the projection matrix ``A``,
 docs/rng.md) runs over the *trainable* parameters in ``model.named_parameters()`` order,
 each flattened row-major. Frozen parameters (``requires_grad=False``) are kept as
-constants. The model is evaluated with ``torch.func.functional_call`` in eval mode
-(dropout off, batch-norm statistics fixed): attribution explains the deployed function.
-A plain ``nn.Sequential`` of ``nn.Linear`` layers and parameter-free modules (the
-package's MLPs) is evaluated layer by layer instead, the same operations without
-``functional_call``'s re-parametrisation, which costs more than the forward pass itself
-at the batch sizes of unlearning (tested equal bit for bit).
+constants. The model is evaluated in eval mode (dropout off, batch-norm statistics
+fixed): attribution explains the deployed function. θ is substituted for the module's
+tensors for the duration of one forward call (:meth:`FunctionalModel.substituted`, what
+``torch.func.functional_call`` does, without its per-call bookkeeping, which costs more
+than the forward pass itself at the batch sizes of unlearning). A plain
+``nn.Sequential`` of ``nn.Linear`` layers and parameter-free modules (the package's
+MLPs) is evaluated layer by layer, the same operations without module calls (tested
+equal bit for bit).
+
+Per-sample gradients of Linear layers come in closed form (:mod:`iif_ref.neural.linear_calls`):
+every ``torch.nn.functional.linear`` call on a trainable parameter is recorded during one
+batched forward pass, wherever it sits in the model.
 """
 from __future__ import annotations
 
@@ -17,19 +23,40 @@ import math
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from iif_ref._validation import as_float_array
+from iif_ref.neural.linear_calls import LinearCalls, linear_factors
 
-__all__ = ["FunctionalModel", "eval_mode", "as_inputs", "as_targets", "output_weights", "chunks"]
+__all__ = ["FunctionalModel", "eval_mode", "check_model", "as_inputs", "as_targets",
+           "output_weights", "chunks"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_model(model):
+    """Raise ``TypeError`` naming ``model`` unless it is a ``torch.nn.Module``."""
+    if not isinstance(model, torch.nn.Module):
+        hint = ("; a plain function has no parameters to attribute through: wrap the "
+                "computation in an nn.Module that holds them as nn.Parameter"
+                if callable(model) else "")
+        raise TypeError(f"model must be a torch.nn.Module (its trainable parameters are "
+                        f"θ*), got {type(model).__name__}{hint}")
+    return model
 
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """Put ``model`` in eval mode for the block and restore its previous mode after."""
-    was_training = model.training
+    """Put ``model`` in eval mode for the block and restore its previous mode after.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a ``torch.nn.Module`` (the first use of the model in every
+        public call, so the message comes before anything else touches it).
+    """
+    was_training = check_model(model).training
     model.eval()
     try:
         yield model
@@ -57,13 +84,27 @@ class FunctionalModel:
     """
 
     def __init__(self, model, *, dtype=None):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("model has no trainable parameters (every parameter has "
                              "requires_grad=False); there is nothing to attribute through")
+        meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if meta:
+            raise ValueError(
+                f"model has {len(meta)} parameter(s) or buffer(s) on the meta device "
+                f"({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): shapes without "
+                "values, so there is nothing to evaluate; materialise and load the weights "
+                "first, e.g. model.to_empty(device='cpu') then model.load_state_dict(...)")
         self.dtype = _DTYPES[dtype] if dtype is not None else trainable[0][1].dtype
+        if self.dtype in _HALF:
+            # Per-sample gradients and the damped solves need float32 at least; computing
+            # in half precision would change the results' precision silently.
+            raise TypeError(
+                f"model has {str(self.dtype).replace('torch.', '')} parameters; attribution "
+                "computes in float32 or float64: pass dtype='float32' (or 'float64') to "
+                "compute in that precision without changing the model, or convert it with "
+                "model.float()")
         if not self.dtype.is_floating_point:
             raise TypeError(f"model parameters must be floating point, got {self.dtype}")
         self.model = model
@@ -79,7 +120,10 @@ class FunctionalModel:
         self.constants = {n: (t.detach().to(self.dtype) if t.is_floating_point() else t)
                           for n, t in consts.items()}
         self._layers = _linear_stack(model)
-        self._layers_linear = [l for l in self._layers or () if isinstance(l, tuple)]
+        self._sites = _tensor_sites(model)
+        #: Whether per-sample VJPs of Linear layers may come in closed form (False: the
+        #: general ``vmap(grad)`` path for every model, the slow twin of the tests).
+        self.closed_form = True
 
     # ---- parameters as vectors -------------------------------------------------
     def flatten(self, params):
@@ -98,11 +142,32 @@ class FunctionalModel:
         return {n: params[n].detach().clone() for n in self.names}
 
     # ---- evaluation -------------------------------------------------------------
+    @contextlib.contextmanager
+    def substituted(self, tensors):
+        """The module with ``tensors`` (by parameter or buffer name) in place of its own
+        for the block, restored after (also on error).
+
+        The same substitution as ``torch.func.functional_call`` (tied tensors included:
+        every module that holds a tensor gets the substitute), without its per-call
+        checks of the names, which :class:`FunctionalModel` made once.
+        """
+        saved = []
+        try:
+            for name, tensor in tensors.items():
+                for store, key in self._sites[name]:
+                    saved.append((store, key, store[key]))
+                    store[key] = tensor
+            yield self.model
+        finally:
+            for store, key, original in reversed(saved):
+                store[key] = original
+
     def forward(self, params, X):
         """Batched outputs ``f(X; θ)``, shape ``(n, n_out)``."""
         tensors = {**self.constants, **params}
         if self._layers is None:
-            out = functional_call(self.model, (tensors,), (X,))
+            with self.substituted(tensors) as model:
+                out = model(X)
         else:
             out = X
             for layer in self._layers:
@@ -141,14 +206,17 @@ class FunctionalModel:
         the last axis is the flat ``(n, R, n_params)`` result (which is never formed:
         a projection can multiply each block by its rows of ``A`` instead).
 
-        A Linear stack's blocks are the outer products of :meth:`per_sample_vjp_factors`,
-        the same numbers as the general ``vmap(grad)`` up to rounding without its
-        per-call dispatch (tests/test_neural_functional.py)."""
-        factors = self.per_sample_vjp_factors(params, X, W)
+        When every parameter is used by Linear calls only, the blocks are formed from
+        :meth:`per_sample_vjp_factors` (``Σ_s g_s a_sᵀ``), the same numbers as the
+        general ``vmap(grad)`` up to rounding without its per-sample passes
+        (tests/test_neural_functional.py)."""
+        n, r = W.shape[0], W.shape[1]
+        factors = self.per_sample_vjp_factors(params, X, W, sequence=True)
         if factors is not None:
-            n, r = W.shape[0], W.shape[1]
-            return [(f[0][:, :, None] * f[1][:, None, :] if isinstance(f, tuple) else f)
-                    .reshape(n, r, -1) for f in factors]
+            return [(torch.bmm(f[0].transpose(1, 2), f[1]) if f[0].shape[1] > 1
+                     else f[0][:, 0, :, None] * f[1][:, 0, None, :])
+                    .reshape(n, r, -1) if isinstance(f, tuple)
+                    else f.sum(dim=1).reshape(n, r, -1) for f in factors]
 
         def weighted_output(p, x, w):
             return torch.dot(w, self._single(p, x))
@@ -156,50 +224,66 @@ class FunctionalModel:
         per_row = vmap(grad(weighted_output), in_dims=(None, None, 0))
         per_sample = vmap(per_row, in_dims=(None, 0, 0))
         g = per_sample(params, X, W)
-        n, r = W.shape[0], W.shape[1]
         return [g[name].reshape(n, r, -1) for name in self.names]
 
-    def per_sample_vjp_factors(self, params, X, W):
-        """Per-sample VJPs of a Linear stack as factors, in the order of :attr:`names`:
-        a weight's rows are the outer products ``g aᵀ`` of its output gradient ``g`` and
-        input ``a``, given as the pair ``(g, a)`` of shapes ``(n R, out)``, ``(n R, in)``;
-        a bias's rows are ``g`` itself, ``(n R, out)``. Row ``i R + r`` is sample ``i``
-        with weight row ``r``. For a model that is not a Linear stack: None.
+    def per_sample_vjp_factors(self, params, X, W, *, sequence=False):
+        """Per-sample VJPs as Linear-layer factors, in the order of :attr:`names`, or None
+        when some parameter is not used by ``torch.nn.functional.linear`` calls alone.
 
-        One batched backward pass per weight row gives ``g = ∂(w·f)/∂z`` at every Linear
-        output ``z = a Wᵀ + b`` (samples do not mix in a stack evaluated in eval mode).
+        A weight used in Linear calls ``z = a Wᵀ + b`` has per-sample VJP rows
+        ``Σ_s g_s a_sᵀ``, summed over the positions ``s`` of its inputs (a sequence axis,
+        or several calls of one weight), with ``g = ∂(w·f)/∂z`` its output gradient; a
+        bias's rows are ``Σ_s g_s``.
+
+        Parameters
+        ----------
+        params : dict of tensors
+        X : tensor, shape (n, ...)
+        W : tensor, shape (n, R, n_out)
+        sequence : bool
+            False: a weight's factor is the pair ``(g, a)`` of shapes ``(n R, out)``,
+            ``(n R, in)`` (rows ``g aᵀ``) and a bias's is ``g``, ``(n R, out)``, the same
+            tensor as its weight's ``g`` when they share one call; None when
+            some weight has more than one position per sample (not an outer product).
+            True: ``(g, a)`` of shapes ``(n R, S, out)``, ``(n R, S, in)`` and a bias's
+            ``g`` of shape ``(n R, S, out)``, for any ``S``.
+
+        Returns
+        -------
+        list or None
+            Row ``i R + r`` is sample ``i`` with weight row ``r``. None also when the
+            parameters require grad (the general path keeps the graph) or
+            :attr:`closed_form` is off.
+
+        Notes
+        -----
+        One batched forward pass records every Linear call
+        (:class:`~iif_ref.neural.linear_calls.LinearCalls`) and one batched backward
+        pass per weight row gives every ``g``; this assumes that the model maps the rows
+        of a batch independently (true in eval mode; batch statistics would also break
+        the general path's per-sample evaluation).
         """
         differentiated = torch.is_grad_enabled() and any(
             v.requires_grad for v in params.values())
-        if self._layers is None or differentiated:    # vmap(grad) keeps the graph
+        if not self.closed_form or differentiated:    # vmap(grad) keeps the graph
             return None
-        tensors = {k: v.detach() for k, v in {**self.constants, **params}.items()}
-        n, r = W.shape[0], W.shape[1]
-        inputs, outputs = [], []
-        with torch.enable_grad():
-            h = X.detach()
-            for layer in self._layers:
-                if isinstance(layer, torch.nn.Module):
-                    h = layer(h)
-                    continue
-                inputs.append(h.detach())
-                h = torch.nn.functional.linear(h, tensors[layer[0]],
-                                               None if layer[1] is None else tensors[layer[1]])
-                if not outputs:    # the graph starts at the first Linear's output
-                    h.requires_grad_(True)
-                outputs.append(h)
-            if any(t.ndim != 2 for t in inputs):  # a Linear over a sequence sums g aᵀ
+        detached = {name: params[name].detach() for name in self.names}
+        with torch.enable_grad(), LinearCalls(detached) as calls:
+            out = self.forward(detached, X.detach())
+        factors = linear_factors(calls, out, W)
+        if factors is None:
+            return None
+        if not sequence:
+            if any(isinstance(f, tuple) and f[0].shape[1] > 1 for f in factors.values()):
                 return None
-            out = h.reshape(n, -1)
-            grads = [torch.autograd.grad(out, outputs, W[:, j], retain_graph=j < r - 1)
-                     for j in range(r)]
-        factors = {}
-        for i, (w_name, b_name) in enumerate(self._layers_linear):
-            g = torch.stack([row[i] for row in grads], dim=1).reshape(n * r, -1)
-            a = inputs[i].reshape(n, -1)
-            factors[w_name] = (g, a if r == 1 else a.repeat_interleave(r, dim=0))
-            if b_name is not None:
-                factors[b_name] = g
+            # A weight and its bias keep one shared g tensor (callers group by identity).
+            flat = {}
+
+            def squeeze(g):
+                return flat.setdefault(id(g), g[:, 0] if g.shape[1] == 1 else g.sum(dim=1))
+
+            factors = {k: ((squeeze(f[0]), f[1][:, 0]) if isinstance(f, tuple)
+                           else squeeze(f)) for k, f in factors.items()}
         return [factors[name] for name in self.names]
 
 
@@ -207,8 +291,8 @@ def _linear_stack(model):
     """The layers of ``model`` when it is a plain ``nn.Sequential`` (nested ones too) of
     ``nn.Linear`` and modules without parameters or buffers, else None: a Linear as its
     ``(weight name, bias name or None)``, any other layer as the module itself. Modules
-    with hooks or subclasses (which may override ``forward``) go through
-    ``functional_call``."""
+    with hooks or subclasses (which may override ``forward``) are called as
+    modules."""
     layers = []
 
     def walk(module, prefix):
@@ -228,6 +312,25 @@ def _linear_stack(model):
         return stateless
 
     return layers if walk(model, "") else None
+
+
+def _tensor_sites(model):
+    """Every place a parameter or buffer of ``model`` is held, by its first name:
+    ``name -> [(module._parameters or module._buffers, key), ...]`` (a tied tensor has
+    several places, all substituted together)."""
+    first, sites = {}, {}
+    for kind in ("_parameters", "_buffers"):
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            store = getattr(module, kind)
+            for key, tensor in store.items():
+                if tensor is None:
+                    continue
+                name = first.setdefault(id(tensor),
+                                        f"{module_name}.{key}" if module_name else key)
+                places = sites.setdefault(name, [])
+                if not any(held is store and k == key for held, k in places):
+                    places.append((store, key))
+    return sites
 
 
 def as_inputs(X, name, fm):
@@ -260,6 +363,9 @@ def probe_outputs(fm, X, name):
             size = getattr(first, "in_features", None) or getattr(first, "in_channels")
             unit = "features" if hasattr(first, "in_features") else "channels"
             expects = f"; its first layer ({type(first).__name__}) takes {size} input {unit}"
+        if X.ndim == 1:
+            expects += (f"; a 1-D {name} is {X.shape[0]} samples without features: for one "
+                        f"feature per sample pass {name}.reshape(-1, 1)")
         raise ValueError(f"the model cannot be applied to {name} of shape "
                          f"{tuple(X.shape)}{expects} ({exc})") from exc
 
@@ -281,10 +387,14 @@ def as_targets(y, name, n_out, loss, fm):
     raw = np.asarray(y)
     if (loss.classification and raw.ndim == 1 and n_out != 1
             and not (np.issubdtype(raw.dtype, np.integer) or raw.dtype == np.bool_)):
+        if raw.dtype.kind in "fc":
+            fix = f"convert labels with {name}.astype(int)"
+        else:   # strings or objects: astype(int) would fail on them
+            fix = ("encode them as integers with one mapping for the training and test "
+                   "labels, e.g. classes, codes = np.unique(labels, return_inverse=True)")
         raise TypeError(f"{name} for the {loss.name!r} loss must hold integer class labels "
                         f"in [0, {n_out}) (or (n, {n_out}) one-hot or soft targets), got "
-                        f"dtype {raw.dtype} with shape {raw.shape}; convert labels with "
-                        f"{name}.astype(int)")
+                        f"dtype {raw.dtype} with shape {raw.shape}; {fix}")
     if loss.classification and raw.ndim == 1 and (np.issubdtype(raw.dtype, np.integer)
                                                    or raw.dtype == np.bool_):
         if raw.size == 0:

@@ -32,7 +32,7 @@ from iif_ref.errors import NotPositiveDefiniteError
 from iif_ref.neural.baseline import per_sample_losses
 from iif_ref.neural.config import IIFConfig
 from iif_ref._defaults import default_relative_damping
-from iif_ref.neural.curvature import dense_scores, resolve_damping
+from iif_ref.neural.curvature import dense_scores, projected_gram, resolve_damping
 from iif_ref.neural.engine import run
 from iif_ref.neural.features import DEFAULT_PROJ_DIM, gradient_features, make_projector
 from iif_ref.neural.functional import chunks, eval_mode
@@ -79,12 +79,18 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
         10 for the exact solvers, 1 for the projected Fisher). ``solver="cg"`` needs a
         number.
     proj_dim : int
-        P for ``solver="projected"``.
-    memory_budget : int
-        Bytes allowed for the sample-space solve (default 4 GiB); over it,
-        ``"gauss_newton"`` and ``"fisher_exact"`` raise
-        :class:`~iif_ref.neural.sample_space.MemoryBudgetError` naming the sizes, and
-        ``"auto"`` falls back to ``"projected"``.
+        P for ``solver="projected"`` (validated whatever the solver; above the number
+        of parameters, a :class:`~iif_ref.errors.ProjectionDimensionWarning`).
+    memory_budget : int or "auto"
+        Bytes allowed for the sample-space solve (default ``"auto"``: two thirds of the
+        memory available when the call starts,
+        :func:`~iif_ref.neural.sample_space.resolve_memory_budget`). A stack of Linear
+        layers forms the Gram from layer factors (about ``8 (n_train · r)²`` bytes with
+        ``r = n_out − 1`` rows per sample for cross-entropy), any other model from the
+        ``n_train · r × n_params`` rows of ``B``. Over the budget, ``"gauss_newton"`` and
+        ``"fisher_exact"`` raise :class:`~iif_ref.neural.sample_space.MemoryBudgetError`
+        naming the sizes, and ``"auto"`` falls back to ``"projected"`` with a
+        ``RuntimeWarning``; ``config["solver_fallback"]`` then gives the reason.
     seed, kind, backend, chunk_size, dtype, progress, cache_dir
         As in :class:`IIFConfig`.
     cg_tol : float
@@ -108,6 +114,9 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
     """
     if solver not in _SOLVERS:
         raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    # Checked whatever the solver, as every method does: a bad value is a bad call even
+    # where the sample-space solver would not use it.
+    proj_dim = check_positive_int(proj_dim, "proj_dim", allow_none=True)
     fallback = None
     if solver in ("auto", "gauss_newton", "fisher_exact"):
         try:
@@ -119,6 +128,9 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
             if solver != "auto":
                 raise
             fallback, solver = str(exc), "projected"
+            warnings.warn(f"influence_function(solver='auto') falls back to the projected "
+                          f"Fisher (proj_dim={proj_dim}), not the exact Gauss-Newton "
+                          f"influence function: {exc}", RuntimeWarning, stacklevel=3)
     if solver in ("exact", "projected"):
         cfg = IIFConfig(K=1, baseline="prediction", mask_path=False,
                         curvature="hessian" if solver == "exact" else "fisher",
@@ -131,6 +143,7 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
         result.config["solver"] = solver
         if fallback is not None:
             result.config["solver_requested"] = "auto"
+            result.config["solver_fallback"] = fallback
             result.diagnostics["solver_fallback"] = fallback
         return result
     if isinstance(damping, str):
@@ -162,7 +175,7 @@ def _influence_sample_space(model, loss, data, *, solver, damping, dtype, chunk_
     config = dict(method="if", solver="fisher_exact" if curvature == "fisher" else
                   "gauss_newton", loss=prob.loss.name, curvature=curvature, proj_dim=None,
                   damping=damping, damping_used=[lam_d], damping_relative=relative,
-                  memory_budget=int(memory_budget),
+                  memory_budget=solve.memory_budget, gram_from=solve.gram_from,
                   chunk_size=chunk_size, n_params=prob.fm.n_params,
                   torch_dtype=str(prob.fm.dtype).replace("torch.", ""),
                   solve_dtype="float64")
@@ -366,12 +379,12 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
             with torch.no_grad():
                 p = torch.exp(per_sample_losses(fm, prob.loss, theta, prob.X, prob.Y) * -1.0)
             Q = (1.0 - p).double().numpy()
-            Psi = Phi * Q[:, None].astype(Phi.dtype)
             # Projected or not, the Gram of the features and the package's one step solve.
-            Phi64 = Phi.astype(np.float64)
-            C = Phi64.T @ Phi64
+            # Ψ = diag(1 − p) Φ: −Γ F⁻¹ Ψᵀ = (−Γ F⁻¹ Φᵀ) diag(1 − p), Ψ never formed.
+            C = projected_gram(Phi)
             lam_d = resolve_damping(damping, np.trace(C), C.shape[0], relative=relative)
-            term, cond = dense_scores(C, Psi, Gamma, damping=lam_d, step=c)
+            term, cond = dense_scores(C, Phi, Gamma, damping=lam_d, step=c)
+            term *= Q[None, :]
             scores += term / len(cks)
             conds.append(cond)
             lams.append(lam_d)

@@ -47,10 +47,13 @@ def prepare_problem(model, loss, X_train, y_train, X_test, y_test, *, dtype=None
     Raises
     ------
     TypeError
-        ``model`` is not a Module; non-numeric data.
+        ``model`` is not a Module, or has float16/bfloat16 parameters without
+        ``dtype="float32"``/``"float64"``; non-numeric data; class labels that are not
+        integers.
     ValueError
-        No trainable parameters; empty or non-finite data; row counts that differ;
-        test features whose per-sample shape differs from the training features';
+        No trainable parameters, or parameters on the meta device; empty or non-finite
+        data; row counts that differ; test features whose per-sample shape differs from
+        the training features' (a single test point without its sample axis is named);
         targets whose width differs from the model output; a callable loss whose
         gradient is not affine in the target.
     """
@@ -59,8 +62,13 @@ def prepare_problem(model, loss, X_train, y_train, X_test, y_test, *, dtype=None
     X = as_inputs(X_train, "X_train", fm)
     X_test = as_inputs(X_test, "X_test", fm)
     if tuple(X_test.shape[1:]) != tuple(X.shape[1:]):
+        hint = ""
+        if tuple(X_test.shape) == tuple(X.shape[1:]):
+            hint = (f"; X_test of shape {tuple(X_test.shape)} looks like one test point "
+                    f"without its sample axis: pass X_test[None] (or X_test.reshape(1, -1) "
+                    f"for a 1-D point), shape {(1, *X.shape[1:])}")
         raise ValueError(f"X_test has per-sample shape {tuple(X_test.shape[1:])} but X_train "
-                         f"has {tuple(X.shape[1:])}")
+                         f"has {tuple(X.shape[1:])}{hint}")
     F0 = probe_outputs(fm, X, "X_train")
     n_out = F0.shape[1]
     Y = as_targets(y_train, "y_train", n_out, loss, fm)

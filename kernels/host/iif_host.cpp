@@ -1,6 +1,7 @@
 // iif_host.cpp -- C ABI host library built from the same headers as the CUDA kernels.
 //
 // Equations.  A[m, p] of Eq. (17) (philox.cuh, docs/rng.md); Phi = G A (projection.cuh);
+//   Phi = G A for the CountSketch A (countsketch.cuh);
 //   F_b = Phi_b^T Phi_b + damping I (gram.cuh, Eq. 31).
 //
 // Index convention.  All arrays row-major and contiguous: A block (n_rows, P) holding rows
@@ -18,18 +19,19 @@
 // Every entry point returns 0 on success and IIF_EINVAL for arguments outside the domain.
 #include <stdint.h>
 
+#include "../countsketch.cuh"
 #include "../gram.cuh"
 #include "../philox.cuh"
 #include "../projection.cuh"
 
 #define IIF_EINVAL (-22)
-#define IIF_HOST_ABI_VERSION 1
+#define IIF_HOST_ABI_VERSION 2
 
 namespace {
 
 bool valid_generate_args(uint64_t row_start, int64_t n_rows, int64_t proj_dim, int kind) {
     if (n_rows < 0 || proj_dim < 1 || proj_dim > (int64_t)4294967296LL) return false;
-    if (kind != IIF_KIND_RADEMACHER && kind != IIF_KIND_GAUSSIAN) return false;
+    if (kind < IIF_KIND_RADEMACHER || kind > IIF_KIND_KRONECKER_OUT) return false;
     // Rows row_start .. row_start + n_rows - 1 must stay below 2^64.
     if (n_rows > 0 && row_start > UINT64_MAX - (uint64_t)(n_rows - 1)) return false;
     return true;
@@ -44,7 +46,7 @@ int generate(uint64_t seed, uint64_t row_start, int64_t n_rows, int64_t proj_dim
     for (int64_t i = 0; i < n_rows; ++i) {
         for (int64_t p = 0; p < proj_dim; ++p) {
             out[i * proj_dim + p] =
-                (T)iif_entry(seed, row_start + (uint64_t)i, (iif_u32)p, sqrt_dim, kind);
+                (T)iif_entry(seed, row_start + (uint64_t)i, (iif_u32)p, proj_dim, sqrt_dim, kind);
         }
     }
     return 0;
@@ -60,6 +62,18 @@ int project(const T* G, int64_t n, int64_t M, uint64_t seed, uint64_t m_offset,
             Phi[i * proj_dim + p] =
                 iif_project_entry<T>(G, M, M, i, seed, m_offset, proj_dim, (iif_u32)p, kind);
         }
+    }
+    return 0;
+}
+
+template <typename T>
+int countsketch(const T* G, int64_t n, int64_t M, uint64_t seed, uint64_t m_offset,
+                int64_t proj_dim, T* Phi) {
+    if (n < 0 || M < 0 || !valid_generate_args(m_offset, M, proj_dim, IIF_KIND_COUNTSKETCH))
+        return IIF_EINVAL;
+    if ((n > 0 && !Phi) || (n > 0 && M > 0 && !G)) return IIF_EINVAL;
+    for (int64_t i = 0; i < n; ++i) {
+        iif_countsketch_row<T>(G, M, M, i, seed, m_offset, proj_dim, Phi, proj_dim);
     }
     return 0;
 }
@@ -106,6 +120,16 @@ int iif_project_f64(const double* G, int64_t n, int64_t M, uint64_t seed, uint64
 int iif_project_f32(const float* G, int64_t n, int64_t M, uint64_t seed, uint64_t m_offset,
                     int64_t proj_dim, int kind, float* Phi) {
     return project<float>(G, n, M, seed, m_offset, proj_dim, kind, Phi);
+}
+
+int iif_countsketch_f64(const double* G, int64_t n, int64_t M, uint64_t seed, uint64_t m_offset,
+                        int64_t proj_dim, double* Phi) {
+    return countsketch<double>(G, n, M, seed, m_offset, proj_dim, Phi);
+}
+
+int iif_countsketch_f32(const float* G, int64_t n, int64_t M, uint64_t seed, uint64_t m_offset,
+                        int64_t proj_dim, float* Phi) {
+    return countsketch<float>(G, n, M, seed, m_offset, proj_dim, Phi);
 }
 
 int iif_gram_f64(const double* Phi, int64_t B, int64_t N, int64_t P, double damping, double* F) {
