@@ -276,3 +276,21 @@ def test_weight_and_bias_of_one_linear_share_their_output_gradient():
     factors = dict(zip(fm.names, fm.per_sample_vjp_factors(params, X, W)))
     for i in range(2):
         assert factors[f"layers.{i}.weight"][0] is factors[f"layers.{i}.bias"]
+
+
+def test_linear_factors_are_the_same_inside_a_callers_no_grad_block():
+    # The exact oracle asks for factors under torch.no_grad(); the backward pass that
+    # gives g must still run (it once failed there: the graph was cut at out.reshape).
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 3)).double()
+    fm = FunctionalModel(net)
+    X = torch.randn(5, 4, dtype=torch.float64)
+    W = torch.randn(5, 2, 3, dtype=torch.float64)
+    free = fm.per_sample_vjp_factors(fm.theta_star, X, W)
+    with torch.no_grad():
+        blocked = fm.per_sample_vjp_factors(fm.theta_star, X, W)
+    assert free is not None and blocked is not None
+    for f, b in zip(free, blocked):
+        for x, y in zip(f if isinstance(f, tuple) else (f,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(x, y)

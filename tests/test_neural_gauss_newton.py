@@ -394,15 +394,17 @@ def test_damping_grid_chooses_cholesky_for_few_dampings_and_rebuilds_the_factore
 
 
 class _Scaled(torch.nn.Module):
-    """A layer the factor extraction does not know: the Gram comes from B's rows."""
+    """A parameter outside any Linear call (a learnt output scale): no layer factors, so
+    the Gram comes from B's rows."""
 
     def __init__(self):
         super().__init__()
         self.inner = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
                                          torch.nn.Linear(6, 3))
+        self.scale = torch.nn.Parameter(torch.tensor(2.0))
 
     def forward(self, x):
-        return 2.0 * self.inner(x)
+        return self.scale * self.inner(x)
 
 
 def test_a_model_without_layer_factors_takes_the_rows_of_B_and_says_so():

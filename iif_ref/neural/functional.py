@@ -268,9 +268,12 @@ class FunctionalModel:
         if not self.closed_form or differentiated:    # vmap(grad) keeps the graph
             return None
         detached = {name: params[name].detach() for name in self.names}
-        with torch.enable_grad(), LinearCalls(detached) as calls:
-            out = self.forward(detached, X.detach())
-        factors = linear_factors(calls, out, W)
+        # Grad mode for the backward pass too: a caller's no_grad block would otherwise
+        # cut the graph at the first operation on ``out`` (a reshape).
+        with torch.enable_grad():
+            with LinearCalls(detached) as calls:
+                out = self.forward(detached, X.detach())
+            factors = linear_factors(calls, out, W)
         if factors is None:
             return None
         if not sequence:
