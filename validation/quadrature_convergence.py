@@ -8,7 +8,7 @@ of :mod:`iif_ref.neural.quadrature` at ``K`` and at ``4K`` nodes, and reports pe
 * the median over test points of ``|ΣI(K) − ΣI(4K)| / |ΣI(4K)|`` (target ≤ 5% at the
   default), and of the rule's own error estimate ``quadrature_error(K)`` over the same
   ``|ΣI(4K)|``;
-* the same for the default rule and Euler on a static path (``path_lr`` 1e-8: every
+* the same for the default rule and Euler (``--static-rules``) on a static path (``path_lr`` 1e-8: every
   path model within rounding of θ*), where only the quadrature differs between ``K`` and
   ``4K`` (at the defaults each node adds one Eq. 16 step, so ``4K`` nodes also move the
   path models further);
@@ -141,6 +141,8 @@ def main(argv=None):
                         help="300 training / 30 test points, 10 epochs")
     parser.add_argument("--K", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--static-rules", default=f"{DEFAULT_RULE},euler",
+                        help="comma-separated rules to measure on the static path")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out is not None else DEFAULT_OUT
     sizes = (dict(n_train=300, n_test=30, epochs=10) if args.quick
@@ -150,7 +152,7 @@ def main(argv=None):
     # 4K run integrates along a different path; with a static path (θ_t ≈ θ*, a
     # vanishing path_lr) only the quadrature differs between K and 4K.
     rows, results = measure(net, data, K=args.K, rules=RULES)
-    static, _ = measure(net, data, K=args.K, rules=(DEFAULT_RULE, "euler"),
+    static, _ = measure(net, data, K=args.K, rules=args.static_rules.split(","),
                         path_lr=STATIC_PATH_LR)
     rows += static
     times = timing(net, data, K=args.K, repeats=args.repeats)
