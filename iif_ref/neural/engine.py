@@ -154,7 +154,9 @@ def path_result(plan, scores, loss_prime, coarse_gap, config, diag, method):
                                  method=method)
     delta, delta_path = plan.loss_star - loss_prime, plan.path_delta()
     residual = scores.sum(axis=1) - delta_path
-    warn_incomplete(residual, delta_path)
+    # Frames: warn_incomplete, path_result, run, integrated_influence, its thread-pool
+    # wrapper, the caller.
+    warn_incomplete(residual, delta_path, stacklevel=6)
     return AttributionResult(scores=scores, delta=delta, delta_path=delta_path,
                              residual=residual, quadrature_error=np.abs(coarse_gap),
                              config=config, diagnostics=diag, method=method)

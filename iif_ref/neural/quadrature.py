@@ -13,8 +13,8 @@ error at no extra model evaluation.
   :data:`GRADING`): the node ``t = 1`` (θ* itself, as in Euler) plus ``K − 1`` nodes
   that crowd toward ``t = 0`` where the masked path's integrand is large
   (docs/algorithm1.md, "Quadrature"). Exact for ``g(u^q) q u^{q−1}`` polynomial of
-  degree ``2K − 2`` in ``u``. Embedded: the interpolatory rule on all nodes but the one
-  nearest ``t = 0``.
+  degree ``2K − 2`` in ``u``. Embedded: the interpolatory rule (in ``u``) on all nodes
+  but ``t = 1``.
 * ``"gauss"`` — Gauss–Legendre in ``t`` (no node at ``t = 1``: one more path model),
   embedded like ``"radau"``; ``"midpoint"`` — ``t_k = (k − ½)/K``, embedded like
   ``"euler"``. Both are kept for the measurement in
@@ -99,11 +99,17 @@ def _graded(u, v, q):
     return u ** q, v * q * u ** (q - 1)
 
 
-def _drop_lowest(u, q):
-    """Weights (in t) of the interpolatory rule in ``u`` on all nodes but the lowest."""
+def _drop_highest(u, q):
+    """Weights (in t) of the interpolatory rule in ``u`` on all nodes but the highest.
+
+    Any embedded rule on a subset has degree at most ``K − 2``, far below Radau's
+    ``2K − 2``, so the estimate is pessimistic; dropping the node where the integrand is
+    smoothest (``t = 1``) keeps the subset's resolution near ``t = 0`` and was the
+    tightest choice measured (docs/algorithm1.md, "Quadrature of the path integral").
+    """
     coarse = np.zeros_like(u)
     if len(u) > 1:
-        coarse[1:] = _graded(u[1:], interpolatory_weights(u[1:]), q)[1]
+        coarse[:-1] = _graded(u[:-1], interpolatory_weights(u[:-1]), q)[1]
     else:
         coarse[:] = 1.0
     return coarse
@@ -155,4 +161,4 @@ def quadrature_rule(name, K):
     else:
         (u, v), q = _right_radau(K), GRADING
     nodes, weights = _graded(u, v, q)
-    return QuadratureRule(name, nodes, weights, _drop_lowest(u, q))
+    return QuadratureRule(name, nodes, weights, _drop_highest(u, q))
