@@ -18,6 +18,7 @@ from iif_ref.neural.baseline import per_sample_losses
 from iif_ref.neural.path import path_loss
 from iif_ref.neural.quadrature import RULES, quadrature_rule
 from iif_ref.neural.result import COMPLETENESS_FIELDS, warn_incomplete
+from test_neural_bridge import _linear_problem
 
 EPS64 = np.finfo(np.float64).eps
 
@@ -70,19 +71,6 @@ def test_unknown_rule_and_bad_K_are_named():
 
 # --- the known integral: linear MSE ---------------------------------------------------
 
-def _linear_problem(seed=0, n=40, d=4, n_test=3):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, d))
-    w = rng.standard_normal(d)
-    y = X @ w + 0.3 * rng.standard_normal(n)
-    Xt = rng.standard_normal((n_test, d))
-    yt = Xt @ w + rng.standard_normal(n_test)
-    net = torch.nn.Linear(d, 1, bias=False).double()
-    with torch.no_grad():
-        net.weight.copy_(torch.as_tensor(linear.fit(X, y))[None])
-    return X, y, Xt, yt, net
-
-
 _EXACT_PATH = dict(lam=1.0, baseline="per_test", unlearn_reduction="sum",
                    unlearn_optimizer="lbfgs", unlearn_epochs=1, path_models="refit",
                    refit_tol=1e-12, curvature="gauss_newton", proj_dim=None, damping=0.0,
@@ -91,7 +79,7 @@ _EXACT_PATH = dict(lam=1.0, baseline="per_test", unlearn_reduction="sum",
 
 @pytest.fixture(scope="module")
 def linear_runs():
-    X, y, Xt, yt, net = _linear_problem()
+    X, y, Xt, yt, net = _linear_problem(0)
     exact = linear.integrated_influence(X, y, Xt, yt, K=None, lam=1.0).sum(1)
     runs = {(rule, K): integrated_influence(net, "mse", X, y, Xt, yt, K=K, quadrature=rule,
                                             **_EXACT_PATH)
@@ -128,7 +116,7 @@ def test_euler_error_estimate_equals_its_error_on_the_affine_integrand(linear_ru
 
 def test_residual_is_sum_minus_delta_path_and_delta_is_eq_12(linear_runs):
     runs, _, tol = linear_runs
-    X, y, Xt, yt, _ = _linear_problem()
+    X, y, Xt, yt, _ = _linear_problem(0)
     for r in runs.values():
         np.testing.assert_array_equal(r.residual, r.scores.sum(1) - r.delta_path)
         np.testing.assert_array_equal(r.path_delta, r.delta_path)

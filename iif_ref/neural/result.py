@@ -68,7 +68,8 @@ class AttributionResult:
         ``Q̃`` the rule's embedded coarser rule on a subset of the same nodes
         (:mod:`iif_ref.neural.quadrature`; no extra model evaluation). It bounds the
         error of the coarser rule, so it over-estimates that of the rule used once the
-        integral converges.
+        integral converges. None from the distributed engine, whose workers sum the
+        steps.
     config : dict
         Every option, with the resolved damping per step, dtypes, ``n_params``, ``P``,
         ``K``, λ and the seed: enough to repeat the run.
