@@ -128,8 +128,9 @@ def scratch_gap(model, data, cfg, *, epochs, seed=0):
 
 
 def median_ratio(num, den, keep=None):
-    ratio = np.abs(num) / np.abs(den)
-    ratio = ratio if keep is None else ratio[keep]
+    """Median of ``|num| / |den|`` over ``keep`` and ``den ≠ 0`` (None when empty)."""
+    keep = (den != 0) if keep is None else (keep & (den != 0))
+    ratio = np.abs(num[keep]) / np.abs(den[keep])
     return float(np.median(ratio)) if ratio.size else None
 
 

@@ -82,6 +82,7 @@ def measure(net, data, *, K, rules, **options):
         fine, t_fine = run(net, data, K=4 * K, quadrature=rule, **options)
         results[rule] = (coarse, fine)
         s_c, s_f = coarse.scores.sum(1), fine.scores.sum(1)
+        moved = coarse.delta_path != 0
         rows.append({
             "quadrature": rule, "K": K, "options": options,
             "median_rel_change_to_4K": float(np.median(relative(s_c, s_f))),
@@ -93,8 +94,10 @@ def measure(net, data, *, K, rules, **options):
             "median_abs_delta": float(np.median(np.abs(coarse.delta))),
             "median_abs_delta_path": float(np.median(np.abs(coarse.delta_path))),
             "median_abs_delta_path_4K": float(np.median(np.abs(fine.delta_path))),
+            # Over the test points whose path moved their loss at all.
             "median_abs_residual_over_delta_path": float(np.median(
-                np.abs(coarse.residual) / np.abs(coarse.delta_path))),
+                np.abs(coarse.residual[moved]) / np.abs(coarse.delta_path[moved]))),
+            "n_delta_path_zero": int((~moved).sum()),
             "nodes": coarse.diagnostics["nodes"],
             "seconds_K": t_coarse, "seconds_4K": t_fine})
         print(f"{rule:9s} K={K} {options}: median |ΣI(K) − ΣI(4K)|/|ΣI(4K)| = "
