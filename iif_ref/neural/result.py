@@ -142,8 +142,9 @@ def warn_incomplete(residual, delta_path, *, stacklevel=4):
         warnings.warn(
             f"completeness: |Σ_i I − delta_path| exceeds |delta_path| for {bad.size} of "
             f"{len(residual)} test points (rows {shown}); the attributions do not account "
-            "for the loss change of the path they integrate. Compare result.residual "
-            "with result.quadrature_error (a large estimate: raise K) and the path "
-            "models (path_models='refit' integrates the path the theory assumes)",
+            "for the loss change of the path models they integrate along. A large "
+            "result.quadrature_error calls for more nodes (K); otherwise the path models "
+            "(path_models) or the curvature approximation (curvature, proj_dim, damping) "
+            "miss it (docs/algorithm1.md, 'Completeness')",
             RuntimeWarning, stacklevel=stacklevel)
     return bad
