@@ -328,7 +328,7 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
     from iif_ref._defaults import absolute_damping, default_relative_damping
     from iif_ref.neural.functional import eval_mode
     from iif_ref.neural.plan import plan_path
-    from iif_ref.neural.result import AttributionResult, warn_incomplete
+    from iif_ref.neural.engine import path_result
     from iif_ref.distributed.torch_features import TorchPathFeatures
 
     cfg = _method_config(method, seed, dict(options))
@@ -398,19 +398,10 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
     finally:
         if owned:
             client.close()
-    delta = loss_star - loss_prime
-    sums = np.zeros(prob.n_test)
-    for part in diag["distributed"]:
-        sums[part["test_rows"]] = part["score_sums"]
     diag["loss_star"], diag["loss_prime"] = loss_star, loss_prime
-    # The single-process run's completeness rule: residual against the path's own loss
-    # change (θ_0 was computed when the plan's steps were walked).
-    # The workers sum the steps, so the embedded rule's estimate is not available here.
-    path_delta = plan.path_delta()
     diag.update(plan.completeness_diagnostics())
     diag["cached_steps"] = []
     config["damping_used"] = list(diag["damping"])
-    warn_incomplete(sums - path_delta, path_delta, stacklevel=3)
-    return AttributionResult(scores=scores, delta=delta, delta_path=path_delta,
-                             residual=sums - path_delta, config=config, diagnostics=diag,
-                             method=method)
+    # The single-process run's result rules; the workers sum the steps, so the embedded
+    # rule's quadrature estimate is not available here.
+    return path_result(plan, scores, loss_prime, None, config, diag, method)

@@ -143,7 +143,8 @@ def path_result(plan, scores, loss_prime, coarse_gap, config, diag, method):
 
     For ``method="iif"``: ``delta`` = Δ of the Eq. 12 baseline, ``delta_path`` the loss
     change of the path models actually used, ``residual = Σ_i I − delta_path``,
-    ``quadrature_error = |coarse_gap|``; a ``RuntimeWarning`` names the test points whose
+    ``quadrature_error = |coarse_gap|`` (None when ``coarse_gap`` is: an engine that
+    does not keep the steps apart); a ``RuntimeWarning`` names the test points whose
     ``|residual|`` exceeds ``|delta_path|``. Other methods run on this engine (the
     projected and dense influence function) are derivatives at θ*, not path integrals:
     those fields are None.
@@ -154,9 +155,10 @@ def path_result(plan, scores, loss_prime, coarse_gap, config, diag, method):
                                  method=method)
     delta, delta_path = plan.loss_star - loss_prime, plan.path_delta()
     residual = scores.sum(axis=1) - delta_path
+    quadrature_error = None if coarse_gap is None else np.abs(coarse_gap)
     # Frames: warn_incomplete, path_result, run, integrated_influence, its thread-pool
     # wrapper, the caller.
     warn_incomplete(residual, delta_path, stacklevel=6)
     return AttributionResult(scores=scores, delta=delta, delta_path=delta_path,
-                             residual=residual, quadrature_error=np.abs(coarse_gap),
+                             residual=residual, quadrature_error=quadrature_error,
                              config=config, diagnostics=diag, method=method)
