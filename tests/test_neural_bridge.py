@@ -45,7 +45,7 @@ def test_bridge_linear_mse_equals_closed_form_iif(K):
         net, "mse", X, y, Xt, yt, K=K, lam=1.0, baseline="per_test",
         unlearn_reduction="sum",              # the closed form's λ multiplies the sum
         unlearn_optimizer="lbfgs", unlearn_epochs=1, path_models="refit",
-        refit_tol=1e-12, curvature="gauss_newton", proj_dim=None, damping=0.0,
+        quadrature="euler", refit_tol=1e-12, curvature="gauss_newton", proj_dim=None, damping=0.0,
         progress=False)
     ref = linear.integrated_influence(X, y, Xt, yt, K=K, lam=1.0)
     # Tolerance: the unlearning (Eq. 12) and the path refits are solved by L-BFGS with a
@@ -68,7 +68,7 @@ def test_bridge_linear_mse_equals_closed_form_iif(K):
 def test_bridge_linear_completeness_residual_shrinks_with_K():
     X, y, Xt, yt, net = _linear_problem(1)
     opts = dict(baseline="per_test", unlearn_optimizer="lbfgs", unlearn_epochs=1,
-                path_models="refit", curvature="gauss_newton", proj_dim=None, damping=0.0,
+                path_models="refit", quadrature="euler", curvature="gauss_newton", proj_dim=None, damping=0.0,
                 progress=False)
     res = [np.abs(integrated_influence(net, "mse", X, y, Xt, yt, K=K, **opts).residual)
            for K in (1, 4, 16)]

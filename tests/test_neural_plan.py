@@ -24,8 +24,8 @@ def _problem(seed=0, n=25, n_test=3):
 
 def test_plan_steps_are_the_chain_of_eq_16_from_theta_star_with_eq_15_targets():
     net, X, y, Xt, yt = _problem()
-    opts = dict(K=3, baseline="joint", proj_dim=6, unlearn_epochs=2, unlearn_lr=1e-2,
-                path_lr=1e-2, progress=False)
+    opts = dict(K=3, quadrature="euler", baseline="joint", proj_dim=6, unlearn_epochs=2,
+                unlearn_lr=1e-2, path_lr=1e-2, progress=False)
     plan = plan_path(net, "cross_entropy", X, y, Xt, yt, **opts)
     cfg = IIFConfig.from_options(opts)
     # Independent recomputation from the public building blocks.

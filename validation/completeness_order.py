@@ -70,8 +70,8 @@ def make_problem(seed=0, *, n_train=80, n_test=4, noise=0.01, hidden=4):
 
 def exact_path_options():
     """The options that leave only the Euler error in the residual."""
-    return dict(path_models="refit", mask_path=False, curvature="hessian", proj_dim=None,
-                damping=0.0, progress=False)
+    return dict(path_models="refit", quadrature="euler", mask_path=False,
+                curvature="hessian", proj_dim=None, damping=0.0, progress=False)
 
 
 def slope(Ks, residuals):

@@ -328,7 +328,7 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
     from iif_ref._defaults import absolute_damping, default_relative_damping
     from iif_ref.neural.functional import eval_mode
     from iif_ref.neural.plan import plan_path
-    from iif_ref.neural.result import AttributionResult
+    from iif_ref.neural.engine import path_result
     from iif_ref.distributed.torch_features import TorchPathFeatures
 
     cfg = _method_config(method, seed, dict(options))
@@ -371,7 +371,10 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
                                  for step in steps])
                 fn = TorchPathFeatures(model, loss, flat, n_out=prob.Y.shape[1],
                                        mask=plan.mask, dtype=cfg.dtype,
-                                       tag={"group": group.index}, **common)
+                                       tag={"group": group.index},
+                                       nodes=[step.t for step in steps],
+                                       starts=[step.t - step.weight for step in steps],
+                                       **common)
                 Yboth = torch.cat([prob.Y, group.Ybar], dim=1).detach().cpu().numpy()
                 out = attribute_features(
                     fn, X_np, Yboth, Gamma, client=client,
@@ -395,17 +398,10 @@ def attribute_distributed(model, loss, X_train, y_train, X_test, y_test, *, clie
     finally:
         if owned:
             client.close()
-    delta = loss_star - loss_prime
-    sums = np.zeros(prob.n_test)
-    for part in diag["distributed"]:
-        sums[part["test_rows"]] = part["score_sums"]
     diag["loss_star"], diag["loss_prime"] = loss_star, loss_prime
-    # The single-process run's completeness rule: residual against the path's own loss
-    # change (θ_0 was computed when the plan's steps were walked).
-    path_delta = plan.path_delta()
     diag.update(plan.completeness_diagnostics())
     diag["cached_steps"] = []
     config["damping_used"] = list(diag["damping"])
-    return AttributionResult(scores=scores, delta=delta, path_delta=path_delta,
-                             residual=sums - path_delta, config=config, diagnostics=diag,
-                             method=method)
+    # The single-process run's result rules; the workers sum the steps, so the embedded
+    # rule's quadrature estimate is not available here.
+    return path_result(plan, scores, loss_prime, None, config, diag, method)

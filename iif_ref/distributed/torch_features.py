@@ -47,10 +47,15 @@ class TorchPathFeatures:
         oversubscribe the cores other workers use).
     tag : dict
         Extra fingerprint entries (e.g. the baseline group).
+    nodes, starts : sequence of float, optional
+        Per step ``k = 1..K``: the quadrature node ``t_k`` and ``t_k − w_k``
+        (:class:`iif_ref.neural.quadrature.QuadratureRule`); default the Euler grid
+        ``k/K`` and ``(k − 1)/K`` of Eq. (10).
     """
 
     def __init__(self, model, loss, thetas, *, n_out, mask, proj_dim, seed, kind,
-                 chunk_size, backend, dtype, torch_threads=1, tag=None):
+                 chunk_size, backend, dtype, torch_threads=1, tag=None, nodes=None,
+                 starts=None):
         self.model = model
         self.loss = loss
         self.thetas = np.asarray(thetas)
@@ -62,6 +67,11 @@ class TorchPathFeatures:
         self.torch_threads = int(torch_threads)
         self.tag = dict(tag or {})
         self.steps = tuple(range(1, self.thetas.shape[0] + 1))
+        K = len(self.steps)
+        self.nodes = tuple(float(k / K) for k in self.steps) if nodes is None else \
+            tuple(map(float, nodes))
+        self.starts = tuple(float((k - 1) / K) for k in self.steps) if starts is None else \
+            tuple(map(float, starts))
         self.dtype = np.float64 if self.thetas.dtype == np.float64 else np.float32
 
     def fingerprint(self):
@@ -71,7 +81,8 @@ class TorchPathFeatures:
                 "architecture": repr(self.model), "thetas_sha256": array_digest(self.thetas),
                 "loss": loss.name, "n_out": self.n_out, "mask": self.mask,
                 "proj_dim": self.proj_dim, "seed": self.seed, "kind": self.kind,
-                "dtype": str(self.thetas.dtype), **self.tag}
+                "dtype": str(self.thetas.dtype), "nodes": list(self.nodes),
+                "starts": list(self.starts), **self.tag}
 
     def __call__(self, shard_id, X, y):
         torch.set_num_threads(self.torch_threads)
@@ -80,12 +91,11 @@ class TorchPathFeatures:
         X_t = torch.as_tensor(np.asarray(X), dtype=fm.dtype)
         Yboth = torch.as_tensor(np.asarray(y), dtype=fm.dtype)
         Y, Ybar = Yboth[:, :self.n_out], Yboth[:, self.n_out:]
-        K = len(self.steps)
         out = {}
         for k in self.steps:
             theta = fm.unflatten(torch.as_tensor(self.thetas[k - 1], dtype=fm.dtype))
-            rho_k = path_targets(Y, Ybar, k / K, mask=self.mask)
-            rho_prev = path_targets(Y, Ybar, (k - 1) / K, mask=self.mask)
+            rho_k = path_targets(Y, Ybar, self.nodes[k - 1], mask=self.mask)
+            rho_prev = path_targets(Y, Ybar, self.starts[k - 1], mask=self.mask)
             out[k] = train_features(fm, loss, theta, X_t, rho_prev, rho_k,
                                     proj_dim=self.proj_dim, seed=self.seed, kind=self.kind,
                                     chunk_size=self.chunk_size, backend=self.backend,

@@ -13,8 +13,12 @@ from dataclasses import dataclass
 
 from iif_ref._defaults import DEFAULT_PROJ_DIM
 from iif_ref._validation import check_nonnegative_real, check_positive_int, check_positive_real
+from iif_ref.neural.quadrature import DEFAULT_RULE, RULES
 
 __all__ = ["IIFConfig"]
+
+#: Former names of the path-model readings, still accepted.
+_PATH_MODEL_ALIASES = {"one_step": "step", "sgd_epoch": "epoch"}
 
 _CHOICES = {
     "baseline": ("joint", "per_test", "prediction", "given"),
@@ -22,7 +26,8 @@ _CHOICES = {
     "refit_optimizer": ("lbfgs", "newton"),
     "train_reduction": ("sum", "mean"),
     "unlearn_reduction": ("log_mean", "mean", "sum"),
-    "path_models": ("one_step", "sgd_epoch", "refit"),
+    "path_models": ("step", "epoch", "refit"),
+    "quadrature": RULES,
     "curvature": ("fisher", "gauss_newton", "hessian"),
     "kind": ("rademacher", "gaussian", "countsketch", "kronecker"),
 }
@@ -35,7 +40,15 @@ class IIFConfig:
     Parameters
     ----------
     K : int
-        Number of path steps (Eq. 10); ``t_k = k/K``, right-endpoint Euler sum.
+        Number of path steps: nodes of the quadrature of the t-integral (Eq. 9), one path
+        model and one curvature solve each.
+    quadrature : {"radau", "euler", "gauss", "midpoint"}
+        Rule of the t-integral (:mod:`iif_ref.neural.quadrature`). ``"radau"`` (default,
+        chosen by measurement, docs/algorithm1.md "Quadrature of the path integral"):
+        Gauss–Radau in ``u`` with ``t = u²``, the node ``t = 1`` and ``K − 1`` nodes
+        graded toward ``t = 0``, at the cost of ``K`` Euler steps. ``"euler"``: Eq. (10)
+        as printed, ``t_k = k/K``, right-endpoint sum. Every result carries the rule's
+        error estimate (``result.quadrature_error``).
     lam : float
         λ of the unlearning objective ``−L_test + λ L_train`` (Eq. 12), in the
         normalisation ``unlearn_reduction``. Default 0.5 (Table 6, MNIST attribution).
@@ -80,14 +93,20 @@ class IIFConfig:
     mask_path : bool or None
         Apply the appendix E mask ``ρ_i(t) ⊙ y_i``. ``None``: True for classification
         losses, False otherwise.
-    path_models : {"one_step", "sgd_epoch", "refit"}
-        How θ_k (k < K) is obtained from θ_{k+1} (Eq. 16): one full-batch gradient step
-        (the paper's formula), one epoch of mini-batch SGD, or a refit to convergence
-        (full-batch L-BFGS).
+    path_models : {"step", "epoch", "refit"}
+        How the path model at a node is obtained from the model of the node above
+        (Eq. 16), warm-started: ``"step"`` one full-batch gradient step at ``path_lr``
+        (Eq. 16 as printed); ``"epoch"`` one epoch of mini-batch SGD at ``path_lr``
+        (the text's "optimised ... within one epoch of SGD"; set ``path_lr`` to the
+        training learning rate in the normalisation ``train_reduction``); ``"refit"``
+        training to convergence by full-batch L-BFGS or Newton (``refit_optimizer``)
+        until the gradient's infinity norm is below ``refit_tol`` times its value at the
+        start, or ``refit_max_iter`` iterations. ``"one_step"`` and ``"sgd_epoch"`` are
+        accepted for ``"step"`` and ``"epoch"``.
     path_lr : float
-        η of Eq. (16).
+        η of Eq. (16) (``"step"``, ``"epoch"``).
     path_batch_size : int
-        Mini-batch size for ``path_models="sgd_epoch"``.
+        Mini-batch size for ``path_models="epoch"``.
     refit_optimizer : {"lbfgs", "newton"}
         Solver of ``path_models="refit"``: full-batch L-BFGS, or Newton's method with the
         exact Hessian (models of at most
@@ -133,6 +152,7 @@ class IIFConfig:
     """
 
     K: int = 5
+    quadrature: str = DEFAULT_RULE
     lam: float = 0.5
     baseline: str = "joint"
     unlearn_epochs: int = 5
@@ -145,7 +165,7 @@ class IIFConfig:
     train_reduction: str = "sum"
     divergence_factor: float = 1e6
     mask_path: bool | None = None
-    path_models: str = "one_step"
+    path_models: str = "step"
     path_lr: float = 1e-3
     path_batch_size: int = 64
     refit_optimizer: str = "lbfgs"
@@ -169,6 +189,7 @@ class IIFConfig:
         """Raise ``ValueError``/``TypeError`` naming the first bad option."""
         self.K = check_positive_int(self.K, "K")
         self.lam = check_nonnegative_real(self.lam, "lam")
+        self.path_models = _PATH_MODEL_ALIASES.get(self.path_models, self.path_models)
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:

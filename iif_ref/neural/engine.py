@@ -3,7 +3,8 @@
 :func:`run` takes a validated :class:`~iif_ref.neural.plan.Problem` and a resolved
 :class:`~iif_ref.neural.config.IIFConfig`, walks the steps that
 :func:`~iif_ref.neural.plan.plan_problem` hands out (baselines, targets, path models)
-and adds each step's term ``−G_k F_k⁻¹ (J Δy)_kᵀ`` (Eq. 10):
+and adds each step's term ``−G_k F_k⁻¹ (J Δy)_kᵀ`` (Eq. 10; at a node of a general
+quadrature rule ``J Δy`` carries the node's weight, :mod:`iif_ref.neural.quadrature`):
 
 * projected: ``Φ, Ψ, Γ = (U, D, G)·A`` (one ``A`` for the whole run,
   :func:`~iif_ref.neural.features.make_projector`), then the Fisher ``ΦᵀΦ`` through the
@@ -27,10 +28,10 @@ from iif_ref.neural.curvature import (dense_curvature, dense_scores, projected_g
                                       resolve_damping)
 from iif_ref.neural.features import make_projector, step_features
 from iif_ref.neural.plan import plan_problem
-from iif_ref.neural.result import AttributionResult
+from iif_ref.neural.result import AttributionResult, warn_incomplete
 from iif_ref.neural.sample_space import CURVATURES, build_solve
 
-__all__ = ["run"]
+__all__ = ["run", "path_result"]
 
 #: Unprojected curvatures solved in sample space; the others (and all of them, when a
 #: test empties this tuple to run the slow twin) take the dense parameter-space solve.
@@ -90,8 +91,10 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
     plan = plan_problem(prob, cfg, baseline_params=baseline_params, method=method)
     scores = np.zeros((prob.n_test, prob.n_train))
     loss_prime = np.zeros(prob.n_test)
+    # Σ_i of (fine − embedded coarse) rule terms: the quadrature error estimate.
+    coarse_gap = np.zeros(prob.n_test)
     diag = {"condition": [], "damping": [], "unlearning_trajectory": [],
-            "path_trajectory": []}
+            "path_trajectory": [], "path_loss": [], "node_sums": []}
     from tqdm.auto import tqdm
 
     # One projection for every step and test group of the run: A is generated once.
@@ -116,15 +119,17 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
                                 theta=prob.fm.flatten(step.theta).numpy(),
                                 cond=np.float64(cond), damping=np.float64(lam_d))
             scores[group.rows] += term
+            node_sum = term.sum(axis=1)
+            coarse_gap[group.rows] += (1.0 - step.coarse_weight / step.weight) * node_sum
+            diag["node_sums"].append({"group": group.index, "k": step.k, "t": step.t,
+                                      "sum": node_sum})
+            diag["path_loss"].append(step.path_loss)
             diag["condition"].append(cond)
             diag["damping"].append(lam_d)
             bar.update(1)
             if callback is not None:
                 callback(step.name)
     bar.close()
-    # Completeness is judged against the loss change of the path actually computed
-    # (θ_K = θ* back to θ_0 at ρ(t_0)); Δ of the Eq. 12 baseline is reported beside it.
-    delta, path_delta = plan.loss_star - loss_prime, plan.path_delta()
     diag["loss_star"], diag["loss_prime"] = plan.loss_star, loss_prime
     diag.update(plan.completeness_diagnostics())
     diag["cached_steps"] = list(plan.cache.loaded)
@@ -132,6 +137,31 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
     config["damping_used"] = list(diag["damping"])
     config["damping_relative"] = default_relative_damping(
         method, projected=cfg.proj_dim is not None)
-    return AttributionResult(scores=scores, delta=delta, path_delta=path_delta,
-                             residual=scores.sum(axis=1) - path_delta,
+    return path_result(plan, scores, loss_prime, coarse_gap, config, diag, method)
+
+
+def path_result(plan, scores, loss_prime, coarse_gap, config, diag, method):
+    """The result of a walked plan, with the completeness fields of the result schema
+    (:class:`~iif_ref.neural.result.AttributionResult`).
+
+    For ``method="iif"``: ``delta`` = Δ of the Eq. 12 baseline, ``delta_path`` the loss
+    change of the path models actually used, ``residual = Σ_i I − delta_path``,
+    ``quadrature_error = |coarse_gap|`` (None when ``coarse_gap`` is: an engine that
+    does not keep the steps apart); a ``RuntimeWarning`` names the test points whose
+    ``|residual|`` exceeds ``|delta_path|``. Other methods run on this engine (the
+    projected and dense influence function) are derivatives at θ*, not path integrals:
+    those fields are None.
+    """
+    if method != "iif":
+        return AttributionResult(scores=scores, delta=None, delta_path=None, residual=None,
+                                 quadrature_error=None, config=config, diagnostics=diag,
+                                 method=method)
+    delta, delta_path = plan.loss_star - loss_prime, plan.path_delta()
+    residual = scores.sum(axis=1) - delta_path
+    quadrature_error = None if coarse_gap is None else np.abs(coarse_gap)
+    # Frames: warn_incomplete, path_result, run, integrated_influence, its thread-pool
+    # wrapper, the caller.
+    warn_incomplete(residual, delta_path, stacklevel=6)
+    return AttributionResult(scores=scores, delta=delta, delta_path=delta_path,
+                             residual=residual, quadrature_error=quadrature_error,
                              config=config, diagnostics=diag, method=method)

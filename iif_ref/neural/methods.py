@@ -103,8 +103,9 @@ def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver=
     Returns
     -------
     AttributionResult
-        ``delta`` is 0 (θ' = θ*) and ``residual`` is ``Σ_i IF[t, i]``: the influence
-        function is not complete.
+        ``delta``, ``delta_path``, ``residual`` and ``quadrature_error`` are None: the
+        influence function is a derivative at θ*, with no baseline and no path (the
+        result schema, :class:`~iif_ref.neural.result.AttributionResult`).
 
     Notes
     -----
@@ -181,8 +182,7 @@ def _influence_sample_space(model, loss, data, *, solver, damping, dtype, chunk_
                   solve_dtype="float64")
     if solver == "auto":
         config["solver_requested"] = "auto"
-    delta = np.zeros(prob.n_test)
-    return AttributionResult(scores=scores, delta=delta, residual=scores.sum(1) - delta,
+    return AttributionResult(scores=scores, delta=None, residual=None,
                              config=config, method="if",
                              diagnostics={"condition": [cond], "damping": [lam_d],
                                           "sample_space": [solve.summary()]})
@@ -245,8 +245,7 @@ def _influence_cg(prob, cfg, tol, max_iter):
     config = cfg.to_dict()
     config.update(method="if", solver="cg", loss=loss.name, n_params=M, cg_tol=tol,
                   cg_iterations=iters, damping_used=[lam_d])
-    delta = np.zeros(prob.n_test)
-    return AttributionResult(scores=scores, delta=delta, residual=scores.sum(1) - delta,
+    return AttributionResult(scores=scores, delta=None, residual=None,
                              config=config, diagnostics={"cg_relative_residual": rel,
                                                          "cg_iterations": iters},
                              method="if")
@@ -287,7 +286,9 @@ def tracin(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, l
     Returns
     -------
     AttributionResult
-        ``delta`` and ``residual`` are None (TracIn has no baseline).
+        ``delta``, ``delta_path``, ``residual`` and ``quadrature_error`` are None
+        (TracIn has no baseline and no path); ``diagnostics["checkpoint_sums"]`` holds
+        ``Σ_i`` of each checkpoint's term per test point.
 
     Notes
     -----
@@ -306,17 +307,21 @@ def tracin(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, l
         common = dict(proj_dim=proj_dim, seed=seed, kind=kind, chunk_size=chunk_size,
                       backend=backend)
         scores = np.zeros((prob.n_test, prob.n_train))
+        checkpoint_sums = []
         for c, (theta, eta) in enumerate(zip(cks, lrs)):
+            before = scores.sum(axis=1)
             Gm = gradient_features(fm, prob.loss, theta, prob.X_test, prob.Y_test, step=c,
                                    what="test-loss gradient", **common).astype(np.float64)
             for s, e in chunks(prob.n_train, chunk_size):
                 U = gradient_features(fm, prob.loss, theta, prob.X[s:e], prob.Y[s:e],
                                       step=c, what="per-sample gradient", **common)
                 scores[:, s:e] -= eta * (Gm @ U.astype(np.float64).T)
+            checkpoint_sums.append(scores.sum(axis=1) - before)
     config = dict(method="tracin", loss=prob.loss.name, lrs=lrs, n_checkpoints=len(cks),
                   proj_dim=proj_dim, seed=seed, kind=kind, backend=backend,
                   n_params=fm.n_params, torch_dtype=str(fm.dtype).replace("torch.", ""))
     return AttributionResult(scores=scores, delta=None, residual=None, config=config,
+                             diagnostics={"checkpoint_sums": checkpoint_sums},
                              method="tracin")
 
 
@@ -344,7 +349,9 @@ def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
     Returns
     -------
     AttributionResult
-        ``delta`` and ``residual`` are None.
+        ``delta``, ``delta_path``, ``residual`` and ``quadrature_error`` are None (no
+        baseline, no path); ``diagnostics`` has ``condition`` and ``damping`` per
+        checkpoint.
 
     Notes
     -----

@@ -6,28 +6,34 @@ With the mask, ``K = 1`` and ``θ' = θ*`` give ``(1 − p_{y_i})`` times the in
 function, not the influence function itself (the masked baseline is ``p_{y_i} e_{y_i}``,
 whose gradient is ``p_{y_i}`` times that of the true label).
 
-Path models start at ``θ_K = θ*`` and go *down* the grid, each from the next one:
+Path models start at θ* and go *down* the nodes of the quadrature rule
+(:mod:`iif_ref.neural.quadrature`), each warm-started from the model of the node above,
+by one function (:func:`path_model_step`) with three readings of Eq. (16)
+(``IIFConfig.path_models``):
 
-* ``"one_step"`` (default, Eq. 16 as printed): ``θ_k = θ_{k+1} − η ∇L_train(Γ(t_k))``, one
-  full-batch gradient step;
-* ``"sgd_epoch"``: one epoch of mini-batch SGD on ``L_train(Γ(t_k))`` from θ_{k+1}
-  (the text's "one epoch of SGD");
+* ``"step"`` (default, Eq. 16 as printed): ``θ_k = θ_{k+1} − η ∇L_train(Γ(t_k))``, one
+  full-batch gradient step at ``η = path_lr``;
+* ``"epoch"``: one epoch of mini-batch SGD on ``L_train(Γ(t_k))`` at ``path_lr`` (the
+  text's "optimised to [its] optimal state within one epoch of SGD");
 * ``"refit"``: full-batch L-BFGS (or Newton's method, ``refit_optimizer``) on
-  ``L_train(Γ(t_k))`` to convergence from θ_{k+1} (Eq. 2: θ(Γ(t)) is the minimiser;
-  this is what the linear closed form computes).
+  ``L_train(Γ(t_k))`` until the gradient's infinity norm falls below ``refit_tol`` times
+  its starting value, at most ``refit_max_iter`` iterations (Eq. 2: θ(Γ(t)) is the
+  minimiser; this is what the linear closed form computes).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from iif_ref.neural.baseline import per_sample_losses
 from iif_ref.neural.optimise import minimise
 
-__all__ = ["path_targets", "path_model_step", "grid"]
+__all__ = ["path_targets", "path_model_step", "path_loss", "grid"]
 
 
 def grid(K):
-    """``t_k = k/K`` for ``k = 0..K``."""
+    """``t_k = k/K`` for ``k = 0..K`` (the grid of Eq. 10, ``quadrature="euler"``)."""
     return [k / K for k in range(K + 1)]
 
 
@@ -38,7 +44,10 @@ def path_targets(Y, Ybar, t, *, mask):
     ----------
     Y, Ybar : tensors, shape (n, n_out)
         Training targets and baseline targets.
-    t : float in [0, 1]
+    t : float
+        Path time; the path is affine in t, so values outside ``[0, 1]`` extrapolate
+        it (used for the direction term of a quadrature node,
+        :attr:`~iif_ref.neural.quadrature.QuadratureRule.starts`).
     mask : bool
         Multiply by ``Y`` elementwise (``ρ ⊙ y``).
 
@@ -61,10 +70,11 @@ def path_model_step(fm, loss, params, X, rho, cfg, *, k):
         θ_{k+1}.
     X, rho : tensors, shapes (n_train, ...), (n_train, n_out)
     cfg : IIFConfig
-        ``path_models``, ``path_lr`` (η), ``path_batch_size``, ``train_reduction``,
-        ``refit_optimizer``, ``refit_max_iter``, ``refit_tol``, ``seed``.
+        ``path_models`` (``"step"``, ``"epoch"``, ``"refit"``), ``path_lr`` (η),
+        ``path_batch_size``, ``train_reduction``, ``refit_optimizer``,
+        ``refit_max_iter``, ``refit_tol``, ``seed``.
     k : int
-        Step index (seeds the mini-batch order of ``"sgd_epoch"``).
+        Step index (seeds the mini-batch order of ``"epoch"``).
 
     Returns
     -------
@@ -73,7 +83,7 @@ def path_model_step(fm, loss, params, X, rho, cfg, *, k):
         ``L_train(Γ(t_k))`` before and after.
     """
     n = X.shape[0]
-    norm = 1.0 if cfg.train_reduction == "sum" else 1.0 / n
+    norm = _norm(cfg, n)
 
     def objective(p, idx, scale):
         Xb, Rb = (X, rho) if idx is None else (X[idx], rho[idx])
@@ -85,12 +95,41 @@ def path_model_step(fm, loss, params, X, rho, cfg, *, k):
                                   max_iter=cfg.refit_max_iter,
                                   tol=cfg.refit_tol,
                                   what=f"path model refit at step k={k} (Eq. 16)")
+        ratio = _gradient_max(objective, theta) / max(_gradient_max(objective, params),
+                                                      torch.finfo(torch.float64).tiny)
+        if not ratio <= cfg.refit_tol:
+            warnings.warn(f"path model refit at step k={k} stopped at refit_max_iter="
+                          f"{cfg.refit_max_iter} with gradient {ratio:.3g} of its start "
+                          f"value, above refit_tol={cfg.refit_tol:g}; the path model is not "
+                          "the minimiser of Eq. (2) (raise refit_max_iter or refit_tol)",
+                          RuntimeWarning, stacklevel=2)
         return theta, history["objective"]
-    batch = None if cfg.path_models == "one_step" else cfg.path_batch_size
+    batch = None if cfg.path_models == "step" else cfg.path_batch_size
     theta, history = minimise(objective, params, n_samples=n, epochs=1, optimizer="sgd",
                               lr=cfg.path_lr, batch_size=batch, seed=cfg.seed + 7919 * k,
                               what=f"path model step k={k} (Eq. 16)")
     return theta, history["objective"]
+
+
+def _gradient_max(objective, params):
+    """``‖∇ objective‖_∞`` at ``params`` (the refit's convergence test)."""
+    leaves = {name: v.detach().clone().requires_grad_(True) for name, v in params.items()}
+    grads = torch.autograd.grad(objective(leaves, None, 1.0), list(leaves.values()))
+    return max(float(g.abs().max()) for g in grads)
+
+
+def _norm(cfg, n):
+    return 1.0 if cfg.train_reduction == "sum" else 1.0 / n
+
+
+def path_loss(fm, loss, params, X, rho, cfg):
+    """``L_train(Γ(t))`` at ``params`` in the normalisation ``cfg.train_reduction``: the
+    objective a path model at targets ``rho`` minimises (Eq. 16), as a float."""
+    with torch.no_grad():
+        parts = [per_sample_losses(fm, loss, params, X[s:s + cfg.chunk_size],
+                                   rho[s:s + cfg.chunk_size]).sum()
+                 for s in range(0, X.shape[0], cfg.chunk_size)]
+    return float(_norm(cfg, X.shape[0]) * torch.stack(parts).sum())
 
 
 def predictions(fm, loss, params, X, *, chunk_size):

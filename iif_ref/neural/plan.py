@@ -2,8 +2,9 @@
 
 :func:`plan_path` validates the data, derives the run configuration and its cache,
 computes the baselines θ' (Eq. 12) with their targets ``ȳ`` (Eq. 13) and the test
-losses at θ* and θ', and hands out the path steps ``k = K..1`` of each baseline group:
-targets ``ρ(t_{k−1}), ρ(t_k)`` (Eq. 15), the path model θ_k (Eq. 16, ``θ_K = θ*``) and
+losses at θ* and θ', and hands out the path steps ``k = K..1`` of each baseline group at
+the nodes ``t_k`` of the quadrature rule (:mod:`iif_ref.neural.quadrature`): targets
+``ρ(t_k − w_k), ρ(t_k)`` (Eq. 15), the path model θ_k (Eq. 16) and
 the projected test gradients at θ_k (Eq. 7, 17). What an engine does with a step (the
 single-process solve of :mod:`iif_ref.neural.attribution`, or the Dask featurisation
 of :mod:`iif_ref.distributed.api`) is its own business; the orchestration exists here.
@@ -27,7 +28,8 @@ from iif_ref.neural.features import test_features
 from iif_ref.neural.functional import (FunctionalModel, as_inputs, as_targets, eval_mode,
                                        probe_outputs)
 from iif_ref.neural.losses import CROSS_ENTROPY, MSE, check_target_linear, resolve_loss
-from iif_ref.neural.path import path_model_step, path_targets, predictions
+from iif_ref.neural.path import path_loss, path_model_step, path_targets, predictions
+from iif_ref.neural.quadrature import quadrature_rule
 
 __all__ = ["plan_path", "PathPlan", "PathGroup", "PathStep", "Problem", "prepare_problem"]
 
@@ -108,6 +110,8 @@ class PathGroup:
     loss_path_start : ndarray, shape (n_rows,), or None
         Test losses at the path's start model θ_0 (set once :meth:`PathPlan.steps` has
         yielded step 1).
+    path_loss_start : float or None
+        ``L_train(Γ(0))`` at θ_0 (set with ``loss_path_start``).
     """
 
     index: int
@@ -118,6 +122,7 @@ class PathGroup:
     Ybar: torch.Tensor
     unlearning: dict = field(default_factory=dict)
     loss_path_start: np.ndarray | None = None
+    path_loss_start: float | None = None
 
 
 @dataclass
@@ -132,14 +137,25 @@ class PathStep:
     name : str
         Cache key ``"group{g}_step{k}"``.
     theta : dict of str -> tensor
-        θ_k (Eq. 16; θ* for ``k = K``).
+        θ_k (Eq. 16; θ* for ``k = K`` when ``t_K = 1``).
     rho_prev, rho_k : tensors, shape (n_train, n_out)
-        Targets ``ρ(t_{k−1})``, ``ρ(t_k)`` (Eq. 15).
+        Targets ``ρ(t_k − w_k)``, ``ρ(t_k)`` (Eq. 15); for ``"euler"``
+        ``ρ(t_{k−1})``, ``ρ(t_k)``. The targets are affine in t, so the step's
+        ``∇l(ρ_k) − ∇l(ρ_prev)`` is ``w_k ∂_t∇l(ρ(t_k))``: the node's weight times
+        ``J_i ρ'`` (docs/algorithm1.md, "Quadrature of the path integral").
     path_trajectory : list of float or None
         ``L_train(Γ(t_k))`` before and after the step; None when nothing was computed
-        (``k = K``, or θ_k from the cache).
+        (θ_K = θ* at ``t_K = 1``, or θ_k from the cache).
     cached : dict or None
         The cache entry of a finished step (``scores``, ``theta``, ``cond``, ``damping``).
+    t : float
+        Node ``t_k`` of the quadrature rule (``k/K`` for ``"euler"``).
+    weight, coarse_weight : float
+        The node's weight ``w_k`` in the rule and in its embedded coarser rule
+        (:class:`~iif_ref.neural.quadrature.QuadratureRule`).
+    path_loss : float
+        ``L_train(Γ(t_k))`` at θ_k, the objective the path model minimises
+        (:func:`~iif_ref.neural.path.path_loss`).
     """
 
     group: PathGroup
@@ -150,6 +166,10 @@ class PathStep:
     rho_k: torch.Tensor
     path_trajectory: list | None
     cached: dict | None
+    t: float = 1.0
+    weight: float = 1.0
+    coarse_weight: float = 1.0
+    path_loss: float = float("nan")
 
 
 class PathPlan:
@@ -178,6 +198,7 @@ class PathPlan:
         self.problem, self.config, self.mask = problem, config, mask
         self.run_config, self.cache = run_config, cache
         self.loss_star, self.groups = loss_star, groups
+        self.rule = quadrature_rule(config.quadrature, config.K)
         self.not_unlearned = _check_unlearned(config, loss_star, groups)
 
     @property
@@ -188,55 +209,67 @@ class PathPlan:
                     backend=c.backend)
 
     def steps(self, group):
-        """Path steps ``k = K..1`` of ``group``, each path model computed when reached.
+        """Path steps at the rule's nodes, ``t`` descending (``k = K..1``), each path
+        model computed when reached.
 
         Yields
         ------
         PathStep
-            θ_k is computed from θ_{k+1} (Eq. 16) unless the cache holds the step, in
-            which case θ_k (and, for the caller, the step's scores) comes from it.
-            After step 1 the start model θ_0 is computed the same way and the test
-            losses at it are stored in ``group.loss_path_start`` (see
-            :meth:`path_delta`).
+            θ_k at node ``t_k`` of the quadrature rule (``config.quadrature``,
+            :mod:`iif_ref.neural.quadrature`) is computed from the model of the node
+            above (Eq. 16; from θ* for the top node, which is θ* itself when
+            ``t_K = 1``) unless the cache holds the step, in which case θ_k (and, for
+            the caller, the step's scores) comes from it. After the lowest node the
+            start model θ_0 at ``ρ(0)`` is computed the same way and the test losses
+            at it are stored in ``group.loss_path_start`` (see :meth:`path_delta`).
         """
-        prob, cfg = self.problem, self.config
+        prob, cfg, rule = self.problem, self.config, self.rule
         fm = prob.fm
         theta = fm.theta_star
         for k in range(cfg.K, 0, -1):
             name = f"group{group.index}_step{k}"
-            rho_k = path_targets(prob.Y, group.Ybar, k / cfg.K, mask=self.mask)
-            rho_prev = path_targets(prob.Y, group.Ybar, (k - 1) / cfg.K, mask=self.mask)
+            t, w = float(rule.nodes[k - 1]), float(rule.weights[k - 1])
+            rho_k = path_targets(prob.Y, group.Ybar, t, mask=self.mask)
+            # y_from: ∇l(ρ(t)) − ∇l(ρ(t − w)) = w ∂_t∇l(ρ(t)) (targets affine in t).
+            rho_prev = path_targets(prob.Y, group.Ybar, float(rule.starts[k - 1]),
+                                    mask=self.mask)
             hit = self.cache.load(name)
             ptraj = None
             if hit is not None:
                 theta = fm.unflatten(torch.as_tensor(hit["theta"], dtype=fm.dtype))
-            elif k < cfg.K:
+            elif not (k == cfg.K and t == 1.0):
                 with eval_mode(fm.model):
                     theta, traj = path_model_step(fm, prob.loss, theta, prob.X, rho_k, cfg,
                                                   k=k)
                 ptraj = list(map(float, traj))
+            own = path_loss(fm, prob.loss, theta, prob.X, rho_k, cfg)
             yield PathStep(group=group, k=k, name=name, theta=theta, rho_prev=rho_prev,
-                           rho_k=rho_k, path_trajectory=ptraj, cached=hit)
-        group.loss_path_start = self._path_start(group, theta, rho_prev)
+                           rho_k=rho_k, path_trajectory=ptraj, cached=hit, t=t, weight=w,
+                           coarse_weight=float(rule.coarse_weights[k - 1]), path_loss=own)
+        group.loss_path_start = self._path_start(
+            group, theta, path_targets(prob.Y, group.Ybar, 0.0, mask=self.mask))
 
     def _path_start(self, group, theta_1, rho_0):
         """Test losses of the group's rows at the path's own start model θ_0.
 
-        θ_0 is the path model at the start targets ``ρ(t_0)`` (Eq. 15 with k = 0,
-        masked when the path is), obtained from θ_1 as every other θ_k (Eq. 16, or the
-        refit). The Euler sum of Eq. (10) over k = 1..K approximates
-        ``L_test(θ_K) − L_test(θ_0)``, the loss change the computed path integrates.
+        θ_0 is the path model at the start targets ``ρ(0)`` (Eq. 15 with t = 0,
+        masked when the path is), obtained from the model of the lowest node as every
+        other θ_k (Eq. 16, or the refit). The quadrature of Eq. (9) over the nodes
+        approximates ``L_test(θ_K) − L_test(θ_0)``, the loss change the computed path
+        integrates.
         """
         prob, cfg = self.problem, self.config
         name = f"group{group.index}_start"
         hit = self.cache.load(name)
         if hit is not None:
+            group.path_loss_start = float(hit["path_loss"])
             return np.asarray(hit["loss"], dtype=np.float64)
         with eval_mode(prob.fm.model):
             theta0, _ = path_model_step(prob.fm, prob.loss, theta_1, prob.X, rho_0, cfg,
                                         k=0)
             loss0 = _test_losses(prob, theta0, group.rows)
-        self.cache.save(name, loss=loss0)
+            group.path_loss_start = path_loss(prob.fm, prob.loss, theta0, prob.X, rho_0, cfg)
+        self.cache.save(name, loss=loss0, path_loss=np.float64(group.path_loss_start))
         return loss0
 
     def path_delta(self):
@@ -259,10 +292,15 @@ class PathPlan:
 
     def completeness_diagnostics(self):
         """Diagnostics of the baselines and of the path ends, for the run's result:
-        ``unlearning`` (per group), ``not_unlearned``, ``loss_path_start``."""
+        ``unlearning`` (per group), ``not_unlearned``, ``loss_path_start``,
+        ``path_loss_start`` (``L_train(Γ(0))`` at θ_0, per group), ``nodes``,
+        ``weights``, ``coarse_weights`` (the quadrature rule, ascending)."""
         return {"unlearning": [g.unlearning for g in self.groups],
                 "not_unlearned": self.not_unlearned.tolist(),
-                "loss_path_start": self.loss_star - self.path_delta()}
+                "loss_path_start": self.loss_star - self.path_delta(),
+                "path_loss_start": [g.path_loss_start for g in self.groups],
+                "nodes": self.rule.nodes.tolist(), "weights": self.rule.weights.tolist(),
+                "coarse_weights": self.rule.coarse_weights.tolist()}
 
     def test_features(self, step):
         """Projected test-loss gradients of the group's rows at θ_k, ``(n_rows, P)``

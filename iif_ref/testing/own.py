@@ -67,7 +67,8 @@ def neural_iif(p):
     baseline = "per_test" if p.baseline == "unlearn" else "prediction"
     # Eq. (12) with the summed losses of the problem (λ weighs Σ_i l_i), solved to
     # convergence over the full batch: the exact θ'_t of iif_ref.linear.unlearned_params.
-    return _attribute(p, "iif", K=p.K, lam=p.lam, baseline=baseline,
+    # Eq. (10)'s Euler sum with K steps: what the linear reference computes for K.
+    return _attribute(p, "iif", K=p.K, quadrature="euler", lam=p.lam, baseline=baseline,
                       unlearn_optimizer="newton", unlearn_epochs=1, unlearn_reduction="sum",
                       unlearn_batch_size=None, path_models="refit", refit_optimizer="newton",
                       curvature="hessian",
