@@ -81,7 +81,7 @@ def parse_args(argv):
     p.add_argument("--grid", type=float, nargs="+", help="relative damping grid")
     p.add_argument("--methods", nargs="+",
                    help="methods, one row each, of exact_gn_if if_cg if_projected tracin trak "
-                        "iif iif_gn (default: all but iif_gn with --full only, and if_cg, the "
+                        "iif iif_euler iif_gn (default: all but iif_gn with --full only, and if_cg, the "
                         "exact-Hessian IF by conjugate gradients, slow and indefinite here)")
     p.add_argument("--workers", type=int, help="retraining processes (2)")
     p.add_argument("--seed", type=int, default=0, help="seed of split, models and subsets (0)")
@@ -258,14 +258,18 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate,
                 choice = proto.choose_damping(
                     auto_scaled("trak"), masks, losses, tune, grid=args.grid, log=progress)
                 row.update(curvature="projected margin-gradient Gram, default P, 1 model")
-            elif name == "iif":
+            elif name in ("iif", "iif_euler"):
+                # iif_euler: Eq. 10's right-endpoint Euler rule at the same K (the same
+                # number of path models and solves as the default rule).
+                rule = {"quadrature": "euler"} if name == "iif_euler" else {}
                 choice = proto.choose_damping(
                     # progress: a bar of the K path steps, on a terminal only.
-                    auto_scaled("iif", K=args.K, progress=True),
+                    auto_scaled("iif", K=args.K, progress=True, **rule),
                     masks, losses, tune, grid=args.grid, log=progress)
                 res = defaults["result"]
                 row.update(curvature="projected empirical Fisher per step, default P",
                            K=args.K, lam=res.config["lam"],
+                           quadrature=res.config["quadrature"],
                            path_delta=proto.mean_se(res.path_delta),
                            delta=proto.mean_se(res.delta) if res is not None else None,
                            completeness_residual=proto.mean_se(np.abs(res.residual))
@@ -477,6 +481,7 @@ LABELS = {"exact_gn_if": ("IF, exact Gauss–Newton (reference)", None),
           "tracin": ("TracIn (5 checkpoints)", "TracIn"),
           "trak": ("TRAK (1 model, default P)", "TRAK"),
           "iif": ("IIF (defaults)", "IIF"),
+          "iif_euler": ("IIF, Euler rule of Eq. 10 (same K)", "IIF"),
           "iif_gn": ("IIF, exact Gauss–Newton curvature", "IIF")}
 
 
