@@ -16,6 +16,7 @@ Uses only the public API of :mod:`iif_ref` (plus torch for the exact reference).
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 import time
@@ -44,6 +45,14 @@ RELATIVE_DAMPING_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # --------------------------------------------------------------------------- data
 
 DATASETS = ("digits", "mnist")
+
+
+def add_mode_arguments(parser):
+    """``--full`` (the paper-scale protocol) and the hidden ``--smoke`` size of the CI tests."""
+    parser.add_argument("--full", action="store_true",
+                        help="paper-scale protocol (long); from a source checkout it writes "
+                             "the published docs/results/")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_dataset_arguments(parser):

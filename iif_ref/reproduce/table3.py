@@ -43,10 +43,7 @@ SMOKE = dict(n_train=40, epochs=3, grid=(1e-3,), n_eval_replicates=1)
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="iif-ref reproduce table3",
                                 description=description(__doc__))
-    p.add_argument("--full", action="store_true",
-                   help="paper-scale protocol (long); from a source checkout it writes the "
-                        "published docs/results/")
-    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    proto.add_mode_arguments(p)
     proto.add_dataset_arguments(p)
     p.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches (ResNet-9)")
     p.add_argument("--n-train", type=int, help="training images (default per data set)")
