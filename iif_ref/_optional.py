@@ -1,7 +1,10 @@
 """Optional dependencies: import one, or fail with the extra that installs it.
 
-``numpy``, ``scipy``, ``threadpoolctl`` and ``tqdm`` are always installed; everything
-else comes with an extra of ``pyproject.toml`` (``pip install "iif_ref[EXTRA]"``).
+``numpy``, ``scipy``, ``threadpoolctl``, ``tqdm``, ``numba``, ``scikit-learn`` and
+``matplotlib`` are dependencies of the package (so every quick reproduction runs once
+torch is installed); torch and everything else come with an extra of ``pyproject.toml``
+(``pip install "iif_ref[EXTRA]"``). A package that is missing all the same (an install
+with ``--no-deps``) is still named with the extra that brings it.
 """
 from __future__ import annotations
 
