@@ -231,7 +231,8 @@ def test_auto_damping_is_the_literal_r_times_an_independent_mean_eigenvalue(meth
     proj_dim = options.get("proj_dim")
     fn = trak_margin if method == "trak" else prob.loss
     features = gradient_features(prob.fm, fn, prob.fm.theta_star, prob.X, prob.Y,
-                                 proj_dim=proj_dim, seed=0)
+                                 proj_dim=proj_dim, seed=0, kind=res.config.get("kind",
+                                                                                "rademacher"))
     dim = prob.fm.n_params if proj_dim is None else proj_dim
     mean_eigenvalue = float(np.sum(np.square(features, dtype=np.float64))) / dim
     np.testing.assert_allclose(res.config["damping_used"][0], r * mean_eigenvalue,

@@ -107,7 +107,7 @@ def test_masked_path_starts_at_the_masked_targets_not_at_the_baseline():
     theta_p = {n: p + 0.3 * torch.as_tensor(rng.standard_normal(p.shape))
                for n, p in fm.theta_star.items()}
     cfg = IIFConfig(K=1, proj_dim=None, curvature="fisher", damping=1.0, path_lr=0.01,
-                    baseline="given", progress=False)
+                    path_models="step", baseline="given", progress=False)
     r = integrated_influence(net, "cross_entropy", X, y, Xt, yt, config=cfg,
                              baseline_params=theta_p)
     assert r.config["mask_path_resolved"]

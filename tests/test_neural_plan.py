@@ -22,10 +22,12 @@ def _problem(seed=0, n=25, n_test=3):
             rng.standard_normal((n_test, 4)), rng.integers(0, 3, n_test))
 
 
-def test_plan_steps_are_the_chain_of_eq_16_from_theta_star_with_eq_15_targets():
+@pytest.mark.parametrize("path_models", ["step", "flow"])
+def test_plan_steps_are_the_chain_of_eq_16_from_theta_star_with_eq_15_targets(path_models):
     net, X, y, Xt, yt = _problem()
     opts = dict(K=3, quadrature="euler", baseline="joint", proj_dim=6, unlearn_epochs=2,
-                unlearn_lr=1e-2, path_lr=1e-2, progress=False)
+                unlearn_lr=1e-2, path_lr=1e-2, path_time=3e-2, path_models=path_models,
+                progress=False)
     plan = plan_path(net, "cross_entropy", X, y, Xt, yt, **opts)
     cfg = IIFConfig.from_options(opts)
     # Independent recomputation from the public building blocks.
@@ -47,7 +49,12 @@ def test_plan_steps_are_the_chain_of_eq_16_from_theta_star_with_eq_15_targets():
     for s in steps:
         rho_k = path_targets(Y, Ybar, s.k / 3, mask=True)
         if s.k < 3:
-            theta, _ = path_model_step(fm, loss, theta, Xtt, rho_k, cfg, k=s.k)
+            # "step": η = path_lr on ρ(t_k); "flow": η = path_time/3 (the node spacing)
+            # on the targets of the interval's midpoint (t_k + t_{k+1})/2.
+            t_step = s.k / 3 if path_models == "step" else (s.k + 0.5) / 3
+            theta, _ = path_model_step(fm, loss, theta, Xtt,
+                                       path_targets(Y, Ybar, t_step, mask=True), cfg,
+                                       k=s.k, dt=1 / 3)
             assert s.path_trajectory is not None and len(s.path_trajectory) == 2
         else:
             assert s.path_trajectory is None            # θ_K = θ*, nothing computed
@@ -58,7 +65,7 @@ def test_plan_steps_are_the_chain_of_eq_16_from_theta_star_with_eq_15_targets():
             s.rho_prev, path_targets(Y, Ybar, (s.k - 1) / 3, mask=True), rtol=1e-12, atol=0)
         np.testing.assert_allclose(
             plan.test_features(s),
-            test_features(net, "cross_entropy", theta, Xt, yt, proj_dim=6),
+            test_features(net, "cross_entropy", theta, Xt, yt, proj_dim=6, kind=cfg.kind),
             rtol=1e-12, atol=1e-14)
     # Δ = L(θ*) − L(θ') from the plan's losses is what the run reports.
     run = integrated_influence(net, "cross_entropy", X, y, Xt, yt, **opts)

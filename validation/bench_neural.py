@@ -57,6 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
+from iif_ref.reproduce import _neural_protocol as proto
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "results" / "bench_neural.json"
 DEFAULT_SCALING_OUT = ROOT / "docs" / "results" / "bench_neural_scaling.json"
@@ -625,6 +627,7 @@ def main(argv=None):
     parser.add_argument("--traker-batches", type=int, nargs="+", default=[100, 250, 1000],
                         help="traker featurize batch sizes swept; the fastest sets the ratios")
     parser.add_argument("--iif-option", action="append", default=[], metavar="NAME=VALUE",
+                        type=proto.option_argument,
                         help="an IIF option that departs from the defaults (e.g. to work "
                              "around a default that fails); recorded in the JSON as such")
     parser.add_argument("--without-dattri", action="store_true",
@@ -671,16 +674,7 @@ def main(argv=None):
         _set_projection(parser, args.projection)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    for item in args.iif_option:
-        name, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--iif-option needs NAME=VALUE, got {item!r}")
-        import ast
-
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass   # a bare string such as mean
+    for name, value in args.iif_option:
         OUR_OPTIONS[IIF][name] = value
 
     import torch

@@ -13,7 +13,9 @@ all from the Philox streams of docs/rng.md (docs/kernels.md, "Structured project
    (``--match-dims``) at the size ``--match-size``: the largest of those whose time is at
    most dense's at ``P = 512`` is "the P that matches dense's time".
 2. *LDS*: on the Table 2 quick ground truth (digits, 500 training and 20 test points, 100
-   retrained half-subsets, built and cached by ``validation/table2.py``), dense at
+   retrained half-subsets) or, with ``--full-ground-truth``, on the full one (1,297
+   training and 500 test points, 1,000 subsets), built and cached by ``iif-ref reproduce
+   table2`` (``--cache-dir`` as there), dense at
    ``P = 512`` and each structured kind at ``P = 512`` and at every ``--match-dims``
    (so the LDS at the matched ``P`` is among them), with Table 2's damping procedure (the
    relative damping chosen on the tuning subsets from the same grid, LDS on the
@@ -40,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
+from iif_ref.reproduce import _neural_protocol as proto, table2
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _neural_protocol as proto  # noqa: E402
 import bench_neural  # noqa: E402
-import table2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "results" / "structured_projections.json"
@@ -147,13 +149,22 @@ def _iif_runner(model, data, seed, K, kind, proj_dim):
 
 
 def lds(args):
-    truth = table2.ground_truth(table2.parse_args(["--workers", str(args.workers)]))
-    gt_args = table2.parse_args([])
+    table2_argv = ["--workers", str(args.workers)] + (["--full"] if args.full_ground_truth
+                                                       else [])
+    if args.dataset is not None:
+        table2_argv += ["--dataset", args.dataset]
+    if args.cache_dir is not None:
+        table2_argv += ["--cache-dir", str(args.cache_dir)]
+    gt_args = table2.parse_args(table2_argv)
+    truth = table2.ground_truth(gt_args)
     masks, losses = truth.masks, truth.gt.losses
     tune, evaluate = proto.split_subsets(gt_args.n_subsets, seed=gt_args.seed + 4)
     rows = []
     configs = [(kind, P_DEFAULT) for kind in KINDS]
     configs += [(kind, P) for kind in KINDS[1:] for P in args.match_dims]
+    if args.lds_configs:
+        configs = [(DENSE, P_DEFAULT)] + [c for c in args.lds_configs
+                                          if c != (DENSE, P_DEFAULT)]
     for kind, P in configs:
         t0 = time.perf_counter()
         run, state = _iif_runner(truth.model, truth.data, gt_args.seed, gt_args.K, kind, P)
@@ -238,6 +249,13 @@ def combine(out, new_rows, new_meta, parts):
     return rows, meta
 
 
+def _kind_and_dim(text):
+    kind, _, P = text.partition(":")
+    if kind not in KINDS or not P.isdigit():
+        raise argparse.ArgumentTypeError(f"expected KIND:P with KIND in {KINDS}, got {text!r}")
+    return kind, int(P)
+
+
 def main(argv=None):
     from iif_ref.bench import write_results
 
@@ -251,6 +269,14 @@ def main(argv=None):
                    help="time one step's featurisation only, not IIF end to end (the "
                         "matched P is then matched on the featurisation time)")
     p.add_argument("--workers", type=int, default=2, help="retraining processes")
+    p.add_argument("--full-ground-truth", action="store_true",
+                   help="LDS on Table 2's full ground truth (--full) instead of the quick one")
+    p.add_argument("--cache-dir", type=Path, help="ground-truth cache (as table2's)")
+    p.add_argument("--dataset", choices=["digits", "mnist"],
+                   help="data set of the ground truth (as table2's --dataset)")
+    p.add_argument("--lds-configs", nargs="+", type=_kind_and_dim, metavar="KIND:P",
+                   help="only these projections in the LDS part (dense at P = 512, the "
+                        "reference, is always run first)")
     p.add_argument("--parts", nargs="+", choices=["speed", "lds"], default=["speed", "lds"])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)

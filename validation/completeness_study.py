@@ -5,7 +5,8 @@ quadrature, joint unlearning baseline) on the Table 2 digits MLP (64-128-64-10, 
 training, 1,000 training and 100 test points) for each
 
 * path-model reading (``IIFConfig.path_models``): ``"step"`` (Eq. 16 as printed, η = 1e-3
-  on the summed loss), ``"epoch"`` (one epoch of mini-batch SGD at the training learning
+  on the summed loss), ``"flow"`` (the same step with η = 5e-3 times the node spacing),
+  ``"epoch"`` (one epoch of mini-batch SGD at the training learning
   rate 0.01 on the mean loss, batch 64), ``"refit"`` (L-BFGS to ``refit_tol``, at most
   ``--refit-max-iter`` iterations; a warning counts the refits stopped by the cap);
 * curvature: the exact Gauss–Newton matrix (unprojected, solved in sample space) and the
@@ -58,8 +59,9 @@ CURVATURES = {"gauss_newton": dict(proj_dim=None, curvature="gauss_newton"),
 
 
 def readings(refit_max_iter):
-    """The three path-model readings with the options stated in the module docstring."""
+    """The path-model readings with the options stated in the module docstring."""
     return {"step": dict(path_models="step"),
+            "flow": dict(path_models="flow"),
             "epoch": dict(path_models="epoch", path_lr=0.01, train_reduction="mean",
                           path_batch_size=64),
             "refit": dict(path_models="refit", refit_max_iter=refit_max_iter,
@@ -79,9 +81,18 @@ def _test_losses(fm, loss, theta, X_test, Y_test):
         return per_sample_losses(fm, loss, theta, X_test, Y_test).double().numpy()
 
 
-def drift_floor(model, data, cfg, n_updates):
-    """``|L_test(θ_drift) − L_test(θ*)|``: ``n_updates`` path-model updates of
-    ``cfg``'s reading from θ* on the unchanged data (targets y)."""
+def node_spacings(nodes):
+    """``t_above − t`` of every path-model update of a run on ``nodes`` (ascending): one
+    per node below ``t = 1``, descending, then θ_0 at ``t = 0``."""
+    below = [t for t in sorted(nodes, reverse=True) if t < 1.0]
+    above = [1.0] + below
+    return [a - t for a, t in zip(above, below)] + [float(min(nodes))]
+
+
+def drift_floor(model, data, cfg, spacings):
+    """``|L_test(θ_drift) − L_test(θ*)|``: the path-model updates of ``cfg``'s reading
+    (one per entry of ``spacings``, :func:`node_spacings`) from θ* on the unchanged data
+    (targets y)."""
     fm, loss = FunctionalModel(model), resolve_loss("cross_entropy")
     X = torch.as_tensor(data.X_train, dtype=fm.dtype)
     Y = as_targets(data.y_train, "y_train", 10, loss, fm)
@@ -90,8 +101,8 @@ def drift_floor(model, data, cfg, n_updates):
     theta = fm.theta_star
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for k in range(n_updates, 0, -1):
-            theta, _ = path_model_step(fm, loss, theta, X, Y, cfg, k=k)
+        for k, dt in zip(range(len(spacings), 0, -1), spacings):
+            theta, _ = path_model_step(fm, loss, theta, X, Y, cfg, k=k, dt=dt)
     return np.abs(_test_losses(fm, loss, theta, Xt, Yt)
                   - _test_losses(fm, loss, fm.theta_star, Xt, Yt))
 
@@ -107,7 +118,7 @@ def scratch_gap(model, data, cfg, *, epochs, seed=0):
     rho0 = path_targets(plan.problem.Y, group.Ybar, 0.0, mask=plan.mask)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        warm, _ = path_model_step(fm, loss, fm.theta_star, X, rho0, cfg, k=0)
+        warm, _ = path_model_step(fm, loss, fm.theta_star, X, rho0, cfg, k=0, dt=1.0)
     fresh = FunctionalModel(make_mlp(64, seed=seed)).theta_star
     n = X.shape[0]
 
@@ -148,10 +159,8 @@ def study(model, data, *, Ks, refit_max_iter, train_epochs):
                                              **options)
                 seconds = time.perf_counter() - t0
                 cfg = IIFConfig(**options)
-                # As many updates as the run made: a path model at each node below
-                # t = 1 (K − 1 for the default rule), then θ_0.
-                n_updates = len(r.diagnostics["path_trajectory"]) + 1
-                floor = drift_floor(model, data, cfg, n_updates)
+                floor = drift_floor(model, data, cfg,
+                                    node_spacings(r.diagnostics["nodes"]))
                 above = np.abs(r.delta_path) > floor
                 sums = r.scores.sum(1)
                 rows.append({
@@ -195,7 +204,7 @@ def plot(rows, path):
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for reading in ("step", "epoch", "refit"):
+    for reading in readings(0):
         for curvature, style in (("gauss_newton", "-"), ("projected_fisher", "--")):
             sel = [r for r in rows if r["path_models"] == reading
                    and r["curvature"] == curvature]

@@ -144,6 +144,8 @@ def main(argv=None):
                         help="300 training / 30 test points, 10 epochs")
     parser.add_argument("--K", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--path-models", default=None,
+                        help="path_models of every run (default: the package default)")
     parser.add_argument("--static-rules", default=f"{DEFAULT_RULE},euler",
                         help="comma-separated rules to measure on the static path")
     args = parser.parse_args(argv)
@@ -154,9 +156,10 @@ def main(argv=None):
     # At the defaults: the path models ("step", Eq. 16) change with the nodes, so the
     # 4K run integrates along a different path; with a static path (θ_t ≈ θ*, a
     # vanishing path_lr) only the quadrature differs between K and 4K.
-    rows, results = measure(net, data, K=args.K, rules=RULES)
+    chosen = {} if args.path_models is None else {"path_models": args.path_models}
+    rows, results = measure(net, data, K=args.K, rules=RULES, **chosen)
     static, _ = measure(net, data, K=args.K, rules=args.static_rules.split(","),
-                        path_lr=STATIC_PATH_LR)
+                        path_lr=STATIC_PATH_LR, path_time=STATIC_PATH_LR, **chosen)
     rows += static
     times = timing(net, data, K=args.K, repeats=args.repeats)
     fine = results[DEFAULT_RULE][1]

@@ -11,8 +11,16 @@ Path models start at θ* and go *down* the nodes of the quadrature rule
 by one function (:func:`path_model_step`) with three readings of Eq. (16)
 (``IIFConfig.path_models``):
 
-* ``"step"`` (default, Eq. 16 as printed): ``θ_k = θ_{k+1} − η ∇L_train(Γ(t_k))``, one
+* ``"step"`` (Eq. 16 as printed): ``θ_k = θ_{k+1} − η ∇L_train(Γ(t_k))``, one
   full-batch gradient step at ``η = path_lr``;
+* ``"flow"`` (default): one full-batch step of ``η = path_time · (t_above − t_k)`` on the targets
+  at the interval's midpoint ``ρ((t_k + t_above)/2)``: the gradient flow
+  ``dθ/dt = path_time · ∇L_train(Γ(t))`` from θ* at ``t = 1``, integrated over the
+  interval exactly in the targets (``∇L_train`` is affine in them for a target-linear
+  loss, so its mean over the interval is its value at the midpoint) and to first order
+  in θ. Its path models converge as the nodes are refined, so the quadrature converges
+  to one integral; under ``"step"`` every added node moves the path models a further
+  ``path_lr`` (docs/algorithm1.md, "Quadrature of the path integral");
 * ``"epoch"``: one epoch of mini-batch SGD on ``L_train(Γ(t_k))`` at ``path_lr`` (the
   text's "optimised to [its] optimal state within one epoch of SGD");
 * ``"refit"``: full-batch L-BFGS (or Newton's method, ``refit_optimizer``) on
@@ -29,7 +37,7 @@ import torch
 from iif_ref.neural.baseline import per_sample_losses
 from iif_ref.neural.optimise import minimise
 
-__all__ = ["path_targets", "path_model_step", "path_loss", "grid"]
+__all__ = ["path_targets", "path_model_step", "path_loss", "grid", "step_time"]
 
 
 def grid(K):
@@ -59,7 +67,14 @@ def path_targets(Y, Ybar, t, *, mask):
     return rho * Y if mask else rho
 
 
-def path_model_step(fm, loss, params, X, rho, cfg, *, k):
+def step_time(cfg, t, t_above):
+    """The ``t`` of the targets a path-model update toward node ``t`` (from the node
+    ``t_above``) trains on: the node itself, or the interval's midpoint for
+    ``path_models="flow"``."""
+    return 0.5 * (t + t_above) if cfg.path_models == "flow" else t
+
+
+def path_model_step(fm, loss, params, X, rho, cfg, *, k, dt=None):
     """θ_k from θ_{k+1} (Eq. 16) on the dataset ``Γ(t_k) = {(x_i, ρ_i(t_k))}``.
 
     Parameters
@@ -75,6 +90,9 @@ def path_model_step(fm, loss, params, X, rho, cfg, *, k):
         ``refit_max_iter``, ``refit_tol``, ``seed``.
     k : int
         Step index (seeds the mini-batch order of ``"epoch"``).
+    dt : float or None
+        ``t_above − t_k``, the distance in t from the node of ``params``; required by
+        ``"flow"`` (its step length is ``path_time · dt``), unused otherwise.
 
     Returns
     -------
@@ -104,9 +122,15 @@ def path_model_step(fm, loss, params, X, rho, cfg, *, k):
                           "the minimiser of Eq. (2) (raise refit_max_iter or refit_tol)",
                           RuntimeWarning, stacklevel=2)
         return theta, history["objective"]
-    batch = None if cfg.path_models == "step" else cfg.path_batch_size
+    batch = cfg.path_batch_size if cfg.path_models == "epoch" else None
+    if cfg.path_models == "flow":
+        if dt is None or not dt > 0:
+            raise ValueError(f"path_models='flow' needs the node spacing dt > 0, got {dt!r}")
+        lr = cfg.path_time * dt
+    else:
+        lr = cfg.path_lr
     theta, history = minimise(objective, params, n_samples=n, epochs=1, optimizer="sgd",
-                              lr=cfg.path_lr, batch_size=batch, seed=cfg.seed + 7919 * k,
+                              lr=lr, batch_size=batch, seed=cfg.seed + 7919 * k,
                               what=f"path model step k={k} (Eq. 16)")
     return theta, history["objective"]
 

@@ -28,7 +28,8 @@ from iif_ref.neural.features import test_features
 from iif_ref.neural.functional import (FunctionalModel, as_inputs, as_targets, eval_mode,
                                        probe_outputs)
 from iif_ref.neural.losses import CROSS_ENTROPY, MSE, check_target_linear, resolve_loss
-from iif_ref.neural.path import path_loss, path_model_step, path_targets, predictions
+from iif_ref.neural.path import (path_loss, path_model_step, path_targets, predictions,
+                                 step_time)
 from iif_ref.neural.quadrature import quadrature_rule
 
 __all__ = ["plan_path", "PathPlan", "PathGroup", "PathStep", "Problem", "prepare_problem"]
@@ -226,6 +227,7 @@ class PathPlan:
         prob, cfg, rule = self.problem, self.config, self.rule
         fm = prob.fm
         theta = fm.theta_star
+        t_above = 1.0
         for k in range(cfg.K, 0, -1):
             name = f"group{group.index}_step{k}"
             t, w = float(rule.nodes[k - 1]), float(rule.weights[k - 1])
@@ -239,17 +241,19 @@ class PathPlan:
                 theta = fm.unflatten(torch.as_tensor(hit["theta"], dtype=fm.dtype))
             elif not (k == cfg.K and t == 1.0):
                 with eval_mode(fm.model):
-                    theta, traj = path_model_step(fm, prob.loss, theta, prob.X, rho_k, cfg,
-                                                  k=k)
+                    rho_step = path_targets(prob.Y, group.Ybar, step_time(cfg, t, t_above),
+                                            mask=self.mask)
+                    theta, traj = path_model_step(fm, prob.loss, theta, prob.X, rho_step,
+                                                  cfg, k=k, dt=t_above - t)
                 ptraj = list(map(float, traj))
             own = path_loss(fm, prob.loss, theta, prob.X, rho_k, cfg)
             yield PathStep(group=group, k=k, name=name, theta=theta, rho_prev=rho_prev,
                            rho_k=rho_k, path_trajectory=ptraj, cached=hit, t=t, weight=w,
                            coarse_weight=float(rule.coarse_weights[k - 1]), path_loss=own)
-        group.loss_path_start = self._path_start(
-            group, theta, path_targets(prob.Y, group.Ybar, 0.0, mask=self.mask))
+            t_above = t
+        group.loss_path_start = self._path_start(group, theta)
 
-    def _path_start(self, group, theta_1, rho_0):
+    def _path_start(self, group, theta_1):
         """Test losses of the group's rows at the path's own start model θ_0.
 
         θ_0 is the path model at the start targets ``ρ(0)`` (Eq. 15 with t = 0,
@@ -264,9 +268,12 @@ class PathPlan:
         if hit is not None:
             group.path_loss_start = float(hit["path_loss"])
             return np.asarray(hit["loss"], dtype=np.float64)
+        t_1 = float(self.rule.nodes[0])
+        rho_0 = path_targets(prob.Y, group.Ybar, 0.0, mask=self.mask)
+        rho_step = path_targets(prob.Y, group.Ybar, step_time(cfg, 0.0, t_1), mask=self.mask)
         with eval_mode(prob.fm.model):
-            theta0, _ = path_model_step(prob.fm, prob.loss, theta_1, prob.X, rho_0, cfg,
-                                        k=0)
+            theta0, _ = path_model_step(prob.fm, prob.loss, theta_1, prob.X, rho_step, cfg,
+                                        k=0, dt=t_1)
             loss0 = _test_losses(prob, theta0, group.rows)
             group.path_loss_start = path_loss(prob.fm, prob.loss, theta0, prob.X, rho_0, cfg)
         self.cache.save(name, loss=loss0, path_loss=np.float64(group.path_loss_start))

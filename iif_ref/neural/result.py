@@ -82,9 +82,11 @@ class AttributionResult:
         ``[min, mean, max]`` and ``skipped_steps`` per epoch), ``not_unlearned`` (test
         rows whose baseline failed to raise their loss; a warning names them),
         ``loss_star`` / ``loss_prime`` / ``loss_path_start`` (test losses at θ*, θ' and
-        θ_0), ``path_trajectory`` (``L_train(Γ(t_k))`` before and after each computed
-        path model), ``path_loss`` (``L_train(Γ(t_k))`` of each path model on its own
-        targets, per step ``k = K..1``) and ``path_loss_start`` (θ_0 on ``Γ(0)``, per
+        θ_0), ``path_trajectory`` (the training loss before and after each computed
+        path model, on the targets its update trains on: ``Γ(t_k)``, or for
+        ``path_models="flow"`` the targets at the interval's midpoint), ``path_loss``
+        (``L_train(Γ(t_k))`` of each path model on its own targets, per step
+        ``k = K..1``) and ``path_loss_start`` (θ_0 on ``Γ(0)``, per
         baseline), ``nodes`` / ``weights`` / ``coarse_weights`` (the quadrature rule,
         ascending in t), ``node_sums`` (``Σ_i`` of each step's term), ``cached_steps``
         (steps loaded from ``cache_dir``). IF, TracIn, TRAK: ``condition`` and

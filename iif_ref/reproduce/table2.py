@@ -90,6 +90,10 @@ def parse_args(argv):
     p.add_argument("--low-noise", action="store_true",
                    help="also a ground truth retrained from one initialisation and batch "
                         "order for every subset, and each method's LDS on it")
+    p.add_argument("--iif-option", action="append", default=[], metavar="NAME=VALUE",
+                   type=proto.option_argument,
+                   help="an option of every IIF row (e.g. path_models=epoch), repeatable; "
+                        "recorded in the JSON")
     p.add_argument("--name", help="results file stem (default table2 / table2_full / _mnist)")
     p.add_argument("--dattri", action=argparse.BooleanOptionalAction,
                    help="cross-check TRAK and the LDS against dattri where it is installed "
@@ -256,9 +260,12 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate,
                     auto_scaled("trak"), masks, losses, tune, grid=args.grid, log=progress)
                 row.update(curvature="projected margin-gradient Gram, default P, 1 model")
             elif name in ("iif", "iif_euler"):
-                # iif_euler: Eq. 10's right-endpoint Euler rule at the same K (the same
-                # number of path models and solves as the default rule).
-                rule = {"quadrature": "euler"} if name == "iif_euler" else {}
+                # iif_euler: Eq. 10 and Eq. 16 as printed, the right-endpoint Euler rule
+                # with one path_lr step per node, at the same K (the same number of path
+                # models and solves as the default rule).
+                rule = dict(args.iif_option)
+                if name == "iif_euler":
+                    rule.update(quadrature="euler", path_models="step")
                 choice = proto.choose_damping(
                     # progress: a bar of the K path steps, on a terminal only.
                     auto_scaled("iif", K=args.K, progress=True, **rule),
@@ -267,6 +274,7 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate,
                 row.update(curvature="projected empirical Fisher per step, default P",
                            K=args.K, lam=res.config["lam"],
                            quadrature=res.config["quadrature"],
+                           path_models=res.config["path_models"],
                            path_delta=proto.mean_se(res.path_delta),
                            delta=proto.mean_se(res.delta) if res is not None else None,
                            completeness_residual=proto.mean_se(np.abs(res.residual))
@@ -276,8 +284,8 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate,
                 # its default damping only: one run is K exact solves.
                 t1 = time.perf_counter()
                 res = attribute(model, "cross_entropy", *data, method="iif", K=args.K,
-                                curvature="gauss_newton", proj_dim=None, progress=True,
-                                seed=args.seed)
+                                **{**dict(args.iif_option), "curvature": "gauss_newton",
+                                   "proj_dim": None, "progress": True, "seed": args.seed})
                 seconds = time.perf_counter() - t1
                 defaults.update(scores=res.scores, relative=res.config["damping_relative"],
                                 seconds=seconds, result=res)
@@ -406,6 +414,7 @@ def main(argv=None):
     meta = {
         "reproduction": "table2", "dattri_crosscheck": crosscheck, "argv": list(argv or []), "data": split.source,
         "dataset": args.dataset, "split": split.provenance(), "low_noise": low_noise,
+        "iif_options": dict(args.iif_option),
         "n_train": len(split.X_train), "n_test": len(split.X_test),
         "n_subsets": args.n_subsets, "alpha": args.alpha, "n_tune": int(len(tune)),
         "n_eval": int(len(evaluate)), "damping_grid_relative": list(args.grid),
@@ -478,7 +487,7 @@ LABELS = {"exact_gn_if": ("IF, exact Gauss–Newton (reference)", None),
           "tracin": ("TracIn (5 checkpoints)", "TracIn"),
           "trak": ("TRAK (1 model, default P)", "TRAK"),
           "iif": ("IIF (defaults)", "IIF"),
-          "iif_euler": ("IIF, Euler rule of Eq. 10 (same K)", "IIF"),
+          "iif_euler": ("IIF, Eq. 10 and 16 as printed (Euler rule, η step per node)", "IIF"),
           "iif_gn": ("IIF, exact Gauss–Newton curvature", "IIF")}
 
 
