@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from iif_ref._defaults import DEFAULT_PROJECTION
 from iif_ref.kernels import projection_matrix
 from iif_ref.neural import (DivergenceError, FunctionalModel, IIFConfig, attribute,
                             gradient_features, integrated_influence, path_targets,
@@ -312,12 +313,16 @@ def test_tracin_equals_negative_gradient_dot_products():
     np.testing.assert_allclose(r.scores, ref, rtol=0, atol=bound)
 
 
-def test_trak_equals_its_formula_with_the_margin_gradient():
+@pytest.mark.parametrize("kind", [None, "rademacher"])
+def test_trak_equals_its_formula_with_the_margin_gradient(kind):
+    # None: TRAK's default projection (DEFAULT_PROJECTION["trak"]), materialised below.
     X, y, Xt, yt, net = _trained_classifier(5)
     damping = 0.1
     P = 16
+    options = {} if kind is None else {"kind": kind}
     r = trak(net, "cross_entropy", X, y, Xt, yt, proj_dim=P, damping=damping, seed=2,
-             backend="numpy")
+             backend="numpy", **options)
+    kind = kind or DEFAULT_PROJECTION["trak"]
 
     def margin(f, target):
         c = int(torch.argmax(target))
@@ -329,7 +334,7 @@ def test_trak_equals_its_formula_with_the_margin_gradient():
                     for t in range(len(yt))])
     with torch.no_grad():
         p = torch.softmax(net(torch.as_tensor(X)), 1).numpy()[np.arange(len(y)), y]
-    A = projection_matrix(Phi.shape[1], P, seed=2)
+    A = projection_matrix(Phi.shape[1], P, seed=2, kind=kind)
     F = (Phi @ A).T @ (Phi @ A) + damping * np.eye(P)
     ref = -(Gam @ A) @ np.linalg.solve(F, ((1 - p)[:, None] * (Phi @ A)).T)
     tol = 100 * np.linalg.cond(F) * EPS64 * np.abs(ref).max()

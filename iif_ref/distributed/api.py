@@ -252,7 +252,7 @@ def _method_config(method, seed, options):
     """The :class:`IIFConfig` of ``method``: IIF as given; IF as IIF with K = 1, the
     prediction baseline and no mask (Lemma 2.5), like ``influence_function(solver=
     "projected")``."""
-    from iif_ref._defaults import DEFAULT_KIND
+    from iif_ref._defaults import DEFAULT_PROJECTION
     from iif_ref.neural.config import IIFConfig
 
     if method not in _DISTRIBUTED_METHODS:
@@ -271,7 +271,7 @@ def _method_config(method, seed, options):
         options.pop("cache_dir", None)
         # damping "auto" (IIFConfig's default) with IF's r, and IF's projection, as
         # influence_function does.
-        options.setdefault("kind", DEFAULT_KIND)
+        options.setdefault("kind", DEFAULT_PROJECTION["if"])
         return IIFConfig(K=1, baseline="prediction", mask_path=False, seed=seed, **options)
     options.pop("cache_dir", None)
     return IIFConfig.from_options({**options, "seed": seed})

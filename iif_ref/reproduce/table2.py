@@ -90,10 +90,11 @@ def parse_args(argv):
     p.add_argument("--low-noise", action="store_true",
                    help="also a ground truth retrained from one initialisation and batch "
                         "order for every subset, and each method's LDS on it")
-    p.add_argument("--iif-option", action="append", default=[], metavar="NAME=VALUE",
-                   type=proto.option_argument,
-                   help="an option of every IIF row (e.g. path_models=epoch), repeatable; "
-                        "recorded in the JSON")
+    p.add_argument("--option", action="append", default=[], metavar="METHOD:NAME=VALUE",
+                   type=proto.method_option_argument,
+                   help="an option of one method's runs, METHOD one of iif (every IIF row), "
+                        "trak, if (the projected IF), e.g. iif:path_models=epoch or "
+                        "trak:kind=countsketch; repeatable; recorded in the JSON")
     p.add_argument("--name", help="results file stem (default table2 / table2_full / _mnist)")
     p.add_argument("--dattri", action=argparse.BooleanOptionalAction,
                    help="cross-check TRAK and the LDS against dattri where it is installed "
@@ -162,10 +163,15 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate,
     rows, reference = [], None
     torch.set_num_threads(2)
 
+    def method_options(method):
+        """The ``--option METHOD:NAME=VALUE`` of ``method``."""
+        return {name: value for m, name, value in args.option if m == method}
+
     def auto_scaled(method, **options):
         """run(r) for a method whose curvature scale is learnt from its "auto" run:
         λ_d = r · tr(C)/dim with C the matrix it solves (first step for IIF)."""
         state = {}
+        options = {**method_options(method), **options}
 
         def run(r):
             if "scale" not in state:
@@ -263,9 +269,8 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate,
                 # iif_euler: Eq. 10 and Eq. 16 as printed, the right-endpoint Euler rule
                 # with one path_lr step per node, at the same K (the same number of path
                 # models and solves as the default rule).
-                rule = dict(args.iif_option)
-                if name == "iif_euler":
-                    rule.update(quadrature="euler", path_models="step")
+                rule = {"quadrature": "euler", "path_models": "step"} \
+                    if name == "iif_euler" else {}
                 choice = proto.choose_damping(
                     # progress: a bar of the K path steps, on a terminal only.
                     auto_scaled("iif", K=args.K, progress=True, **rule),
@@ -284,7 +289,7 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate,
                 # its default damping only: one run is K exact solves.
                 t1 = time.perf_counter()
                 res = attribute(model, "cross_entropy", *data, method="iif", K=args.K,
-                                **{**dict(args.iif_option), "curvature": "gauss_newton",
+                                **{**method_options("iif"), "curvature": "gauss_newton",
                                    "proj_dim": None, "progress": True, "seed": args.seed})
                 seconds = time.perf_counter() - t1
                 defaults.update(scores=res.scores, relative=res.config["damping_relative"],
@@ -414,7 +419,7 @@ def main(argv=None):
     meta = {
         "reproduction": "table2", "dattri_crosscheck": crosscheck, "argv": list(argv or []), "data": split.source,
         "dataset": args.dataset, "split": split.provenance(), "low_noise": low_noise,
-        "iif_options": dict(args.iif_option),
+        "options": [list(o) for o in args.option],
         "n_train": len(split.X_train), "n_test": len(split.X_test),
         "n_subsets": args.n_subsets, "alpha": args.alpha, "n_tune": int(len(tune)),
         "n_eval": int(len(evaluate)), "damping_grid_relative": list(args.grid),
