@@ -145,10 +145,13 @@ def median_ratio(num, den, keep=None):
     return float(np.median(ratio)) if ratio.size else None
 
 
-def study(model, data, *, Ks, refit_max_iter, train_epochs, gn_max_K=None):
+def study(model, data, *, Ks, refit_max_iter, train_epochs, gn_max_K=None,
+          curvatures=tuple(CURVATURES), scratch=True):
     rows = []
     for reading, path_options in readings(refit_max_iter).items():
         for curvature, curv_options in CURVATURES.items():
+            if curvature not in curvatures:
+                continue
             for K in Ks:
                 if curvature == "gauss_newton" and gn_max_K is not None and K > gn_max_K:
                     continue
@@ -191,7 +194,7 @@ def study(model, data, *, Ks, refit_max_iter, train_epochs, gn_max_K=None):
                       f"{row['median_abs_residual_over_delta_path_above_floor']})"
                       f"  {seconds:.0f} s", flush=True)
     gaps = {}
-    for reading, path_options in readings(refit_max_iter).items():
+    for reading, path_options in (readings(refit_max_iter).items() if scratch else ()):
         gaps[reading] = scratch_gap(model, data, IIFConfig(**path_options),
                                     epochs=train_epochs)
         print(f"{reading}: θ_0 vs Γ(0) from scratch {gaps[reading]}", flush=True)
@@ -234,15 +237,23 @@ def main(argv=None):
     parser.add_argument("--gn-max-K", type=int, default=None,
                         help="exact Gauss-Newton rows only up to this K (one 9,000-row solve "
                              "per node: the bulk of the full run's time); default: every K")
+    parser.add_argument("--ks", type=int, nargs="+", help="these K instead of the default")
+    parser.add_argument("--curvatures", nargs="+", choices=list(CURVATURES),
+                        default=list(CURVATURES))
+    parser.add_argument("--name", help="file stem (default completeness_study[_quick]); a "
+                                       "partial run (--ks, --curvatures) skips the "
+                                       "from-scratch comparison")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out is not None else DEFAULT_OUT
     sizes = (dict(n_train=300, n_test=30, epochs=10) if args.quick
              else dict(n_train=1000, n_test=100, epochs=50))
-    Ks = QUICK_KS if args.quick else KS
+    Ks = args.ks or (QUICK_KS if args.quick else KS)
+    partial = args.ks is not None or set(args.curvatures) != set(CURVATURES)
     model, data = make_problem(**sizes)
     rows, gaps = study(model, data, Ks=Ks, refit_max_iter=args.refit_max_iter,
-                       train_epochs=sizes["epochs"], gn_max_K=args.gn_max_K)
-    stem = "completeness_study_quick" if args.quick else "completeness_study"
+                       train_epochs=sizes["epochs"], gn_max_K=args.gn_max_K,
+                       curvatures=args.curvatures, scratch=not partial)
+    stem = args.name or ("completeness_study_quick" if args.quick else "completeness_study")
     meta = {"reproduction": "completeness_study", "quick": args.quick, "sizes": sizes,
             "Ks": list(Ks), "gauss_newton_max_K": args.gn_max_K, "scratch_gap": gaps,
             "problem": "Table 2 digits MLP 64-128-64-10 (make_mlp), joint baseline",
