@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from iif_ref.neural.baseline import per_sample_losses
-from iif_ref.neural.optimise import minimise
+from iif_ref.neural.optimise import DivergenceError, minimise
 
 __all__ = ["path_targets", "path_model_step", "path_loss", "grid", "step_time"]
 
@@ -122,17 +123,47 @@ def path_model_step(fm, loss, params, X, rho, cfg, *, k, dt=None):
                           "the minimiser of Eq. (2) (raise refit_max_iter or refit_tol)",
                           RuntimeWarning, stacklevel=2)
         return theta, history["objective"]
-    batch = cfg.path_batch_size if cfg.path_models == "epoch" else None
+    if cfg.path_models == "epoch":
+        theta, history = minimise(objective, params, n_samples=n, epochs=1, optimizer="sgd",
+                                  lr=cfg.path_lr, batch_size=cfg.path_batch_size,
+                                  seed=cfg.seed + 7919 * k,
+                                  what=f"path model step k={k} (Eq. 16)")
+        return theta, history["objective"]
     if cfg.path_models == "flow":
         if dt is None or not dt > 0:
             raise ValueError(f"path_models='flow' needs the node spacing dt > 0, got {dt!r}")
         lr = cfg.path_time * dt
     else:
         lr = cfg.path_lr
-    theta, history = minimise(objective, params, n_samples=n, epochs=1, optimizer="sgd",
-                              lr=lr, batch_size=batch, seed=cfg.seed + 7919 * k,
-                              what=f"path model step k={k} (Eq. 16)")
-    return theta, history["objective"]
+    return _full_batch_step(objective, params, n, lr, cfg.chunk_size,
+                            what=f"path model step k={k} (Eq. 16)")
+
+
+def _full_batch_step(objective, params, n, lr, chunk_size, *, what):
+    """One gradient step ``θ − lr ∇objective`` with the gradient of the training sum
+    accumulated over row chunks of ``chunk_size``: the activations of one chunk are held
+    at a time, not those of all ``n`` rows (at 60,000 rows they were the largest torch
+    allocation of an IIF call). Returns θ and the objective before and after, as
+    :func:`~iif_ref.neural.optimise.minimise` does for one full-batch SGD epoch."""
+    leaves = {name: v.detach().clone().requires_grad_(True) for name, v in params.items()}
+    grads = {name: torch.zeros_like(v) for name, v in leaves.items()}
+    before = 0.0
+    for start in range(0, n, chunk_size):
+        idx = torch.arange(start, min(start + chunk_size, n))
+        value = objective(leaves, idx, 1.0)
+        for name, g in zip(leaves, torch.autograd.grad(value, list(leaves.values()))):
+            grads[name] += g
+        before += float(value.detach())
+    theta = {name: (leaves[name] - lr * grads[name]).detach() for name in leaves}
+    with torch.no_grad():
+        after = sum(float(objective(theta, torch.arange(s, min(s + chunk_size, n)), 1.0))
+                    for s in range(0, n, chunk_size))
+    if not (np.isfinite(after) and all(bool(torch.isfinite(v).all())
+                                       for v in theta.values())):
+        raise DivergenceError(f"{what} diverged: objective became non-finite; trajectory "
+                              f"(start, then per epoch) {before:.6g}, {after:.6g}",
+                              trajectory=(before, after))
+    return theta, [before, after]
 
 
 def _gradient_max(objective, params):
