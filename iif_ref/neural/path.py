@@ -8,13 +8,13 @@ whose gradient is ``p_{y_i}`` times that of the true label).
 
 Path models start at θ* and go *down* the nodes of the quadrature rule
 (:mod:`iif_ref.neural.quadrature`), each warm-started from the model of the node above,
-by one function (:func:`path_model_step`) with three readings of Eq. (16)
+by one function (:func:`path_model_step`) with four readings of Eq. (16)
 (``IIFConfig.path_models``):
 
 * ``"step"`` (Eq. 16 as printed): ``θ_k = θ_{k+1} − η ∇L_train(Γ(t_k))``, one
   full-batch gradient step at ``η = path_lr``;
-* ``"flow"`` (default): one full-batch step of ``η = path_time · (t_above − t_k)`` on the targets
-  at the interval's midpoint ``ρ((t_k + t_above)/2)``: the gradient flow
+* ``"flow"`` (default): one full-batch step of ``η = path_time · (t_above − t_k)`` on the
+  targets at the interval's midpoint ``ρ((t_k + t_above)/2)``: the gradient flow
   ``dθ/dt = path_time · ∇L_train(Γ(t))`` from θ* at ``t = 1``, integrated over the
   interval exactly in the targets (``∇L_train`` is affine in them for a target-linear
   loss, so its mean over the interval is its value at the midpoint) and to first order
