@@ -165,6 +165,23 @@ def test_progress_bar_only_on_a_terminal(digits, capsys):
     assert "steps" not in capsys.readouterr().err
 
 
+def test_slow_steps_print_a_line_where_no_bar_is_drawn(digits, capsys, monkeypatch):
+    # A log file gets one line per step slower than SLOW_STEP_SECONDS (here every step),
+    # and none with progress=False.
+    from iif_ref.neural import engine
+
+    monkeypatch.setattr(engine, "SLOW_STEP_SECONDS", -1.0)
+    model, X, y, Xt, yt = digits
+    integrated_influence(model, "cross_entropy", X, y, Xt, yt, K=2, proj_dim=8,
+                         progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[iif_ref]")]
+    assert [ln.split(" (")[0] for ln in lines] == ["[iif_ref] iif step 1/2",
+                                                   "[iif_ref] iif step 2/2"]
+    integrated_influence(model, "cross_entropy", X, y, Xt, yt, K=2, proj_dim=8,
+                         progress=False)
+    assert "[iif_ref]" not in capsys.readouterr().err
+
+
 # ---- the objective of Eq. (12), computed apart from the optimiser --------------------
 def _ce_rows(net, params, X, y):
     """Per-sample cross-entropy of ``net`` with parameters ``params`` (plain torch)."""

@@ -20,6 +20,9 @@ neither of them.
 """
 from __future__ import annotations
 
+import sys
+import time
+
 import numpy as np
 
 from iif_ref._defaults import default_relative_damping
@@ -30,6 +33,9 @@ from iif_ref.neural.features import make_projector, step_features
 from iif_ref.neural.plan import plan_problem
 from iif_ref.neural.result import AttributionResult, warn_incomplete
 from iif_ref.neural.sample_space import CURVATURES, build_solve
+
+#: Steps slower than this print a line of progress where no progress bar is shown.
+SLOW_STEP_SECONDS = 10.0
 
 __all__ = ["run", "path_result"]
 
@@ -102,6 +108,9 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
                                backend=cfg.backend)
     bar = tqdm(total=len(plan.groups) * cfg.K, desc=f"{method} steps",
                disable=None if cfg.progress else True)  # None: off unless a terminal
+    # Without a terminal (a log file) the bar is off; a slow step still gets a line.
+    log_slow_steps = cfg.progress and bar.disable
+    n_done = 0
     for group in plan.groups:
         diag["unlearning_trajectory"].append(group.unlearning_trajectory)
         loss_prime[group.rows] = group.loss_prime
@@ -109,6 +118,7 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
             if step.path_trajectory is not None:
                 diag["path_trajectory"].append(step.path_trajectory)
             hit = step.cached
+            t_step = time.perf_counter()
             if hit is not None:
                 term, cond, lam_d = hit["scores"], float(hit["cond"]), float(hit["damping"])
             else:
@@ -127,6 +137,11 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
             diag["condition"].append(cond)
             diag["damping"].append(lam_d)
             bar.update(1)
+            n_done += 1
+            seconds = time.perf_counter() - t_step
+            if log_slow_steps and seconds > SLOW_STEP_SECONDS:
+                print(f"[iif_ref] {method} step {n_done}/{bar.total} (t = {step.t:.3g}) in "
+                      f"{seconds:.0f}s", file=sys.stderr, flush=True)
             if callback is not None:
                 callback(step.name)
     bar.close()
