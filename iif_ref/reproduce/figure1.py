@@ -130,11 +130,7 @@ def plot(res, path):
                  f"(Δ_B = {res['delta']:.3f})")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    _output.save_figure(fig, path)
 
 
 def build_parser():

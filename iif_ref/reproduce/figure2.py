@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from iif_ref._optional import require
-from iif_ref.reproduce import _neural_protocol as proto, description
+from iif_ref.reproduce import _neural_protocol as proto, _output, description
 
 
 # --smoke: the whole code path at a size for the tests (seconds), no meaning.
@@ -228,11 +228,7 @@ def plot(split, t, picks, args, path):
              ha="center", va="top", color="tab:blue")
     fig.text(0.78, 0.99, "opponents (red)", ha="center", va="top", color="tab:red")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    _output.save_figure(fig, path)
 
 
 def render(rows, meta):

@@ -40,7 +40,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from iif_ref.reproduce import _neural_protocol as proto, description
+from iif_ref._optional import require
+from iif_ref.reproduce import _neural_protocol as proto, _output, description
 
 PAPER = {"IF": 0.1035, "TracIn": 0.1379, "TRAK": 0.1115, "IIF": 0.1635}
 
@@ -96,6 +97,8 @@ def parse_args(argv):
                         "trak, if (the projected IF), e.g. iif:path_models=epoch or "
                         "trak:kind=countsketch; repeatable; recorded in the JSON")
     p.add_argument("--name", help="results file stem (default table2 / table2_full / _mnist)")
+    p.add_argument("--replot", metavar="JSON",
+                   help="only draw the picture of a results file, beside it (no computation)")
     p.add_argument("--dattri", action=argparse.BooleanOptionalAction,
                    help="cross-check TRAK and the LDS against dattri where it is installed "
                         "(default: with --full only)")
@@ -210,7 +213,9 @@ def run_methods(args, split, model, checkpoints, masks, losses, tune, evaluate,
                 def run(r, ex=ex, scale=scale):
                     return ex.scores(r * scale), r * scale, None
                 r0 = default_relative_damping("if", projected=False)
-                defaults.update(scores=ex.scores(r0 * scale), relative=r0, seconds=ex.seconds)
+                t1 = time.perf_counter()
+                defaults.update(scores=ex.scores(r0 * scale), relative=r0,
+                                seconds=ex.seconds + time.perf_counter() - t1)
                 choice = proto.choose_damping(run, masks, losses, tune, grid=args.grid,
                                               log=progress)
                 choice.seconds += ex.seconds  # the factorisation-independent part
@@ -371,6 +376,13 @@ def ceiling_estimate(reference, masks, losses, tune, evaluate, seed):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        source = Path(args.replot)
+        if not source.is_file():
+            raise SystemExit(f"--replot: no results file {source}")
+        results = json.loads(source.read_text())
+        print(f"written {plot(results['rows'], results['meta'], source.with_suffix('.png'))}")
+        return 0
     from iif_ref.retraining import benchmark_parallelism, retrain_subsets
 
     t_start = time.perf_counter()
@@ -444,7 +456,7 @@ def main(argv=None):
     }
     path = proto.write_json(args.name, rows, meta, directory=proto.output_dir(args))
     print(render(rows, meta))
-    print(f"\nwritten {path}")
+    print(f"\nwritten {path} and {plot(rows, meta, path.with_suffix('.png'))}")
     return 0
 
 
@@ -504,6 +516,51 @@ LABELS = {"exact_gn_if": ("IF, exact Gauss–Newton (reference)", None),
           "iif": ("IIF (defaults)", "IIF"),
           "iif_euler": ("IIF, Eq. 10 and 16 as printed (Euler rule, η step per node)", "IIF"),
           "iif_gn": ("IIF, exact Gauss–Newton curvature", "IIF")}
+
+
+def plot(rows, meta, path):
+    """Bar chart of one results file: each method's LDS at its defaults on each ground
+    truth (a tick at its tuned damping, a diamond at the paper's value), with the noise
+    floor and the ceiling estimate of each truth as vertical lines; written atomically."""
+    require("matplotlib", "table2's picture").use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if "lds" in r]
+    low_noise = meta.get("low_noise") or {}
+    truths = [("", "seed-noise truth", "tab:blue", meta.get("retraining_noise_spearman"),
+               meta.get("ceiling"))]
+    if low_noise:
+        truths.append(("_low_noise", "low-noise truth", "tab:orange",
+                       low_noise.get("retraining_noise_spearman"), low_noise.get("ceiling")))
+    height = 0.8 / len(truths)
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.55 * len(shown) * len(truths)))
+    y = np.arange(len(shown))[::-1].astype(float)
+    for j, (suffix, name, colour, floor, ceiling) in enumerate(truths):
+        at = y + 0.4 - height * (j + 0.5)
+        tuned = [r.get(f"lds{suffix}") for r in shown]
+        default = [r.get(f"lds_default{suffix}") or t for r, t in zip(shown, tuned)]
+        ax.barh(at, [d["mean"] for d in default], height=height * 0.9, color=colour,
+                xerr=[d["se"] for d in default], label=f"{name}, defaults", alpha=0.85)
+        ax.plot([t["mean"] for t in tuned], at, "|", color="k", markersize=12,
+                label="tuned damping" if j == 0 else None)
+        if floor:
+            ax.axvline(floor["mean"], color=colour, ls=":",
+                       label=f"retraining noise, {name} ({floor['mean']:.3f})")
+        if ceiling:
+            ax.axvline(ceiling["lds"]["mean"], color=colour, ls="--",
+                       label=f"ceiling estimate, {name} ({ceiling['lds']['mean']:.3f})")
+    papers = [(yy, PAPER[LABELS[r["method"]][1]]) for yy, r in zip(y, shown)
+              if LABELS.get(r["method"], (None, None))[1]]
+    if papers:
+        ax.plot([v for _, v in papers], [yy for yy, _ in papers], "D", color="k",
+                markerfacecolor="white", label="paper")
+    ax.set_yticks(y, [LABELS.get(r["method"], (r["method"],))[0] for r in shown], fontsize=8)
+    ax.set_xlabel("LDS (Spearman, mean ± se over test points)")
+    ax.set_title(f"Table 2 on {meta.get('dataset', 'digits')}: {meta['n_train']} train / "
+                 f"{meta['n_test']} test, {meta['n_subsets']} subsets", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return _output.save_figure(fig, path)
 
 
 def render(rows, meta):
