@@ -365,10 +365,14 @@ def ground_truth(args):
                            t_train=t_train, masks=masks, data=data, cache=cache, gt=gt)
 
 
-def ceiling_estimate(reference, masks, losses, tune, evaluate, seed):
+def ceiling_estimate(reference, masks, losses, tune, evaluate, seed, name):
     """The residual-datamodel ceiling of one ground truth, with the exact IF as prior."""
+    log(f"ceiling estimate of the {name} truth: a ridge datamodel per test point ...")
+    t0 = time.perf_counter()
     c = proto.residual_datamodel_ceiling(reference, masks, losses, tune, evaluate,
                                          seed=seed + 5)
+    log(f"ceiling estimate of the {name} truth: {proto.fmt(proto.mean_se(c['ceiling']))}, "
+        f"{time.perf_counter() - t0:.0f}s")
     return {"lds": proto.mean_se(c["ceiling"]), "ridge_chosen": np.unique(c["ridge"]).tolist(),
             "estimator": "exact-GN IF prior + ridge residual datamodel, ridge chosen per test "
                          "point on a held-out third of the tuning subsets"}
@@ -425,10 +429,11 @@ def main(argv=None):
                                   evaluate, other_truths)
     ceiling = None
     if reference is not None:
-        ceiling = ceiling_estimate(reference, masks, gt.losses, tune, evaluate, args.seed)
+        ceiling = ceiling_estimate(reference, masks, gt.losses, tune, evaluate, args.seed,
+                                   "seed-noise")
         if low_noise:
             low_noise["ceiling"] = ceiling_estimate(reference, masks, other_truths["low_noise"],
-                                                    tune, evaluate, args.seed)
+                                                    tune, evaluate, args.seed, "low-noise")
     crosscheck = None
     ok, reason = proto.dattri_available()
     if not args.dattri:
