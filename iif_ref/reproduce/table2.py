@@ -606,12 +606,6 @@ def render(rows, meta):
     table = proto.markdown_table(header, out)
     extra = [f"\nretraining noise (Spearman of two seeds on {meta['n_noise_subsets']} subsets): "
              f"{proto.fmt(meta['retraining_noise_spearman'])}"]
-    if low_noise:
-        extra.append("retraining noise of the low-noise truth (two common seeds): "
-                     f"{proto.fmt(low_noise['retraining_noise_spearman'])}")
-        if low_noise.get("ceiling"):
-            extra.append("datamodel ceiling estimate on the low-noise truth: "
-                         f"{proto.fmt(low_noise['ceiling']['lds'])}")
     if meta["ceiling"]:
         extra.append(f"datamodel ceiling estimate: {proto.fmt(meta['ceiling']['lds'])}")
         best = max((r["lds"]["mean"] for r in rows if "lds" in r and r["lds"]["mean"] is not None),
@@ -620,6 +614,12 @@ def render(rows, meta):
             extra.append("(the ceiling estimate is below a method's LDS: it is fitted on "
                          f"{meta['n_tune']} subsets for {meta['n_train']} weights, so its "
                          "residual adds noise; read it as an estimate, not a bound)")
+    if low_noise:
+        extra.append("retraining noise of the low-noise truth (two common seeds): "
+                     f"{proto.fmt(low_noise['retraining_noise_spearman'])}")
+        if low_noise.get("ceiling"):
+            extra.append("datamodel ceiling estimate on the low-noise truth: "
+                         f"{proto.fmt(low_noise['ceiling']['lds'])}")
     cc = meta.get("dattri_crosscheck") or {}
     if "skipped" in cc:
         extra.append(f"dattri cross-check skipped: {cc['skipped']}")
