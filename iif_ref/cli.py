@@ -162,6 +162,8 @@ def main(argv=None):
         print(exc, file=sys.stderr)
         return 1
     except SystemExit as exc:  # argparse's --help and usage errors inside the reproduction
+        if isinstance(exc.code, str):   # SystemExit("message"): the message is the error
+            print(exc.code, file=sys.stderr)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return int(result or 0)
 

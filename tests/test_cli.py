@@ -98,6 +98,16 @@ def test_reproduce_name_help_shows_that_reproductions_options(capsys):
     assert out.startswith("usage: iif-ref reproduce figure1") and "--out DIR" in out
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["table2", "--replot", "missing.json"], "--replot: no results file missing.json"),
+    (["table1", "--jobs", "0"], "--jobs must be >= 1, got 0")])
+def test_a_reproductions_error_message_reaches_the_user(argv, message, capsys, tmp_path,
+                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["reproduce"] + argv) == 1
+    assert message in capsys.readouterr().err
+
+
 class _Parsed(Exception):
     pass
 
