@@ -351,3 +351,27 @@ def test_figure2_picks_a_four_whose_second_class_is_nine():
     no_second = SimpleNamespace(X_test=np.zeros((2, 1)), y_test=np.array([4, 4]))
     t, _ = choose_test_point(lambda X: logits[[0, 2]], no_second, 4, 9)
     assert t == 0                              # fallback: the largest p_9
+
+
+def test_table2_tunes_iif_with_exact_curvature_only_over_its_own_grid(tmp_path):
+    # iif_gn runs its default damping alone (no tuned value) unless --gn-grid; with it,
+    # the default comes first so that its run is reused, and the best of the grid is kept.
+    from iif_ref._defaults import default_relative_damping
+    from iif_ref.reproduce import table2
+
+    r0 = default_relative_damping("iif", projected=False)
+    rows = {}
+    for name, extra in (("plain", []), ("tuned", ["--gn-grid", "0.1", str(r0)])):
+        assert table2.main(TABLE2_TINY + ["--methods", "iif_gn", "--no-dattri", "--name", name,
+                                          "--results-dir", str(tmp_path), "--cache-dir",
+                                          str(tmp_path / "cache")] + extra) == 0
+        rows[name] = _load_json(tmp_path / f"{name}.json")["rows"][0]
+    plain, tuned = rows["plain"], rows["tuned"]
+    assert "error" not in tuned, tuned.get("error")
+    assert plain["relative_damping"] is None and plain["tune_lds"] == {}
+    assert list(tuned["tune_lds"]) == [str(float(r0)), "0.1"]
+    assert tuned["relative_damping"] in (0.1, r0)
+    # The same default run in both: the grid does not change the default's scores.
+    assert tuned["lds_default"] == plain["lds_default"]
+    if tuned["relative_damping"] == r0:
+        assert tuned["lds"] == plain["lds"]
