@@ -110,7 +110,7 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
                disable=None if cfg.progress else True)  # None: off unless a terminal
     # Without a terminal (a log file) the bar is off; a slow step still gets a line.
     log_slow_steps = cfg.progress and bar.disable
-    n_done = 0
+    n_done, t_step = 0, time.perf_counter()
     for group in plan.groups:
         diag["unlearning_trajectory"].append(group.unlearning_trajectory)
         loss_prime[group.rows] = group.loss_prime
@@ -118,7 +118,6 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
             if step.path_trajectory is not None:
                 diag["path_trajectory"].append(step.path_trajectory)
             hit = step.cached
-            t_step = time.perf_counter()
             if hit is not None:
                 term, cond, lam_d = hit["scores"], float(hit["cond"]), float(hit["damping"])
             else:
@@ -138,7 +137,8 @@ def run(prob, cfg, *, baseline_params=None, callback=None, method="iif"):
             diag["damping"].append(lam_d)
             bar.update(1)
             n_done += 1
-            seconds = time.perf_counter() - t_step
+            # Timed from the previous step's end: its path model (built by plan.steps) too.
+            seconds, t_step = time.perf_counter() - t_step, time.perf_counter()
             if log_slow_steps and seconds > SLOW_STEP_SECONDS:
                 print(f"[iif_ref] {method} step {n_done}/{bar.total} (t = {step.t:.3g}) in "
                       f"{seconds:.0f}s", file=sys.stderr, flush=True)

@@ -15,7 +15,8 @@ PAPER = ("table1", "table2", "table3", "table4", "figure1", "figure2")
 #: the extra that installs each); ``iif-ref reproduce`` checks them before it starts, so a
 #: missing one fails at once instead of after the computation.
 NEEDS = {"table1": (), "table4": (), "figure1": ("matplotlib",),
-         "table2": ("torch", "numba", "sklearn", "matplotlib"), "table3": ("torch", "numba", "sklearn"),
+         "table2": ("torch", "numba", "sklearn", "matplotlib"),
+         "table3": ("torch", "numba", "sklearn"),
          "figure2": ("torch", "numba", "sklearn", "matplotlib")}
 
 

@@ -380,9 +380,10 @@ def ceiling_estimate(reference, masks, losses, tune, evaluate, seed, name):
     t0 = time.perf_counter()
     c = proto.residual_datamodel_ceiling(reference, masks, losses, tune, evaluate,
                                          seed=seed + 5)
-    log(f"ceiling estimate of the {name} truth: {proto.fmt(proto.mean_se(c['ceiling']))}, "
+    lds = proto.mean_se(c["ceiling"])
+    log(f"ceiling estimate of the {name} truth: {proto.fmt(lds)}, "
         f"{time.perf_counter() - t0:.0f}s")
-    return {"lds": proto.mean_se(c["ceiling"]), "ridge_chosen": np.unique(c["ridge"]).tolist(),
+    return {"lds": lds, "ridge_chosen": np.unique(c["ridge"]).tolist(),
             "estimator": "exact-GN IF prior + ridge residual datamodel, ridge chosen per test "
                          "point on a held-out third of the tuning subsets"}
 
